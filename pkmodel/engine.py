@@ -1,0 +1,701 @@
+"""Exact solutions of linear compartment models over NONMEM-style event records.
+
+The engine knows nothing of pandas or population models: arrays in, arrays out. It
+propagates the amounts in every compartment from record to record with the closed-form
+transition of each interval, inside which parameters and infusion rates are constant.
+
+Mathematics
+-----------
+The disposition part (central compartment plus up to two peripherals) of a mammillary
+model has the rate matrix ``K``; with ``D = diag(V1, V2, V3)`` the matrix
+``M = D^-1/2 K D^1/2`` is symmetric, so ``K = P diag(lam) P^-1`` with ``P = D^1/2 U`` and
+``U`` orthogonal. Orthogonal eigenvectors stay well conditioned when eigenvalues nearly
+coincide, so the modal transition is stable everywhere. A first-order depot (rate
+constant ``KA``) feeds the central compartment; its coupling to mode ``i`` enters only
+through the divided difference ``(exp(a t) - exp(b t)) / (a - b)`` with ``a = lam_i``,
+``b = -KA``, evaluated in the form ``exp(max t) * t * expm1(-|a-b| t) / (-|a-b| t)`` that
+has no cancellation, including ``KA == -lam_i`` exactly.
+
+Every input is then a closed-form term:
+
+* a bolus ``a`` arriving at ``s``: ``E(t - s) a`` with ``E(t) = exp(K t)``;
+* an infusion at rate ``r`` over ``[u, w]``: ``E(t - w) Phi(w - u) r`` with
+  ``Phi(d) = integral_0^d E``;
+* steady state of doses every ``II``: the geometric series
+  ``(I - E(II))^-1``, applied mode by mode;
+* a constant infusion at steady state: ``-K^-1 r``.
+
+Inputs are added by superposition within each interval between records, so lag times,
+modelled durations and bioavailability may differ between parameter sets while the
+records are shared, and everything is vectorised over parameter sets (axis 0).
+
+NONMEM semantics
+----------------
+* Records at equal times are processed in file order; the state reported at a record is
+  the one after that record's events (a bolus given at a record is included; a sample
+  placed before the dose record at the same time is the pre-dose trough).
+* Parameters for the interval ``(t[k-1], t[k]]`` come from record ``k`` (next
+  observation carried backward, NONMEM's rule), or from record ``k - 1`` when the events
+  were built with ``covariates="locf"``. Dose modifiers (F, lag, modelled rate or
+  duration) and steady-state calculations use the parameters of the dose record.
+* EVID 3 resets the system; EVID 4 resets and doses; SS=1 resets and sets the state to
+  steady state; SS=2 adds the steady state. A reset ends infusions in progress and
+  cancels lagged doses not yet arrived and additional (ADDL) doses not yet given.
+* ADDL doses at ``t + m * II`` are given before any record at the same time.
+* SS=1 with AMT=0 and RATE>0 sets the state to the steady state of that constant
+  infusion; the infusion is not continued afterwards (NONMEM's behaviour).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Structure",
+    "Events",
+    "expand_records",
+    "stack_events",
+    "solve",
+    "DOSE_MODIFIERS",
+]
+
+#: Per-compartment dose modifiers, named as in NONMEM's $PK (suffix = compartment number).
+DOSE_MODIFIERS = ("F", "ALAG", "R", "D")
+
+_DISPOSITION_NAMES = {
+    1: ("CL", "V1"),
+    2: ("CL", "V1", "Q", "V2"),
+    3: ("CL", "V1", "Q", "V2", "Q3", "V3"),
+}
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Shape of a linear mammillary compartment model.
+
+    Compartments are numbered as in NONMEM's ADVANs: with a depot, compartment 1 is the
+    depot and 2 the central compartment (ADVAN2/4/12); without one, compartment 1 is
+    central (ADVAN1/3/11). Peripheral compartments follow the central one.
+
+    Parameters
+    ----------
+    n_compartments : int
+        Number of disposition compartments (1, 2 or 3).
+    depot : bool
+        Whether a first-order absorption compartment feeds the central one.
+
+    Examples
+    --------
+    >>> Structure(2).parameter_names
+    ('CL', 'V1', 'Q', 'V2')
+    >>> Structure(1, depot=True).central_cmt
+    2
+    """
+
+    n_compartments: int
+    depot: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_compartments not in _DISPOSITION_NAMES:
+            raise ValueError(
+                f"`n_compartments` must be 1, 2 or 3; got {self.n_compartments!r}"
+            )
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """Names of the structural parameters (L, L/day or 1/day in pkmodel's units)."""
+        names = _DISPOSITION_NAMES[self.n_compartments]
+        return names + ("KA",) if self.depot else names
+
+    @property
+    def n_states(self) -> int:
+        """Number of compartments, depot included."""
+        return self.n_compartments + int(self.depot)
+
+    @property
+    def central_cmt(self) -> int:
+        """NONMEM number (1-based) of the central compartment."""
+        return 2 if self.depot else 1
+
+
+@dataclass(frozen=True)
+class Events:
+    """Event records of one or more profiles, padded to a common length.
+
+    All arrays have shape ``(B, R)``: ``B`` profiles (usually IDs) of ``R`` records each,
+    in processing order. Build them with :func:`expand_records` and :func:`stack_events`.
+
+    Attributes
+    ----------
+    time : ndarray
+        Record times (day), non-decreasing along each row.
+    evid, amt, rate, dur, ii, ss, cmt : ndarray
+        NONMEM's columns; ``cmt`` is 1-based, 0 meaning the default compartment.
+    param_row : ndarray of int
+        Index into the caller's per-row parameter arrays whose values apply at each
+        record (implied ADDL doses take the next original row under NOCB, the previous
+        one under LOCF).
+    source_row : ndarray of int
+        Index of the original row, -1 for implied ADDL doses and padding.
+    covariates : str
+        ``"nocb"`` or ``"locf"``: which record's parameters govern an interval.
+    """
+
+    time: np.ndarray
+    evid: np.ndarray
+    amt: np.ndarray
+    rate: np.ndarray
+    dur: np.ndarray
+    ii: np.ndarray
+    ss: np.ndarray
+    cmt: np.ndarray
+    param_row: np.ndarray
+    source_row: np.ndarray
+    covariates: str = "nocb"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, R)``: profiles and records per profile."""
+        return self.time.shape  # type: ignore[return-value]
+
+
+_RECORD_FIELDS = ("time", "evid", "amt", "rate", "dur", "ii", "ss", "cmt")
+
+
+def expand_records(
+    time: np.ndarray,
+    evid: np.ndarray,
+    amt: np.ndarray,
+    *,
+    rate: np.ndarray | None = None,
+    dur: np.ndarray | None = None,
+    ii: np.ndarray | None = None,
+    addl: np.ndarray | None = None,
+    ss: np.ndarray | None = None,
+    cmt: np.ndarray | None = None,
+    covariates: str = "nocb",
+    row_offset: int = 0,
+) -> Events:
+    """Turn the records of one profile into :class:`Events`, expanding ADDL doses.
+
+    Inputs are trusted: validate tables with :func:`pkmodel.data.validate` first.
+
+    Parameters
+    ----------
+    time : array_like
+        Record times (day), non-decreasing.
+    evid, amt : array_like
+        NONMEM EVID and dose amount (mg).
+    rate, dur, ii, addl, ss, cmt : array_like, optional
+        NONMEM columns (rate mg/day, duration day, interval day); zero when omitted,
+        ``cmt`` 0 (the default dose compartment, 1).
+    covariates : {"nocb", "locf"}
+        Which row's parameters govern the interval before a record.
+    row_offset : int
+        Added to row indices, so that several profiles index one parameter table.
+
+    Returns
+    -------
+    Events
+        One profile (``B = 1``).
+
+    Examples
+    --------
+    >>> ev = expand_records([0.0, 56.0], [1, 0], [500.0, 0.0], ii=[14.0, 0], addl=[2, 0])
+    >>> ev.time.tolist(), ev.source_row.tolist()
+    ([[0.0, 14.0, 28.0, 56.0]], [[0, -1, -1, 1]])
+    """
+    if covariates not in ("nocb", "locf"):
+        raise ValueError(f"`covariates` must be 'nocb' or 'locf'; got {covariates!r}")
+    t = np.asarray(time, dtype=float)
+    n = t.shape[0]
+
+    def column(values: np.ndarray | None) -> np.ndarray:
+        return np.zeros(n) if values is None else np.asarray(values, dtype=float)
+
+    cols = {
+        "time": t,
+        "evid": column(evid),
+        "amt": column(amt),
+        "rate": column(rate),
+        "dur": column(dur),
+        "ii": column(ii),
+        "ss": column(ss),
+        "cmt": column(cmt),
+    }
+    n_addl = column(addl).astype(int)
+    resets = np.flatnonzero((cols["evid"] >= 3) | ((cols["ss"] == 1) & _is_dose(cols["evid"])))
+
+    # Sort key (time, group, order): original rows keep file order (group 1); implied
+    # doses come before records at the same time (group 0).
+    keys: list[tuple[float, int, float]] = [(t[i], 1, float(i)) for i in range(n)]
+    origin = list(range(n))
+    for i in np.flatnonzero(n_addl > 0):
+        later_resets = resets[resets > i]
+        stop = t[later_resets[0]] if later_resets.size else np.inf
+        for m in range(1, n_addl[i] + 1):
+            tm = t[i] + m * cols["ii"][i]
+            if tm >= stop:
+                break  # a reset cancels additional doses not yet given
+            keys.append((tm, 0, i + m / (n_addl[i] + 1.0)))
+            origin.append(i)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    is_original = np.array([keys[k][1] == 1 for k in order])
+    src = np.array([origin[k] for k in order])
+
+    out = {}
+    for name, values in cols.items():
+        out[name] = values[src]
+    out["time"] = np.array([keys[k][0] for k in order])
+    out["ss"] = np.where(is_original, out["ss"], 0.0)  # implied doses are plain doses
+    out["evid"] = np.where(is_original, out["evid"], 1.0)
+
+    # Which original row's parameters apply at each record.
+    original_positions = np.flatnonzero(is_original)
+    if covariates == "nocb":
+        nxt = np.searchsorted(original_positions, np.arange(len(order)), side="left")
+        nxt = np.minimum(nxt, len(original_positions) - 1)
+        param_row = src[original_positions[nxt]]
+    else:
+        prv = np.searchsorted(original_positions, np.arange(len(order)), side="right") - 1
+        param_row = src[original_positions[np.maximum(prv, 0)]]
+    param_row = np.where(is_original, src, param_row)
+
+    return Events(
+        **{name: out[name][None, :] for name in _RECORD_FIELDS},
+        param_row=(param_row + row_offset)[None, :],
+        source_row=np.where(is_original, src + row_offset, -1)[None, :],
+        covariates=covariates,
+    )
+
+
+def stack_events(profiles: list[Events]) -> Events:
+    """Stack single-profile :class:`Events` into one batch, padding short profiles.
+
+    Padding records repeat the last time with EVID 2 and no dose, so they change nothing.
+
+    Examples
+    --------
+    >>> a = expand_records([0.0, 1.0], [1, 0], [100.0, 0.0])
+    >>> b = expand_records([0.0], [1], [50.0], row_offset=2)
+    >>> stack_events([a, b]).time.tolist()
+    [[0.0, 1.0], [0.0, 0.0]]
+    """
+    if not profiles:
+        raise ValueError("`profiles` must hold at least one Events")
+    rules = {p.covariates for p in profiles}
+    if len(rules) != 1:
+        raise ValueError("all profiles must use the same `covariates` rule")
+    width = max(p.shape[1] for p in profiles)
+
+    def pad(values: np.ndarray, fill: float | None) -> np.ndarray:
+        extra = width - values.shape[1]
+        tail = values[:, -1:] if fill is None else np.full((1, 1), fill)
+        return np.concatenate([values, np.repeat(tail, extra, axis=1)], axis=1)
+
+    fills: dict[str, float | None] = {"time": None, "evid": 2.0, "param_row": None,
+                                      "source_row": -1.0}
+    stacked = {}
+    for name in _RECORD_FIELDS + ("param_row", "source_row"):
+        fill = fills.get(name, 0.0)
+        rows = [pad(getattr(p, name), fill) for p in profiles]
+        stacked[name] = np.concatenate(rows, axis=0)
+    stacked["param_row"] = stacked["param_row"].astype(int)
+    stacked["source_row"] = stacked["source_row"].astype(int)
+    return Events(**stacked, covariates=rules.pop())
+
+
+# --------------------------------------------------------------------------- modal algebra
+
+
+def _relexp(x: np.ndarray) -> np.ndarray:
+    """``expm1(x) / x``, equal to 1 at ``x = 0``."""
+    x = np.asarray(x, dtype=float)
+    safe = np.where(x == 0.0, 1.0, x)
+    return np.where(x == 0.0, 1.0, np.expm1(safe) / safe)
+
+
+def _phi(lam: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``integral_0^t exp(lam u) du``."""
+    return t * _relexp(lam * t)
+
+
+def _divdiff(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``(exp(a t) - exp(b t)) / (a - b)`` without cancellation; ``t exp(a t)`` if a == b."""
+    hi = np.maximum(a, b)
+    gap = hi - np.minimum(a, b)
+    return np.exp(hi * t) * t * _relexp(-gap * t)
+
+
+def _matvec(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.einsum("...ij,...j->...i", m, v)
+
+
+@dataclass
+class _Modes:
+    """Modal decomposition of the disposition matrix for a batch of parameter sets."""
+
+    lam: np.ndarray  # (..., n) eigenvalues (1/day), all negative
+    p: np.ndarray  # (..., n, n) right eigenvectors: amounts = p @ modal
+    pinv: np.ndarray  # (..., n, n)
+    ka: np.ndarray | None  # (...,) absorption rate constant (1/day)
+    b: np.ndarray = field(init=False)  # (..., n) modal image of a unit amount in central
+
+    def __post_init__(self) -> None:
+        self.b = self.pinv[..., :, 0]
+
+    def take(self, index: int) -> _Modes:
+        """The decomposition of one column of a (S, U, ...) batch."""
+        ka = None if self.ka is None else self.ka[:, index]
+        return _Modes(self.lam[:, index], self.p[:, index], self.pinv[:, index], ka)
+
+
+def _decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> _Modes:
+    """Eigen-decomposition of the rate matrix for every parameter set, vectorised."""
+    cl, v1 = params["CL"], params["V1"]
+    shape = cl.shape
+    if n == 1:
+        lam = (-cl / v1)[..., None]
+        u = np.ones(shape + (1, 1))
+        sqrt_v = np.sqrt(v1)[..., None]
+    elif n == 2:
+        q, v2 = params["Q"], params["V2"]
+        a = -(cl + q) / v1
+        c = -q / v2
+        off = q / np.sqrt(v1 * v2)
+        r = np.hypot(a - c, 2.0 * off)
+        fast = 0.5 * (a + c) - 0.5 * r  # no cancellation: both terms negative
+        slow = (cl / v1) * (q / v2) / fast  # det(M) = k10 * k21, exact
+        theta = 0.5 * np.arctan2(2.0 * off, a - c)  # rotation diagonalising M
+        cos, sin = np.cos(theta), np.sin(theta)
+        lam = np.stack([slow, fast], axis=-1)
+        u = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+        sqrt_v = np.sqrt(np.stack([v1, v2], axis=-1))
+    else:
+        q, v2, q3, v3 = params["Q"], params["V2"], params["Q3"], params["V3"]
+        m = np.zeros(shape + (3, 3))
+        m[..., 0, 0] = -(cl + q + q3) / v1
+        m[..., 1, 1] = -q / v2
+        m[..., 2, 2] = -q3 / v3
+        m[..., 0, 1] = m[..., 1, 0] = q / np.sqrt(v1 * v2)
+        m[..., 0, 2] = m[..., 2, 0] = q3 / np.sqrt(v1 * v3)
+        lam, u = np.linalg.eigh(m)
+        sqrt_v = np.sqrt(np.stack([v1, v2, v3], axis=-1))
+    p = sqrt_v[..., :, None] * u
+    pinv = np.swapaxes(u, -1, -2) / sqrt_v[..., None, :]
+    return _Modes(lam, p, pinv, params["KA"] if depot else None)
+
+
+def _propagate(modes: _Modes, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``E(t) x``: the state after ``t`` days without input (t >= 0)."""
+    off = 0 if modes.ka is None else 1
+    z = _matvec(modes.pinv, x[:, off:]) * np.exp(modes.lam * t[:, None])
+    out = np.empty_like(x)
+    if modes.ka is not None:
+        ka = modes.ka
+        z = z + (ka * x[:, 0])[:, None] * modes.b * _divdiff(modes.lam, -ka[:, None], t[:, None])
+        out[:, 0] = x[:, 0] * np.exp(-ka * t)
+    out[:, off:] = _matvec(modes.p, z)
+    return out
+
+
+def _infuse(modes: _Modes, d: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``Phi(d) v``: the state after a constant input ``v`` (mg/day) for ``d`` days from 0."""
+    off = 0 if modes.ka is None else 1
+    phi = _phi(modes.lam, d[:, None])
+    z = phi * _matvec(modes.pinv, v[:, off:])
+    out = np.empty_like(v)
+    if modes.ka is not None:
+        ka = modes.ka
+        coupling = phi - _divdiff(modes.lam, -ka[:, None], d[:, None])
+        z = z + v[:, :1] * modes.b * coupling
+        out[:, 0] = v[:, 0] * _phi(-ka, d)
+    out[:, off:] = _matvec(modes.p, z)
+    return out
+
+
+def _geometric(modes: _Modes, tau: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(I - E(tau))^-1 y``: the sum of ``E(m tau) y`` over m >= 0."""
+    off = 0 if modes.ka is None else 1
+    rhs = _matvec(modes.pinv, y[:, off:])
+    out = np.empty_like(y)
+    if modes.ka is not None:
+        ka = modes.ka
+        out[:, 0] = y[:, 0] / -np.expm1(-ka * tau)
+        rhs = rhs + (ka * out[:, 0])[:, None] * modes.b * _divdiff(
+            modes.lam, -ka[:, None], tau[:, None]
+        )
+    z = rhs / -np.expm1(modes.lam * tau[:, None])
+    out[:, off:] = _matvec(modes.p, z)
+    return out
+
+
+def _steady_infusion(modes: _Modes, v: np.ndarray) -> np.ndarray:
+    """``-K^-1 v``: the steady state of a constant input ``v`` (mg/day)."""
+    off = 0 if modes.ka is None else 1
+    rhs = _matvec(modes.pinv, v[:, off:])
+    out = np.empty_like(v)
+    if modes.ka is not None:
+        out[:, 0] = v[:, 0] / modes.ka
+        rhs = rhs + v[:, :1] * modes.b
+    out[:, off:] = _matvec(modes.p, -rhs / modes.lam)
+    return out
+
+
+# --------------------------------------------------------------------------- solver
+
+
+def _is_dose(evid: np.ndarray) -> np.ndarray:
+    return (evid == 1) | (evid == 4)
+
+
+@dataclass
+class _Input:
+    """One dose (or a past steady-state dose still arriving), in every parameter set."""
+
+    record: int  # index of the record that gives it
+    start: np.ndarray  # (S,) arrival time after lag (day)
+    end: np.ndarray  # (S,) end of infusion (= start for a bolus)
+    bolus: np.ndarray  # (S, m) amounts (mg), zero where infused
+    rate: np.ndarray  # (S, m) infusion rates (mg/day), zero for a bolus
+    kill: np.ndarray  # (S,) index of the record whose reset ends it (R if none)
+    ghost: bool = False  # a past steady-state dose, already counted up to its record
+
+
+def _modifier(params: Mapping[str, np.ndarray], name: str, cmt: np.ndarray,
+              default: float) -> np.ndarray:
+    """Per-record value of a per-compartment modifier such as F2 or ALAG1."""
+    out = np.full(cmt.shape, default)
+    for key, values in params.items():
+        if key.startswith(name) and key[len(name):].isdigit():
+            out = np.where(cmt == int(key[len(name):]), values, out)
+    return out
+
+
+def solve(
+    structure: Structure,
+    events: Events,
+    params: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """Amounts in every compartment after each record, for many parameter sets at once.
+
+    Parameters
+    ----------
+    structure : Structure
+        Number of compartments and whether there is a depot.
+    events : Events
+        Records of ``B`` profiles (``B`` is 1 or equal to the number of parameter sets).
+    params : mapping of str to array_like
+        Values per record, each broadcastable to ``(S, R)``: the structural parameters
+        of ``structure.parameter_names`` (CL and Q in L/day, volumes in L, KA in 1/day),
+        and optionally dose modifiers per compartment, named as in NONMEM: ``F1``
+        (fraction), ``ALAG1`` (day), ``R1`` (mg/day, for RATE=-1), ``D1`` (day, for
+        RATE=-2).
+
+    Returns
+    -------
+    ndarray
+        Amounts (mg), shape ``(S, R, n_states)``, compartments in NONMEM order.
+
+    Examples
+    --------
+    A 500-mg bolus into a 5-L compartment cleared at 0.5 L/day; one half-life later:
+
+    >>> ev = expand_records([0.0, 5 * np.log(2)], [1, 0], [500.0, 0.0])
+    >>> amounts = solve(Structure(1), ev, {"CL": 0.5, "V1": 5.0})
+    >>> np.round(amounts[0, :, 0], 6).tolist()
+    [500.0, 250.0]
+    """
+    names = structure.parameter_names
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"`params` lacks {missing}; {structure} needs {list(names)}")
+    b_events, n_rec = events.shape
+    arrays = {k: np.asarray(v, dtype=float) for k, v in params.items()}
+    shapes = [np.broadcast_shapes(a.shape, (1, n_rec)) for a in arrays.values()]
+    n_sets = max([b_events] + [s[0] for s in shapes if len(s) == 2])
+    full = (n_sets, n_rec)
+    arrays = {k: np.broadcast_to(v, full) for k, v in arrays.items()}
+    ev = {name: np.broadcast_to(getattr(events, name), full) for name in _RECORD_FIELDS}
+    n_states = structure.n_states
+
+    # Decompose once per distinct parameter column.
+    stacked = np.stack([arrays[name] for name in names], axis=-1)
+    changed = np.ones(n_rec, dtype=bool)
+    changed[1:] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=(0, 2))
+    column_of = np.cumsum(changed) - 1
+    unique = {name: arrays[name][:, changed] for name in names}
+    modes_all = _decompose(structure.n_compartments, unique, structure.depot)
+    modes_cache: dict[int, _Modes] = {}
+
+    def modes_at(k: int) -> _Modes:
+        u = int(column_of[k])
+        if u not in modes_cache:
+            modes_cache[u] = modes_all.take(u)
+        return modes_cache[u]
+
+    inputs, ss_specs, reset = _build_inputs(structure, ev, arrays, n_sets, n_rec)
+    schedule = _schedule(inputs, ev["time"], n_rec)
+
+    x = np.zeros((n_sets, n_states))
+    out = np.empty((n_sets, n_rec, n_states))
+    times = ev["time"]
+    t_prev = times[:, 0]
+    locf = events.covariates == "locf"
+    for k in range(n_rec):
+        tk = times[:, k]
+        modes = modes_at(max(k - 1, 0) if locf else k)
+        dt = tk - t_prev
+        if np.any(dt > 0):
+            x = _propagate(modes, dt, x)
+        for inp in schedule[k]:
+            alive = k <= inp.kill
+            if inp.bolus.any():
+                hit = alive & (inp.start > t_prev) & (inp.start <= tk)
+                lag = np.where(hit, tk - inp.start, 0.0)
+                x = x + _propagate(modes, lag, inp.bolus * hit[:, None])
+            if inp.rate.any():
+                lo = np.maximum(inp.start, t_prev)
+                hi = np.minimum(inp.end, tk)
+                length = np.where(alive, np.maximum(hi - lo, 0.0), 0.0)
+                after = np.where(length > 0, tk - hi, 0.0)
+                x = x + _propagate(modes, after, _infuse(modes, length, inp.rate))
+        own = modes_at(k)
+        if reset[:, k].any():
+            x = np.where(reset[:, k, None], 0.0, x)
+        if k in ss_specs:
+            x = x + _steady_state(own, ss_specs[k])
+        for inp in schedule.get(("now", k), []):
+            x = x + inp.bolus * (inp.start <= tk)[:, None]
+        out[:, k] = x
+        t_prev = tk
+    return out
+
+
+@dataclass
+class _SteadyState:
+    """Steady-state dose at one record, per parameter set (masked where not SS)."""
+
+    mask: np.ndarray  # (S,) SS in {1, 2} at this record
+    tau: np.ndarray  # (S,) dosing interval (day)
+    lag: np.ndarray  # (S,)
+    bolus: np.ndarray  # (S, m)
+    rate: np.ndarray  # (S, m)
+    duration: np.ndarray  # (S,)
+    constant: np.ndarray  # (S,) constant infusion at steady state (AMT=0, RATE>0)
+    n_past: int  # past doses that may still be arriving at the record (ghost inputs)
+
+
+def _steady_state(modes: _Modes, spec: _SteadyState) -> np.ndarray:
+    """The state at the record contributed by the doses before it, for SS records."""
+    tau = np.where(spec.mask & ~spec.constant, spec.tau, 1.0)
+    lag, dur = spec.lag, spec.duration
+    first_bolus = np.maximum(1.0, np.ceil(lag / tau))  # first past bolus already arrived
+    x = _propagate(modes, first_bolus * tau - lag, _geometric(modes, tau, spec.bolus))
+    if spec.rate.any():
+        done = np.maximum(1.0, np.ceil((lag + dur) / tau))  # first infusion already over
+        finished = _geometric(modes, tau, _infuse(modes, dur, spec.rate))
+        x = x + _propagate(modes, done * tau - lag - dur, finished)
+        for m in range(1, spec.n_past + 1):  # infusions still running at the record
+            running = (m * tau > lag) & (m < done)
+            x = x + _infuse(modes, np.where(running, m * tau - lag, 0.0), spec.rate)
+    if spec.constant.any():
+        x = np.where(spec.constant[:, None], _steady_infusion(modes, spec.rate), x)
+    return np.where(spec.mask[:, None], x, 0.0)
+
+
+def _build_inputs(
+    structure: Structure,
+    ev: dict[str, np.ndarray],
+    params: dict[str, np.ndarray],
+    n_sets: int,
+    n_rec: int,
+) -> tuple[list[_Input], dict[int, _SteadyState], np.ndarray]:
+    """Doses, steady-state specs and reset flags, with per-set modifiers applied."""
+    evid, cmt, amt = ev["evid"], ev["cmt"], ev["amt"]
+    dose = _is_dose(evid)
+    cmt = np.where(cmt == 0, 1, cmt).astype(int)
+    reset = (evid >= 3) | ((ev["ss"] == 1) & dose)
+    constant = dose & (ev["ss"] == 1) & (amt == 0) & (ev["rate"] > 0)
+
+    # Record index of the first reset strictly after each record, per set.
+    idx = np.where(reset, np.arange(n_rec), n_rec)
+    kill = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+    kill = np.concatenate([kill[:, 1:], np.full((n_sets, 1), n_rec)], axis=1)
+
+    f = _modifier(params, "F", cmt, 1.0)
+    lag = _modifier(params, "ALAG", cmt, 0.0)
+    amount = f * amt
+    rate_col, dur_col = ev["rate"], ev["dur"]
+    infused = dose & ((rate_col != 0) | (dur_col > 0)) & ~constant
+    for code, name in ((-1.0, "R"), (-2.0, "D")):
+        needs = infused & (rate_col == code)
+        if needs.any():
+            cmts = sorted(set(cmt[needs].tolist()))
+            absent = [f"{name}{c}" for c in cmts if f"{name}{c}" not in params]
+            if absent:
+                raise ValueError(f"RATE={int(code)} needs the modelled parameter(s) {absent}")
+    modelled_rate = _modifier(params, "R", cmt, 1.0)
+    modelled_dur = _modifier(params, "D", cmt, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.select(
+            [rate_col > 0, dur_col > 0, rate_col == -1, rate_col == -2],
+            [rate_col, amount / np.where(dur_col > 0, dur_col, 1.0), modelled_rate,
+             amount / modelled_dur],
+            0.0,
+        )
+        duration = np.where(rate > 0, amount / np.where(rate > 0, rate, 1.0), 0.0)
+    rate = np.where(infused, rate, 0.0)
+    duration = np.where(infused, duration, 0.0)
+    bolus_amount = np.where(dose & ~infused & ~constant, amount, 0.0)
+
+    onehot = np.zeros((n_sets, n_rec, structure.n_states))
+    np.put_along_axis(onehot, (cmt - 1)[..., None], 1.0, axis=-1)
+    bolus_vec = bolus_amount[..., None] * onehot
+    rate_vec = np.where(constant, ev["rate"], rate)[..., None] * onehot
+
+    start = ev["time"] + lag
+    inputs: list[_Input] = []
+    ss_specs: dict[int, _SteadyState] = {}
+    for k in np.flatnonzero(dose.any(axis=0)):
+        inputs.append(_Input(k, start[:, k], start[:, k] + duration[:, k], bolus_vec[:, k],
+                             np.where(constant[:, k, None], 0.0, rate_vec[:, k]), kill[:, k]))
+        ss_mask = dose[:, k] & (ev["ss"][:, k] > 0)
+        if not ss_mask.any():
+            continue
+        tau = np.where(ss_mask & ~constant[:, k], ev["ii"][:, k], 1.0)
+        reach = lag[:, k] + duration[:, k]
+        n_past = int(np.max(np.where(ss_mask, np.ceil(reach / tau), 0.0)))
+        ss_specs[k] = _SteadyState(ss_mask, tau, lag[:, k], bolus_vec[:, k], rate_vec[:, k],
+                                   duration[:, k], constant[:, k], n_past)
+        for m in range(1, n_past + 1):  # past doses still arriving after the record
+            ghost_start = ev["time"][:, k] - m * tau + lag[:, k]
+            ghost_bolus = bolus_vec[:, k] * ss_mask[:, None]
+            ghost_rate = np.where((ss_mask & ~constant[:, k])[:, None], rate_vec[:, k], 0.0)
+            inputs.append(_Input(k, ghost_start, ghost_start + duration[:, k], ghost_bolus,
+                                 ghost_rate, kill[:, k], ghost=True))
+    return inputs, ss_specs, reset
+
+
+def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
+    """For each record, the inputs that may act in the interval ending there.
+
+    Keys ``k`` list inputs acting within ``(t[k-1], t[k]]`` (given at an earlier
+    record); keys ``("now", k)`` list doses given at record ``k`` itself.
+    """
+    schedule: dict = {k: [] for k in range(n_rec)}
+    prev = np.concatenate([times[:, :1], times[:, :-1]], axis=1)
+    later = np.arange(n_rec)[None, :]
+    for inp in inputs:
+        window = (later > inp.record) & (later <= inp.kill[:, None])
+        overlap = (inp.start[:, None] < times) & (inp.end[:, None] > prev)
+        arrival = (inp.start[:, None] > prev) & (inp.start[:, None] <= times)
+        acts = window & (overlap | arrival)
+        for k in np.flatnonzero(acts.any(axis=0)):
+            schedule[k].append(inp)
+        if inp.bolus.any() and not inp.ghost:
+            schedule.setdefault(("now", inp.record), []).append(inp)
+    return schedule

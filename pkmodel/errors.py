@@ -1,0 +1,40 @@
+"""Exception and warning classes of pkmodel.
+
+Every error pkmodel raises derives from :class:`PKModelError`, so a caller can catch
+them all at once; each also derives from the builtin it refines (``ValueError`` for bad
+values, ``RuntimeError`` for numerical failure), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PKModelError",
+    "DatasetError",
+    "CovariateError",
+    "ConvergenceError",
+    "ConvergenceWarning",
+]
+
+
+class PKModelError(Exception):
+    """Base class of every error raised by pkmodel."""
+
+
+class DatasetError(PKModelError, ValueError):
+    """An event table breaks NONMEM's conventions or pkmodel's requirements.
+
+    The message names the column, the row (0-based position in the table) and the ID,
+    and says what was expected.
+    """
+
+
+class CovariateError(PKModelError, ValueError):
+    """A covariate is missing, or has a value that cannot be right for the model."""
+
+
+class ConvergenceError(PKModelError, RuntimeError):
+    """A numerical method failed and no usable result exists."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A numerical method finished but its result deserves a second look."""

@@ -60,6 +60,7 @@ __all__ = [
     "stack_events",
     "solve",
     "DOSE_MODIFIERS",
+    "at_rows",
 ]
 
 #: Per-compartment dose modifiers, named as in NONMEM's $PK (suffix = compartment number).
@@ -699,3 +700,26 @@ def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
         if inp.bolus.any() and not inp.ghost:
             schedule.setdefault(("now", inp.record), []).append(inp)
     return schedule
+
+
+def at_rows(events: Events, values: np.ndarray, n_rows: int) -> np.ndarray:
+    """Values per record, ``(S, R)``, put back on the rows of the original table.
+
+    Implied ADDL doses and padding are dropped. With ``B = S`` profiles (one parameter
+    set per profile) the result has shape ``(n_rows,)``; with one shared profile
+    (``B = 1``) it has shape ``(S, n_rows)``.
+
+    Examples
+    --------
+    >>> ev = expand_records([0.0, 7.0], [1, 0], [100.0, 0.0], ii=[3.5, 0], addl=[1, 0])
+    >>> at_rows(ev, np.array([[1.0, 2.0, 3.0]]), 2).tolist()
+    [[1.0, 3.0]]
+    """
+    keep = events.source_row >= 0
+    if events.shape[0] == 1:
+        out = np.full((values.shape[0], n_rows), np.nan)
+        out[:, events.source_row[0, keep[0]]] = values[:, keep[0]]
+        return out
+    out = np.full(n_rows, np.nan)
+    out[events.source_row[keep]] = values[keep]
+    return out

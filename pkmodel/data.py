@@ -74,7 +74,8 @@ def _fail(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
         return
     got = ""
     if values is not None:
-        got = f"; got {values[np.flatnonzero(bad)[0]]!r}"
+        value = values[np.flatnonzero(bad)[0]]
+        got = f"; got {value.item() if isinstance(value, np.generic) else value!r}"
     raise DatasetError(f"column '{column}', {_where(data, bad)}: expected {expected}{got}")
 
 

@@ -505,7 +505,7 @@ def solve(
     --------
     A 500-mg bolus into a 5-L compartment cleared at 0.5 L/day; one half-life later:
 
-    >>> ev = expand_records([0.0, 5 * np.log(2)], [1, 0], [500.0, 0.0])
+    >>> ev = expand_records([0.0, 10 * np.log(2)], [1, 0], [500.0, 0.0])
     >>> amounts = solve(Structure(1), ev, {"CL": 0.5, "V1": 5.0})
     >>> np.round(amounts[0, :, 0], 6).tolist()
     [500.0, 250.0]

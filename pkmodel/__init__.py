@@ -17,12 +17,12 @@ from pkmodel.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "read_nonmem",
-    "validate",
-    "to_events",
-    "PKModelError",
-    "DatasetError",
-    "CovariateError",
     "ConvergenceError",
     "ConvergenceWarning",
+    "CovariateError",
+    "DatasetError",
+    "PKModelError",
+    "read_nonmem",
+    "to_events",
+    "validate",
 ]

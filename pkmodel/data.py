@@ -22,7 +22,7 @@ import pandas as pd
 from pkmodel.engine import Events, Structure, expand_records, stack_events
 from pkmodel.errors import CovariateError, DatasetError
 
-__all__ = ["NONMEM_COLUMNS", "read_nonmem", "validate", "to_events"]
+__all__ = ["NONMEM_COLUMNS", "read_nonmem", "to_events", "validate"]
 
 #: Columns with NONMEM's meaning, in NONMEM's order.
 NONMEM_COLUMNS = ("ID", "TIME", "AMT", "RATE", "DUR", "II", "ADDL", "SS", "EVID", "MDV",

@@ -54,13 +54,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "Structure",
-    "Events",
-    "expand_records",
-    "stack_events",
-    "solve",
     "DOSE_MODIFIERS",
+    "Events",
+    "Structure",
     "at_rows",
+    "expand_records",
+    "solve",
+    "stack_events",
 ]
 
 #: Per-compartment dose modifiers, named as in NONMEM's $PK (suffix = compartment number).

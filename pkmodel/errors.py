@@ -8,11 +8,11 @@ values, ``RuntimeError`` for numerical failure), so generic handlers keep workin
 from __future__ import annotations
 
 __all__ = [
-    "PKModelError",
-    "DatasetError",
-    "CovariateError",
     "ConvergenceError",
     "ConvergenceWarning",
+    "CovariateError",
+    "DatasetError",
+    "PKModelError",
 ]
 
 

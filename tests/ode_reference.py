@@ -8,6 +8,7 @@ resolved), and ``solve_ivp`` integrates between breakpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy.integrate import solve_ivp
@@ -74,13 +75,13 @@ def ode_amounts(
 
     apply_boluses(grid[0])
     out[grid[0]] = state.copy()
-    for lo, hi in zip(grid[:-1], grid[1:]):
+    for lo, hi in pairwise(grid):
         k = matrices[int(np.searchsorted(starts, hi, side="left")) - 1]
         rate = np.zeros(size)
         for d in doses:
             if d.duration > 0 and d.time <= lo and d.time + d.duration >= hi:
                 rate[d.cmt - 1] += d.amount / d.duration
-        sol = solve_ivp(lambda _t, a: k @ a + rate, (lo, hi), state, method=method,
+        sol = solve_ivp(lambda _t, a, k=k, rate=rate: k @ a + rate, (lo, hi), state, method=method,
                         rtol=rtol, atol=1e-16 * peak)
         state = sol.y[:, -1].copy()
         apply_boluses(hi)

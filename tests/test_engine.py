@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from ode_reference import Dose, ode_amounts
+from strategies import log_uniform, pk_params, regimens
+
 from pkmodel.data import to_events, validate
 from pkmodel.engine import Structure, at_rows, expand_records, solve, stack_events
-from strategies import log_uniform, pk_params, regimens
 
 STRUCTURES = [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
 
@@ -74,7 +74,7 @@ def test_parameters_changing_between_records_match_ode(n_cmt, depot, data):
     segments = [(0.0, data.draw(pk_params(n_cmt, depot)))]
     segments += [(c, data.draw(pk_params(n_cmt, depot))) for c in changes]
     obs = np.union1d(np.linspace(0.5, 60.0, 30), changes)
-    time, evid, amt, rate, dur, cmt = records_for(doses, obs)
+    time, evid, amt, rate, _, cmt = records_for(doses, obs)
     seg = np.maximum(np.searchsorted([s for s, _ in segments], time, side="left") - 1, 0)
     params = {name: np.array([segments[i][1][name] for i in seg])
               for name in structure.parameter_names}

@@ -311,3 +311,213 @@ def to_events(
             covariates=covariates, row_offset=int(lo),
         ))
     return stack_events(profiles)
+
+
+# --------------------------------------------------------------------------- regimens
+
+#: Label infusion duration of infliximab (h).
+INFUSION_HOURS = 2.0
+
+
+def dose_amount(weight: float, mg_per_kg: float, *, vial_mg: float | None = None) -> float:
+    """A weight-based dose in mg, optionally rounded to the nearest whole vial.
+
+    Parameters
+    ----------
+    weight : float
+        Body weight (kg).
+    mg_per_kg : float
+        Dose (mg/kg).
+    vial_mg : float, optional
+        Vial size (mg); infliximab comes in 100-mg vials. Halves round up; at least one
+        vial is given.
+
+    Examples
+    --------
+    >>> dose_amount(28.0, 5.0)
+    140.0
+    >>> dose_amount(28.0, 5.0, vial_mg=100)
+    100.0
+    >>> dose_amount(31.0, 5.0, vial_mg=100)
+    200.0
+    """
+    for name, value in (("weight", weight), ("mg_per_kg", mg_per_kg)):
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(f"`{name}` must be positive; got {value!r}")
+    mg = float(weight * mg_per_kg)
+    if vial_mg is None:
+        return mg
+    if vial_mg <= 0:
+        raise ValueError(f"`vial_mg` must be positive; got {vial_mg!r}")
+    return float(max(1.0, np.floor(mg / vial_mg + 0.5)) * vial_mg)
+
+
+def days_since(dates: Iterable[object], origin: object) -> np.ndarray:
+    """Calendar dates (or date-times) as days after ``origin``.
+
+    Examples
+    --------
+    >>> days_since(["2026-01-05", "2026-01-19 12:00"], "2026-01-05").tolist()
+    [0.0, 14.5]
+    """
+    start = _timestamp(origin, "`origin`")
+    stamps = [_timestamp(d, f"`dates` entry {i}") for i, d in enumerate(dates)]
+    return np.array([(d - start) / pd.Timedelta(days=1) for d in stamps], dtype=float)
+
+
+def _timestamp(value: object, what: str) -> pd.Timestamp:
+    try:
+        stamp = pd.Timestamp(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        stamp = pd.NaT
+    if pd.isna(stamp):
+        raise ValueError(f"{what} is not a date: {value!r}")
+    return stamp
+
+
+def dosing_table(
+    amounts: Iterable[float] | float,
+    *,
+    times: Iterable[float] | None = None,
+    dates: Iterable[object] | None = None,
+    origin: object | None = None,
+    infusion_hours: float | None = INFUSION_HOURS,
+    troughs: bool = True,
+    end: float | None = None,
+    id: int = 1,
+    covariates: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """A NONMEM-style table for one patient: doses, and a sample before each dose.
+
+    Parameters
+    ----------
+    amounts : float or iterable of float
+        Dose per administration (mg); one value for all or one per dose.
+    times : iterable of float, optional
+        Dose times (day). Give ``times`` or ``dates``.
+    dates : iterable of date-like, optional
+        Calendar dates of the doses, converted to days after ``origin`` (default: the
+        first date).
+    origin : date-like, optional
+        Day 0 when ``dates`` are given.
+    infusion_hours : float or None
+        Infusion duration (h); None for IV bolus. RATE is written in mg/day.
+    troughs : bool
+        Add an observation record (MDV 1, no DV) just before each dose after the first,
+        in file order, so predictions there are pre-dose troughs.
+    end : float, optional
+        Add an observation record at this time (day), for example the end of follow-up.
+    id : int
+        Patient ID.
+    covariates : dict, optional
+        Covariate columns with constant values (``{"WT": 28, "ALB": 3.3}``).
+
+    Returns
+    -------
+    DataFrame
+        Columns ID, TIME, EVID, AMT, RATE, CMT, MDV and the covariates.
+
+    Examples
+    --------
+    >>> dosing_table(140.0, times=[0, 14], covariates={"WT": 28.0})
+       ID  TIME  EVID    AMT    RATE  CMT  MDV    WT
+    0   1   0.0     1  140.0  1680.0    1    1  28.0
+    1   1  14.0     0    0.0     0.0    1    1  28.0
+    2   1  14.0     1  140.0  1680.0    1    1  28.0
+    """
+    if (times is None) == (dates is None):
+        raise ValueError("give exactly one of `times` (day) or `dates`")
+    if dates is not None:
+        dates = list(dates)
+        t = days_since(dates, origin if origin is not None else dates[0])
+    else:
+        t = np.asarray(list(times), dtype=float)  # type: ignore[arg-type]
+    if t.size == 0 or not np.all(np.isfinite(t)):
+        raise ValueError("dose times must be finite and at least one")
+    if np.any(np.diff(t) <= 0):
+        raise ValueError(f"dose times must increase; got {t.tolist()}")
+    amt = np.broadcast_to(np.asarray(amounts, dtype=float), t.shape)
+    if np.any(~np.isfinite(amt) | (amt <= 0)):
+        raise ValueError(f"`amounts` must be positive (mg); got {amt.tolist()}")
+    if infusion_hours is not None and not infusion_hours > 0:
+        raise ValueError(f"`infusion_hours` must be positive or None; got {infusion_hours!r}")
+    rate = amt / (infusion_hours / 24.0) if infusion_hours is not None else np.zeros_like(amt)
+    rows = []
+    for i, (ti, ai, ri) in enumerate(zip(t, amt, rate)):
+        if troughs and i > 0:
+            rows.append((ti, 0, 0.0, 0.0))
+        rows.append((ti, 1, ai, ri))
+    if end is not None:
+        if end < t[-1]:
+            raise ValueError(f"`end` ({end}) must not precede the last dose ({t[-1]})")
+        rows.append((float(end), 0, 0.0, 0.0))
+    table = pd.DataFrame(rows, columns=["TIME", "EVID", "AMT", "RATE"])
+    table.insert(0, "ID", id)
+    table["CMT"] = 1
+    table["MDV"] = 1
+    for name, value in (covariates or {}).items():
+        table[name] = float(value)
+    return table
+
+
+def infliximab_regimen(
+    weight: float,
+    mg_per_kg: float = 5.0,
+    *,
+    every_weeks: float = 8.0,
+    induction_weeks: Iterable[float] = (0.0, 2.0, 6.0),
+    until_week: float = 54.0,
+    vial_mg: float | None = None,
+    start: object | None = None,
+    id: int = 1,
+    covariates: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """The infliximab label schedule: induction at weeks 0, 2, 6, then every N weeks.
+
+    2-h infusions (label), a trough sample before every dose after the first and one at
+    ``until_week``. Doses are ``weight * mg_per_kg`` mg, optionally rounded to whole
+    vials. Label: 5 mg/kg at weeks 0, 2 and 6, then every 8 weeks
+    (shared/reference/dosing_and_targets.md).
+
+    Parameters
+    ----------
+    weight : float
+        Body weight (kg); also written to a WT column.
+    mg_per_kg : float
+        Dose (mg/kg).
+    every_weeks : float
+        Maintenance interval (weeks) after the last induction dose.
+    induction_weeks : iterable of float
+        Induction dose times (weeks).
+    until_week : float
+        Last week of the schedule: doses before it, a (trough) sample at it.
+    vial_mg : float, optional
+        Round each dose to whole vials of this size (mg), for example 100.
+    start : date-like, optional
+        Calendar date of the first dose; a DATE column is added.
+    id : int
+        Patient ID.
+    covariates : dict, optional
+        Other constant covariates (``{"ALB": 3.3, "IMM": 1, "ATI": 0}``).
+
+    Examples
+    --------
+    >>> table = infliximab_regimen(28.0, vial_mg=100, until_week=22)
+    >>> table[table.EVID == 1][["TIME", "AMT"]].to_numpy().tolist()
+    [[0.0, 100.0], [14.0, 100.0], [42.0, 100.0], [98.0, 100.0]]
+    >>> table[["TIME", "EVID"]].iloc[-1].tolist()
+    [154.0, 0.0]
+    """
+    weeks = [float(w) for w in induction_weeks]
+    if every_weeks <= 0:
+        raise ValueError(f"`every_weeks` must be positive; got {every_weeks!r}")
+    next_week = weeks[-1] + every_weeks
+    while next_week < until_week - 1e-9:
+        weeks.append(next_week)
+        next_week += every_weeks
+    amount = dose_amount(weight, mg_per_kg, vial_mg=vial_mg)
+    table = dosing_table(amount, times=[7.0 * w for w in weeks], end=7.0 * until_week,
+                         id=id, covariates={"WT": weight, **(covariates or {})})
+    if start is not None:
+        table.insert(2, "DATE", pd.Timestamp(start) + pd.to_timedelta(table["TIME"], unit="D"))
+    return table

@@ -480,8 +480,10 @@ def solve(
     structure: Structure,
     events: Events,
     params: Mapping[str, np.ndarray],
+    *,
+    before_events: bool = False,
 ) -> np.ndarray:
-    """Amounts in every compartment after each record, for many parameter sets at once.
+    """Amounts in every compartment at each record, for many parameter sets at once.
 
     Parameters
     ----------
@@ -495,6 +497,9 @@ def solve(
         and optionally dose modifiers per compartment, named as in NONMEM: ``F1``
         (fraction), ``ALAG1`` (day), ``R1`` (mg/day, for RATE=-1), ``D1`` (day, for
         RATE=-2).
+    before_events : bool
+        Report the amounts just before each record's own events (reset, steady state,
+        bolus) instead of after them: at a dose record, the pre-dose trough.
 
     Returns
     -------
@@ -565,13 +570,16 @@ def solve(
                 after = np.where(length > 0, tk - hi, 0.0)
                 x = x + _propagate(modes, after, _infuse(modes, length, inp.rate))
         own = modes_at(k)
+        if before_events:
+            out[:, k] = x
         if reset[:, k].any():
             x = np.where(reset[:, k, None], 0.0, x)
         if k in ss_specs:
             x = x + _steady_state(own, ss_specs[k])
         for inp in schedule.get(("now", k), []):
             x = x + inp.bolus * (inp.start <= tk)[:, None]
-        out[:, k] = x
+        if not before_events:
+            out[:, k] = x
         t_prev = tk
     return out
 

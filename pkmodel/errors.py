@@ -38,3 +38,7 @@ class ConvergenceError(PKModelError, RuntimeError):
 
 class ConvergenceWarning(UserWarning):
     """A numerical method finished but its result deserves a second look."""
+
+
+class CovariateWarning(UserWarning):
+    """A covariate lies outside the range of the population a model was built on."""

@@ -1,0 +1,368 @@
+"""Population PK models: typical values, covariate equations, variability, residual error.
+
+A :class:`PopulationModel` is immutable. Its parameter equations are sympy expressions in
+named symbols (THETAs, covariates, ETAs and IOV KAPPAs), compiled once to numpy functions;
+nothing is parsed from text. Derive a variant with :func:`dataclasses.replace`.
+
+Example: a one-compartment model with allometric weight on clearance.
+
+>>> import sympy as sp
+>>> from pkmodel.engine import Structure
+>>> WT, TVCL, TVV, ETA_CL = sp.symbols("WT TVCL TVV ETA_CL")
+>>> model = PopulationModel(
+...     name="example",
+...     structure=Structure(1),
+...     theta={"TVCL": 0.3, "TVV": 4.0},
+...     parameters={"CL": TVCL * (WT / 70) ** 0.75 * sp.exp(ETA_CL), "V1": TVV * WT / 70},
+...     omega=[[0.09]],
+...     eta_names=("ETA_CL",),
+...     residual=ResidualError(proportional=0.2),
+...     covariates=(Covariate("WT", "kg", "body weight", plausible=(0.5, 300.0)),),
+...     citation="Illustration only.",
+... )
+>>> p = evaluate_parameters(model, {"WT": np.array([35.0, 70.0])})
+>>> np.round(p["CL"], 4).tolist()
+[0.1784, 0.3]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sympy as sp
+
+from pkmodel.engine import Structure
+from pkmodel.errors import CovariateError, CovariateWarning
+
+__all__ = [
+    "Covariate",
+    "ResidualError",
+    "PopulationModel",
+    "evaluate_parameters",
+    "check_covariates",
+    "typical_covariates",
+]
+
+
+@dataclass(frozen=True)
+class Covariate:
+    """A covariate a model needs, with its unit and the values it accepts.
+
+    Parameters
+    ----------
+    name : str
+        Column name in the data (uppercase), also the sympy symbol's name.
+    unit : str
+        Unit the model expects (``"kg"``, ``"g/dL"``, ``"g/L"``, ``"0/1"``).
+    description : str
+        What it is.
+    plausible : (float, float)
+        Values outside this interval cannot be right in this unit (a wrong unit, a typing
+        slip) and raise :class:`~pkmodel.errors.CovariateError`.
+    observed : (float, float), optional
+        Range of the population the model was built on; values outside warn
+        (:class:`~pkmodel.errors.CovariateWarning`). None where the source does not say.
+    reference : float, optional
+        Reference (typical) value used by :func:`typical_covariates`.
+    hint : str
+        Added to the error message when a value is implausible (for example the likely
+        unit mistake).
+    """
+
+    name: str
+    unit: str
+    description: str
+    plausible: tuple[float, float]
+    observed: tuple[float, float] | None = None
+    reference: float | None = None
+    hint: str = ""
+
+    @property
+    def binary(self) -> bool:
+        """Whether this is a 0/1 indicator."""
+        return self.unit == "0/1"
+
+
+@dataclass(frozen=True)
+class ResidualError:
+    """Residual error model; standard deviations, not variances.
+
+    ``Y = F * (1 + EPS_prop) + EPS_add`` gives ``SD(Y) = sqrt(additive^2 + (proportional
+    F)^2)`` (proportional, additive or combined); with ``log_scale`` the model is
+    log-additive, ``ln Y = ln F + EPS`` with SD ``additive`` on the log scale.
+
+    Examples
+    --------
+    >>> ResidualError(proportional=0.292, additive=0.371).sd(np.array([0.0, 10.0])).round(4)
+    array([0.371 , 2.9435])
+    >>> ResidualError(additive=0.22, log_scale=True).kind
+    'log-additive'
+    """
+
+    proportional: float = 0.0
+    additive: float = 0.0
+    log_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.proportional < 0 or self.additive < 0:
+            raise ValueError("residual standard deviations must be >= 0; got "
+                             f"proportional={self.proportional}, additive={self.additive}")
+        if self.log_scale and self.proportional:
+            raise ValueError("a log-additive error has only `additive` (SD on the log scale)")
+        if self.proportional == 0 and self.additive == 0:
+            raise ValueError("a residual error needs a positive `proportional` or `additive` SD")
+
+    @property
+    def kind(self) -> str:
+        """``"additive"``, ``"proportional"``, ``"combined"`` or ``"log-additive"``."""
+        if self.log_scale:
+            return "log-additive"
+        if self.proportional and self.additive:
+            return "combined"
+        return "proportional" if self.proportional else "additive"
+
+    def sd(self, prediction: np.ndarray) -> np.ndarray:
+        """Residual SD at the prediction (mg/L; on the log scale for log-additive)."""
+        f = np.asarray(prediction, dtype=float)
+        if self.log_scale:
+            return np.full(f.shape, self.additive)
+        return np.sqrt(self.additive**2 + (self.proportional * f) ** 2)
+
+
+@dataclass(frozen=True)
+class PopulationModel:
+    """A population PK model: structure, equations, variability and residual error.
+
+    Parameters
+    ----------
+    name : str
+        Short identifier (``"fasanmade2011"``).
+    structure : Structure
+        Compartments; ``parameters`` must define ``structure.parameter_names``.
+    theta : mapping of str to float
+        Fixed effects by symbol name.
+    parameters : mapping of str to sympy expression
+        Individual PK parameters (CL, V1, Q, V2, ... in L/day and L; optional dose
+        modifiers F1, ALAG1, D1, ...) in terms of THETA, covariate, ETA and KAPPA symbols.
+    omega : array_like
+        IIV covariance of ``eta_names`` (variances on the diagonal; full block allowed).
+    eta_names : tuple of str
+        ETA symbol names, in the order of ``omega``.
+    residual : ResidualError
+        Residual error model.
+    covariates : tuple of Covariate
+        Covariates the equations use.
+    iov : mapping of str to float
+        Inter-occasion variances by KAPPA symbol name (one KAPPA per occasion).
+    citation : str
+        Where the model and its numbers come from.
+    description : str
+        Population and purpose.
+    """
+
+    name: str
+    structure: Structure
+    theta: Mapping[str, float]
+    parameters: Mapping[str, sp.Expr]
+    omega: Any
+    eta_names: tuple[str, ...]
+    residual: ResidualError
+    covariates: tuple[Covariate, ...] = ()
+    iov: Mapping[str, float] = field(default_factory=dict)
+    citation: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        omega = np.atleast_2d(np.asarray(self.omega, dtype=float))
+        object.__setattr__(self, "omega", omega)
+        object.__setattr__(self, "eta_names", tuple(self.eta_names))
+        object.__setattr__(self, "covariates", tuple(self.covariates))
+        n = len(self.eta_names)
+        if omega.shape != (n, n):
+            raise ValueError(f"`omega` must be {n} x {n} for eta_names {self.eta_names}; "
+                             f"got shape {omega.shape}")
+        if not np.allclose(omega, omega.T):
+            raise ValueError("`omega` must be symmetric")
+        if n and np.linalg.eigvalsh(omega).min() < 0:
+            raise ValueError("`omega` must be positive semi-definite")
+        missing = [p for p in self.structure.parameter_names if p not in self.parameters]
+        if missing:
+            raise ValueError(f"`parameters` lacks {missing}, needed by {self.structure}")
+        known = (set(self.theta) | {c.name for c in self.covariates} | set(self.eta_names)
+                 | set(self.iov))
+        for pname, expr in self.parameters.items():
+            if not isinstance(expr, sp.Expr):
+                raise TypeError(f"parameter {pname} must be a sympy expression; got "
+                                f"{type(expr).__name__}")
+            unknown = sorted(str(s) for s in expr.free_symbols if str(s) not in known)
+            if unknown:
+                raise ValueError(f"parameter {pname} uses {unknown}, which are not THETA, "
+                                 "covariate, ETA or KAPPA names of this model")
+
+    @property
+    def covariate_names(self) -> tuple[str, ...]:
+        """Names of the covariates the equations use (data columns)."""
+        return tuple(c.name for c in self.covariates)
+
+    @property
+    def kappa_names(self) -> tuple[str, ...]:
+        """IOV symbol names."""
+        return tuple(self.iov)
+
+    @cached_property
+    def _compiled(self) -> dict[str, Any]:
+        args = ([sp.Symbol(n) for n in self.theta] + [sp.Symbol(n) for n in self.covariate_names]
+                + [sp.Symbol(n) for n in self.eta_names] + [sp.Symbol(n) for n in self.iov])
+        return {name: sp.lambdify(args, expr, modules="numpy")
+                for name, expr in self.parameters.items()}
+
+    def equations(self, format: str = "text") -> str:
+        """The parameter equations and THETA values, as text or LaTeX.
+
+        Equations keep the THETA names (as NONMEM's $PK keeps THETA(n)), so their
+        structure stays readable; the values follow.
+
+        Examples
+        --------
+        >>> from pkmodel.models import load
+        >>> print(load("xu2012").equations().splitlines()[0])
+        CL = TVCL*(ATI*CL_ATI + 1)*exp(ETA_CL)*(WT/70)**CL_WT*(ALB/4)**CL_ALB
+        """
+        if format not in ("text", "latex"):
+            raise ValueError(f"`format` must be 'text' or 'latex'; got {format!r}")
+        lines = []
+        for name, expr in self.parameters.items():
+            if format == "latex":
+                lines.append(f"\\mathrm{{{name}}} = {sp.latex(expr)}")
+            else:
+                lines.append(f"{name} = {sp.sstr(expr)}")
+        values = ", ".join(f"{k} = {v:g}" for k, v in self.theta.items())
+        lines.append(f"\\text{{where }} {values}" if format == "latex" else f"where {values}")
+        return "\n".join(lines)
+
+
+def evaluate_parameters(
+    model: PopulationModel,
+    covariates: Mapping[str, np.ndarray],
+    eta: np.ndarray | None = None,
+    kappa: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Individual parameters from covariates, ETAs and KAPPAs, broadcast elementwise.
+
+    Parameters
+    ----------
+    model : PopulationModel
+    covariates : mapping of str to array_like
+        One entry per covariate of the model.
+    eta : array_like, optional
+        ETAs, last axis in ``model.eta_names`` order; zero (typical) when omitted.
+    kappa : array_like, optional
+        IOV KAPPAs, last axis in ``model.kappa_names`` order; zero when omitted.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Every parameter of ``model.parameters`` (L/day, L, 1/day; modifiers as defined).
+    """
+    args: list[Any] = [float(v) for v in model.theta.values()]
+    for name in model.covariate_names:
+        if name not in covariates:
+            raise CovariateError(f"covariate '{name}' is missing: {model.name} needs it")
+        args.append(np.asarray(covariates[name], dtype=float))
+    for names, values in ((model.eta_names, eta), (model.kappa_names, kappa)):
+        if values is None:
+            args.extend([0.0] * len(names))
+            continue
+        values = np.asarray(values, dtype=float)
+        if values.shape[-1:] != (len(names),):
+            raise ValueError(f"last axis must hold {len(names)} values ({names}); got shape "
+                             f"{values.shape}")
+        args.extend(values[..., i] for i in range(len(names)))
+    shape = np.broadcast_shapes(*(np.shape(a) for a in args))
+    return {name: np.broadcast_to(np.asarray(f(*args), dtype=float), shape).copy()
+            for name, f in model._compiled.items()}
+
+
+def typical_covariates(model: PopulationModel) -> dict[str, float]:
+    """The reference value of every covariate (the model's typical subject)."""
+    missing = [c.name for c in model.covariates if c.reference is None]
+    if missing:
+        raise CovariateError(f"{model.name} states no reference value for {missing}")
+    return {c.name: float(c.reference) for c in model.covariates}  # type: ignore[arg-type]
+
+
+def check_covariates(model: PopulationModel, table: pd.DataFrame, *,
+                     names: Sequence[str] | None = None) -> None:
+    """Raise on covariate values that cannot be right; warn outside the model's range.
+
+    Errors name the column, the first offending row (0-based position) and its ID.
+
+    Parameters
+    ----------
+    model : PopulationModel
+    table : DataFrame
+        Records (or one row per patient) with the covariate columns.
+    names : sequence of str, optional
+        Check only these covariates (default: all the model's).
+
+    Examples
+    --------
+    >>> from pkmodel.models import load
+    >>> table = pd.DataFrame({"ID": [7], "WT": [30.0], "ALB": [35.0], "ATI": [0], "IMM": [1]})
+    >>> check_covariates(load("fasanmade2011"), table)
+    Traceback (most recent call last):
+    ...
+    pkmodel.errors.CovariateError: column 'ALB', row 0 (ID 7): expected serum albumin in g/dL between 1 and 6.5 for fasanmade2011; got 35. This model expects g/dL (healthy 3.5-5.0); a value near 35 is probably g/L: divide by 10.
+    """
+    ids = table["ID"].to_numpy() if "ID" in table.columns else np.zeros(len(table))
+    wanted = model.covariate_names if names is None else tuple(names)
+    for cov in model.covariates:
+        if cov.name not in wanted:
+            continue
+        if cov.name not in table.columns:
+            raise CovariateError(f"column '{cov.name}' is missing: {model.name} needs "
+                                 f"{cov.description} ({cov.unit})")
+        values = pd.to_numeric(table[cov.name], errors="coerce").to_numpy(dtype=float)
+        lo, hi = cov.plausible
+        bad = ~np.isfinite(values) | (values < lo) | (values > hi)
+        if cov.binary:
+            bad |= ~np.isin(values, [0.0, 1.0])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            expected = "0 or 1" if cov.binary else f"{cov.unit} between {lo:g} and {hi:g}"
+            hint = f" {cov.hint}" if cov.hint else ""
+            raise CovariateError(
+                f"column '{cov.name}', row {row} (ID {_plain(ids[row])}): expected "
+                f"{cov.description} in {expected} for {model.name}; got "
+                f"{_plain(values[row])}.{hint}"
+            )
+        if cov.observed is not None:
+            olo, ohi = cov.observed
+            outside = (values < olo) | (values > ohi)
+            if outside.any():
+                row = int(np.flatnonzero(outside)[0])
+                warnings.warn(
+                    f"column '{cov.name}', row {row} (ID {_plain(ids[row])}): "
+                    f"{_plain(values[row])} {cov.unit} is outside {olo:g}-{ohi:g}, the range "
+                    f"{model.name} was built on; predictions there are extrapolations",
+                    CovariateWarning, stacklevel=3,
+                )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def as_omega(variances: Sequence[float]) -> np.ndarray:
+    """A diagonal OMEGA from variances."""
+    return np.diag(np.asarray(variances, dtype=float))

@@ -1,0 +1,117 @@
+"""PopulationModel: construction checks, equations, evaluation, covariate safety."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import sympy as sp
+
+from pkmodel.engine import Structure
+from pkmodel.errors import CovariateError, CovariateWarning
+from pkmodel.model import (
+    Covariate,
+    PopulationModel,
+    ResidualError,
+    check_covariates,
+    evaluate_parameters,
+    typical_covariates,
+)
+from pkmodel.models import load
+
+WT, TVCL, TVV, ETA_CL, ETA_V, KAPPA_CL = sp.symbols("WT TVCL TVV ETA_CL ETA_V KAPPA_CL")
+WEIGHT = Covariate("WT", "kg", "body weight", plausible=(0.5, 300.0), observed=(20.0, 120.0),
+                   reference=70.0)
+
+
+def small_model(**changes) -> PopulationModel:
+    fields = dict(
+        name="small",
+        structure=Structure(1),
+        theta={"TVCL": 0.3, "TVV": 4.0},
+        parameters={"CL": TVCL * (WT / 70) ** 0.75 * sp.exp(ETA_CL + KAPPA_CL),
+                    "V1": TVV * WT / 70 * sp.exp(ETA_V)},
+        omega=[[0.09, 0.01], [0.01, 0.04]],
+        eta_names=("ETA_CL", "ETA_V"),
+        iov={"KAPPA_CL": 0.02},
+        residual=ResidualError(proportional=0.2, additive=0.1),
+        covariates=(WEIGHT,),
+        citation="test",
+    )
+    fields.update(changes)
+    return PopulationModel(**fields)
+
+
+def test_evaluate_parameters_matches_the_equations():
+    model = small_model()
+    wt = np.array([35.0, 70.0, 140.0])
+    eta = np.array([[0.1, -0.2], [0.0, 0.0], [-0.3, 0.5]])
+    kappa = np.array([[0.05], [0.0], [0.0]])
+    p = evaluate_parameters(model, {"WT": wt}, eta, kappa)
+    np.testing.assert_allclose(p["CL"], 0.3 * (wt / 70) ** 0.75 * np.exp(eta[:, 0] + kappa[:, 0]),
+                               rtol=1e-14)
+    np.testing.assert_allclose(p["V1"], 4.0 * wt / 70 * np.exp(eta[:, 1]), rtol=1e-14)
+
+
+def test_variant_by_replacing_theta_is_a_new_model():
+    model = small_model()
+    faster = dataclasses.replace(model, theta={"TVCL": 0.6, "TVV": 4.0})
+    typical = {"WT": 70.0}
+    assert evaluate_parameters(faster, typical)["CL"] == pytest.approx(0.6)
+    assert evaluate_parameters(model, typical)["CL"] == pytest.approx(0.3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.name = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"omega": [[0.09]]}, "must be 2 x 2"),
+    ({"omega": [[0.09, 0.2], [0.2, 0.04]]}, "positive semi-definite"),
+    ({"omega": [[0.09, 0.01], [0.02, 0.04]]}, "symmetric"),
+    ({"parameters": {"CL": TVCL * sp.Symbol("AGE")}}, "lacks"),
+    ({"parameters": {"CL": TVCL * sp.Symbol("AGE"), "V1": TVV}}, "AGE"),
+])
+def test_inconsistent_models_are_refused(changes, words):
+    with pytest.raises(ValueError, match=words):
+        small_model(**changes)
+
+
+def test_residual_error_kinds_and_sd():
+    f = np.array([0.0, 2.0, 10.0])
+    np.testing.assert_allclose(ResidualError(additive=0.5).sd(f), 0.5)
+    np.testing.assert_allclose(ResidualError(proportional=0.3).sd(f), 0.3 * f)
+    np.testing.assert_allclose(ResidualError(proportional=0.3, additive=0.5).sd(f),
+                               np.sqrt(0.25 + (0.3 * f) ** 2))
+    assert ResidualError(additive=0.2, log_scale=True).kind == "log-additive"
+    with pytest.raises(ValueError):
+        ResidualError()
+    with pytest.raises(ValueError):
+        ResidualError(proportional=-0.1)
+
+
+def test_equations_render_as_text_and_latex():
+    model = load("fasanmade2011")
+    text = model.equations()
+    assert "CL = " in text and "(ALB/4.1)**CL_ALB" in text and "CL_ALB = -0.855" in text
+    latex = model.equations("latex")
+    assert "\\mathrm{CL}" in latex and "\\eta_{CL}" in latex
+    with pytest.raises(ValueError):
+        model.equations("html")
+
+
+def test_covariate_checks_name_column_row_and_id():
+    model = small_model()
+    table = pd.DataFrame({"ID": [3, 3, 4], "WT": [30.0, 0.0, 30.0]})
+    with pytest.raises(CovariateError, match=r"column 'WT', row 1 \(ID 3\).*kg between"):
+        check_covariates(model, table)
+    with pytest.raises(CovariateError, match="column 'WT' is missing"):
+        check_covariates(model, table.drop(columns="WT"))
+    with pytest.warns(CovariateWarning, match=r"row 0 \(ID 3\).*outside 20-120"):
+        check_covariates(model, table.assign(WT=[10.0, 30.0, 30.0]))
+
+
+def test_typical_covariates():
+    assert typical_covariates(small_model()) == {"WT": 70.0}
+    with pytest.raises(CovariateError, match="no reference value"):
+        typical_covariates(load("passot2016"))

@@ -42,10 +42,10 @@ from pkmodel.errors import CovariateError, CovariateWarning
 
 __all__ = [
     "Covariate",
-    "ResidualError",
     "PopulationModel",
-    "evaluate_parameters",
+    "ResidualError",
     "check_covariates",
+    "evaluate_parameters",
     "typical_covariates",
 ]
 

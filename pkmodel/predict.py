@@ -19,7 +19,7 @@ from pkmodel.engine import Events, at_rows, solve
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 
-__all__ = ["predict", "predict_troughs", "simulate", "make_cohort"]
+__all__ = ["make_cohort", "predict", "predict_troughs", "simulate"]
 
 
 def _prepare(model: PopulationModel, data: pd.DataFrame, covariates: str,
@@ -50,7 +50,8 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
             raise ValueError(f"`eta` lacks columns {missing_cols}; {model.name} has {names}")
         absent = [i for i in unique_ids if i not in frame.index]
         if absent:
-            raise ValueError(f"`eta` has no row for ID {absent[0]!r}")
+            ident = absent[0].item() if isinstance(absent[0], np.generic) else absent[0]
+            raise ValueError(f"`eta` has no row for ID {ident!r}")
         values = frame.loc[unique_ids, names].to_numpy(dtype=float)
     else:
         values = np.atleast_2d(np.asarray(eta, dtype=float))
@@ -343,7 +344,7 @@ def _simulate_id(
     """Simulate ``len(ids)`` patients on the records of one ID (events with B = 1)."""
     n_pat = len(ids)
     n_eta = len(model.eta_names)
-    eta = rng.multivariate_normal(np.zeros(n_eta), model.omega, size=n_pat, method="cholesky")
+    eta = rng.multivariate_normal(np.zeros(n_eta), model.omega, size=n_pat, method="eigh")
     kappa = None
     if iov and model.iov:
         occ = _occasions(table)

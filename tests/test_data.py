@@ -8,7 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pkmodel.data import read_nonmem, to_events, validate
+from pkmodel.data import (
+    days_since,
+    dose_amount,
+    dosing_table,
+    infliximab_regimen,
+    read_nonmem,
+    to_events,
+    validate,
+)
 from pkmodel.engine import Structure, solve
 from pkmodel.errors import CovariateError, DatasetError, PKModelError
 
@@ -184,3 +192,63 @@ def test_validation_data_read_as_nonmem(validation_dir):
 def test_read_nonmem_accepts_file_like():
     table = read_nonmem(io.StringIO("ID,TIME,AMT\n1,0,5\n"))
     assert table.shape == (1, 3)
+
+
+# ------------------------------------------------------------------ regimen builders
+
+
+def test_label_schedule_weeks_0_2_6_then_every_8():
+    """Label: 5 mg/kg at weeks 0, 2, 6, then every 8 weeks (reference dosing file)."""
+    table = infliximab_regimen(30.0)
+    doses = table[table["EVID"] == 1]
+    assert (doses["TIME"] / 7).tolist() == [0, 2, 6, 14, 22, 30, 38, 46]
+    assert (doses["AMT"] == 150.0).all()
+    np.testing.assert_allclose(doses["AMT"] / doses["RATE"], 2.0 / 24.0)  # 2-h infusions
+    samples = table[table["EVID"] == 0]
+    assert (samples["TIME"] / 7).tolist() == [2, 6, 14, 22, 30, 38, 46, 54]
+    validate(table, covariates=["WT"])  # a valid NONMEM table
+
+
+def test_shorter_interval_and_vials():
+    table = infliximab_regimen(27.0, 10.0, every_weeks=4, until_week=18, vial_mg=100)
+    doses = table[table["EVID"] == 1]
+    assert (doses["TIME"] / 7).tolist() == [0, 2, 6, 10, 14]
+    assert (doses["AMT"] == 300.0).all()  # 270 mg rounds to three 100-mg vials
+
+
+@pytest.mark.parametrize("weight,mg_per_kg,vial,expected", [
+    (28.0, 5.0, None, 140.0), (28.0, 5.0, 100.0, 100.0), (30.0, 5.0, 100.0, 200.0),
+    (12.0, 5.0, 100.0, 100.0), (45.0, 10.0, 100.0, 500.0),
+])
+def test_dose_amount(weight, mg_per_kg, vial, expected):
+    assert dose_amount(weight, mg_per_kg, vial_mg=vial) == expected
+
+
+def test_dose_amount_rejects_nonsense():
+    with pytest.raises(ValueError, match="`weight` must be positive"):
+        dose_amount(0.0, 5.0)
+    with pytest.raises(ValueError, match="`mg_per_kg` must be positive"):
+        dose_amount(30.0, -5.0)
+
+
+def test_calendar_dates_become_days():
+    table = dosing_table(300.0, dates=["2026-01-05", "2026-01-19", "2026-02-16 08:00"])
+    doses = table[table["EVID"] == 1]
+    np.testing.assert_allclose(doses["TIME"], [0.0, 14.0, 42.0 + 8.0 / 24.0])
+    np.testing.assert_allclose(days_since(["2026-03-01"], "2026-02-01"), [28.0])
+    with pytest.raises(ValueError, match="entry 1 is not a date"):
+        days_since(["2026-01-01", "soon"], "2026-01-01")
+    labelled = infliximab_regimen(30.0, until_week=6, start="2026-01-05")
+    assert labelled["DATE"].iloc[-1] == pd.Timestamp("2026-02-16")
+
+
+def test_dosing_table_custom_doses_and_errors():
+    table = dosing_table([100.0, 200.0], times=[0.0, 28.0], infusion_hours=None, end=56.0)
+    assert table["RATE"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert table["TIME"].tolist() == [0.0, 28.0, 28.0, 56.0]
+    with pytest.raises(ValueError, match="increase"):
+        dosing_table(100.0, times=[0.0, 0.0])
+    with pytest.raises(ValueError, match="exactly one"):
+        dosing_table(100.0)
+    with pytest.raises(ValueError, match="positive"):
+        dosing_table([100.0, -1.0], times=[0.0, 7.0])

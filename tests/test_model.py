@@ -27,19 +27,19 @@ WEIGHT = Covariate("WT", "kg", "body weight", plausible=(0.5, 300.0), observed=(
 
 
 def small_model(**changes) -> PopulationModel:
-    fields = dict(
-        name="small",
-        structure=Structure(1),
-        theta={"TVCL": 0.3, "TVV": 4.0},
-        parameters={"CL": TVCL * (WT / 70) ** 0.75 * sp.exp(ETA_CL + KAPPA_CL),
-                    "V1": TVV * WT / 70 * sp.exp(ETA_V)},
-        omega=[[0.09, 0.01], [0.01, 0.04]],
-        eta_names=("ETA_CL", "ETA_V"),
-        iov={"KAPPA_CL": 0.02},
-        residual=ResidualError(proportional=0.2, additive=0.1),
-        covariates=(WEIGHT,),
-        citation="test",
-    )
+    fields = {
+        "name": "small",
+        "structure": Structure(1),
+        "theta": {"TVCL": 0.3, "TVV": 4.0},
+        "parameters": {"CL": TVCL * (WT / 70) ** 0.75 * sp.exp(ETA_CL + KAPPA_CL),
+                       "V1": TVV * WT / 70 * sp.exp(ETA_V)},
+        "omega": [[0.09, 0.01], [0.01, 0.04]],
+        "eta_names": ("ETA_CL", "ETA_V"),
+        "iov": {"KAPPA_CL": 0.02},
+        "residual": ResidualError(proportional=0.2, additive=0.1),
+        "covariates": (WEIGHT,),
+        "citation": "test",
+    }
     fields.update(changes)
     return PopulationModel(**fields)
 

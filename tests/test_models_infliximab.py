@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from ode_reference import Dose, ode_amounts, rate_matrix
+
 from pkmodel.data import infliximab_regimen
 from pkmodel.errors import CovariateError, CovariateWarning
 from pkmodel.model import evaluate_parameters

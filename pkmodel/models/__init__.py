@@ -14,7 +14,7 @@ from __future__ import annotations
 from pkmodel.model import PopulationModel
 from pkmodel.models.infliximab import MODELS
 
-__all__ = ["load", "available", "DEFAULT"]
+__all__ = ["DEFAULT", "available", "load"]
 
 #: The default infliximab model (Fasanmade 2011, children and adults with Crohn's disease).
 DEFAULT = "fasanmade2011"

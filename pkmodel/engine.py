@@ -623,22 +623,33 @@ def _build_inputs(
     n_sets: int,
     n_rec: int,
 ) -> tuple[list[_Input], dict[int, _SteadyState], np.ndarray]:
-    """Doses, steady-state specs and reset flags, with per-set modifiers applied."""
-    evid, cmt, amt = ev["evid"], ev["cmt"], ev["amt"]
-    dose = _is_dose(evid)
-    cmt = np.where(cmt == 0, 1, cmt).astype(int)
-    reset = (evid >= 3) | ((ev["ss"] == 1) & dose)
-    constant = dose & (ev["ss"] == 1) & (amt == 0) & (ev["rate"] > 0)
+    """Doses, steady-state specs and reset flags, with per-set modifiers applied.
+
+    Work is done on the columns that hold a dose in some set only.
+    """
+    evid = ev["evid"]
+    dose_all = _is_dose(evid)
+    reset = (evid >= 3) | ((ev["ss"] == 1) & dose_all)
 
     # Record index of the first reset strictly after each record, per set.
     idx = np.where(reset, np.arange(n_rec), n_rec)
     kill = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
     kill = np.concatenate([kill[:, 1:], np.full((n_sets, 1), n_rec)], axis=1)
 
-    f = _modifier(params, "F", cmt, 1.0)
-    lag = _modifier(params, "ALAG", cmt, 0.0)
+    columns = np.flatnonzero(dose_all.any(axis=0))
+    if columns.size == 0:
+        return [], {}, reset
+    dose = dose_all[:, columns]
+    cmt = np.where(ev["cmt"][:, columns] == 0, 1, ev["cmt"][:, columns]).astype(int)
+    amt, ss, ii = ev["amt"][:, columns], ev["ss"][:, columns], ev["ii"][:, columns]
+    rate_col, dur_col = ev["rate"][:, columns], ev["dur"][:, columns]
+    modifiers = {k: v[:, columns] for k, v in params.items()
+                 if any(k.startswith(m) and k[len(m):].isdigit() for m in DOSE_MODIFIERS)}
+    constant = dose & (ss == 1) & (amt == 0) & (rate_col > 0)
+
+    f = _modifier(modifiers, "F", cmt, 1.0)
+    lag = _modifier(modifiers, "ALAG", cmt, 0.0)
     amount = f * amt
-    rate_col, dur_col = ev["rate"], ev["dur"]
     infused = dose & ((rate_col != 0) | (dur_col > 0)) & ~constant
     for code, name in ((-1.0, "R"), (-2.0, "D")):
         needs = infused & (rate_col == code)
@@ -647,8 +658,8 @@ def _build_inputs(
             absent = [f"{name}{c}" for c in cmts if f"{name}{c}" not in params]
             if absent:
                 raise ValueError(f"RATE={int(code)} needs the modelled parameter(s) {absent}")
-    modelled_rate = _modifier(params, "R", cmt, 1.0)
-    modelled_dur = _modifier(params, "D", cmt, 1.0)
+    modelled_rate = _modifier(modifiers, "R", cmt, 1.0)
+    modelled_dur = _modifier(modifiers, "D", cmt, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rate = np.select(
             [rate_col > 0, dur_col > 0, rate_col == -1, rate_col == -2],
@@ -661,30 +672,31 @@ def _build_inputs(
     duration = np.where(infused, duration, 0.0)
     bolus_amount = np.where(dose & ~infused & ~constant, amount, 0.0)
 
-    onehot = np.zeros((n_sets, n_rec, structure.n_states))
+    onehot = np.zeros(cmt.shape + (structure.n_states,))
     np.put_along_axis(onehot, (cmt - 1)[..., None], 1.0, axis=-1)
     bolus_vec = bolus_amount[..., None] * onehot
-    rate_vec = np.where(constant, ev["rate"], rate)[..., None] * onehot
+    rate_vec = np.where(constant, rate_col, rate)[..., None] * onehot
 
-    start = ev["time"] + lag
+    time = ev["time"][:, columns]
+    start = time + lag
     inputs: list[_Input] = []
     ss_specs: dict[int, _SteadyState] = {}
-    for k in np.flatnonzero(dose.any(axis=0)):
-        inputs.append(_Input(k, start[:, k], start[:, k] + duration[:, k], bolus_vec[:, k],
-                             np.where(constant[:, k, None], 0.0, rate_vec[:, k]), kill[:, k]))
-        ss_mask = dose[:, k] & (ev["ss"][:, k] > 0)
+    for c, k in enumerate(columns):
+        inputs.append(_Input(k, start[:, c], start[:, c] + duration[:, c], bolus_vec[:, c],
+                             np.where(constant[:, c, None], 0.0, rate_vec[:, c]), kill[:, k]))
+        ss_mask = dose[:, c] & (ss[:, c] > 0)
         if not ss_mask.any():
             continue
-        tau = np.where(ss_mask & ~constant[:, k], ev["ii"][:, k], 1.0)
-        reach = lag[:, k] + duration[:, k]
+        tau = np.where(ss_mask & ~constant[:, c], ii[:, c], 1.0)
+        reach = lag[:, c] + duration[:, c]
         n_past = int(np.max(np.where(ss_mask, np.ceil(reach / tau), 0.0)))
-        ss_specs[k] = _SteadyState(ss_mask, tau, lag[:, k], bolus_vec[:, k], rate_vec[:, k],
-                                   duration[:, k], constant[:, k], n_past)
+        ss_specs[k] = _SteadyState(ss_mask, tau, lag[:, c], bolus_vec[:, c], rate_vec[:, c],
+                                   duration[:, c], constant[:, c], n_past)
         for m in range(1, n_past + 1):  # past doses still arriving after the record
-            ghost_start = ev["time"][:, k] - m * tau + lag[:, k]
-            ghost_bolus = bolus_vec[:, k] * ss_mask[:, None]
-            ghost_rate = np.where((ss_mask & ~constant[:, k])[:, None], rate_vec[:, k], 0.0)
-            inputs.append(_Input(k, ghost_start, ghost_start + duration[:, k], ghost_bolus,
+            ghost_start = time[:, c] - m * tau + lag[:, c]
+            ghost_bolus = bolus_vec[:, c] * ss_mask[:, None]
+            ghost_rate = np.where((ss_mask & ~constant[:, c])[:, None], rate_vec[:, c], 0.0)
+            inputs.append(_Input(k, ghost_start, ghost_start + duration[:, c], ghost_bolus,
                                  ghost_rate, kill[:, k], ghost=True))
     return inputs, ss_specs, reset
 
@@ -692,20 +704,22 @@ def _build_inputs(
 def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
     """For each record, the inputs that may act in the interval ending there.
 
-    Keys ``k`` list inputs acting within ``(t[k-1], t[k]]`` (given at an earlier
-    record); keys ``("now", k)`` list doses given at record ``k`` itself.
+    Keys ``k`` list inputs that may act within ``(t[k-1], t[k]]`` (given at an earlier
+    record); keys ``("now", k)`` list doses given at record ``k`` itself. The lists may
+    hold more than act (bounds over all sets): the contributions themselves are exact
+    and zero outside each input's own window.
     """
     schedule: dict = {k: [] for k in range(n_rec)}
-    prev = np.concatenate([times[:, :1], times[:, :-1]], axis=1)
-    later = np.arange(n_rec)[None, :]
+    earliest_prev = np.concatenate([times[:, :1], times[:, :-1]], axis=1).min(axis=0)
+    latest = times.max(axis=0)
+    records = np.arange(n_rec)
     for inp in inputs:
-        window = (later > inp.record) & (later <= inp.kill[:, None])
-        overlap = (inp.start[:, None] < times) & (inp.end[:, None] > prev)
-        arrival = (inp.start[:, None] > prev) & (inp.start[:, None] <= times)
-        acts = window & (overlap | arrival)
-        for k in np.flatnonzero(acts.any(axis=0)):
+        first, last = inp.start.min(), inp.end.max()
+        window = (records > inp.record) & (records <= inp.kill.max())
+        acts = window & (earliest_prev <= last) & (latest >= first)
+        for k in np.flatnonzero(acts):
             schedule[k].append(inp)
-        if inp.bolus.any() and not inp.ghost:
+        if not inp.ghost and inp.bolus.any():
             schedule.setdefault(("now", inp.record), []).append(inp)
     return schedule
 

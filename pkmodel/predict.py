@@ -36,6 +36,14 @@ def _per_row(events: Events, values: np.ndarray, n_rows: int) -> np.ndarray:
     return out[0] if events.shape[0] == 1 else out
 
 
+def _row_parameters(model: PopulationModel, table: pd.DataFrame,
+                    eta: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Parameters on every row of ``table`` (shape ``(N,)`` each)."""
+    cov = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
+    values = evaluate_parameters(model, cov, eta)
+    return {k: np.broadcast_to(v, (len(table),)) for k, v in values.items()}
+
+
 def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarray | None:
     """ETAs per row of ``table`` from a DataFrame by ID or an (n_ids, n_eta) array."""
     if eta is None:
@@ -114,9 +122,8 @@ def predict(
     1.557
     """
     table, events = _prepare(model, data, covariates)
-    cov = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
-    individual = evaluate_parameters(model, cov, _eta_rows(model, table, eta))
-    population = evaluate_parameters(model, cov)
+    individual = _row_parameters(model, table, _eta_rows(model, table, eta))
+    population = _row_parameters(model, table, None)
     out = table.copy()
     n = len(table)
     out["PRED"] = _per_row(events, _central_concentration(model, events, population), n)
@@ -155,9 +162,8 @@ def predict_troughs(
     [[0.0, 0.0], [14.0, 13.273], [42.0, 6.642], [98.0, 1.557]]
     """
     table, events = _prepare(model, data, covariates)
-    cov = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
-    individual = evaluate_parameters(model, cov, _eta_rows(model, table, eta))
-    population = evaluate_parameters(model, cov)
+    individual = _row_parameters(model, table, _eta_rows(model, table, eta))
+    population = _row_parameters(model, table, None)
     ipred = _central_concentration(model, events, individual, before_events=True)
     pred = _central_concentration(model, events, population, before_events=True)
     ipred = np.broadcast_to(ipred, events.shape)

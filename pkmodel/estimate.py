@@ -504,9 +504,10 @@ def estimate_map(
     >>> from pkmodel.models import load
     >>> table = infliximab_regimen(28.0, until_week=22,
     ...                            covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
-    >>> table.loc[table.TIME == 98.0, ["MDV", "DV"]] = [0, 2.1]   # measured week-14 trough
-    >>> fit = estimate_map(load("fasanmade2011"), table.iloc[:-1])
-    >>> fit.success, bool(fit.individuals["ETA_CL"].iloc[0] < 0)
+    >>> trough = (table.EVID == 0) & (table.TIME == 98.0)
+    >>> table.loc[trough, ["MDV", "DV"]] = [0, 3.2]   # measured week-14 trough, mg/L
+    >>> fit = estimate_map(load("fasanmade2011"), table)
+    >>> fit.success, bool(fit.individuals["ETA_CL"].iloc[0] < 0)   # clears slower than typical
     (True, True)
     """
     if starts < 1:

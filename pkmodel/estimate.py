@@ -245,7 +245,8 @@ class _Objective:
         """Per-observation -2 log-likelihood, and the prediction and SD on the fitted scale."""
         p, residual = self.p, self.p.model.residual
         y, lloq = p.y[ids][:, None, :], p.lloq[ids][:, None, :]
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # Trial points far from the optimum may overflow: their OFV becomes inf (rejected).
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if residual.log_scale:
                 f_fit, y_fit, l_fit = np.log(f), np.log(y), np.log(lloq)
             else:
@@ -298,9 +299,10 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
     total = value.sum(axis=2) + obj.prior(points)
     h = _GRADIENT_STEP
     ofv0 = total[:, 0]
-    grad = (total[:, 1:n + 1] - total[:, n + 1:2 * n + 1]) / (2 * h)
-    df = np.swapaxes((f_fit[:, 1:n + 1] - f_fit[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)  # (A,K,n)
-    dg = np.swapaxes((g[:, 1:n + 1] - g[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
+    with np.errstate(invalid="ignore"):  # inf - inf where a prediction is unusable
+        grad = (total[:, 1:n + 1] - total[:, n + 1:2 * n + 1]) / (2 * h)
+        df = np.swapaxes((f_fit[:, 1:n + 1] - f_fit[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
+        dg = np.swapaxes((g[:, 1:n + 1] - g[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
     p = obj.p
     mask, blq = p.obs_mask[ids], p.blq[ids]
     df = np.where(mask[..., None], df, 0.0)  # padding has no prediction to differentiate
@@ -432,11 +434,14 @@ class MAPEstimate:
         parameters at the estimated ETAs (KAPPAs set to 0, as for forecasting).
     model : PopulationModel
         The model the estimates belong to.
+    names : tuple of str
+        The estimated ETAs and KAPPAs, in the order of ETC.
     """
 
     individuals: pd.DataFrame
     records: pd.DataFrame
     model: PopulationModel
+    names: tuple[str, ...]
 
     @property
     def eta(self) -> pd.DataFrame:
@@ -451,7 +456,7 @@ class MAPEstimate:
     def etc(self, id: Any) -> np.ndarray:
         """ETC of one ID: the posterior covariance of its ETAs (Laplace), ``(p, p)``."""
         row = self.individuals.loc[id]
-        n = int(round((np.sqrt(8 * sum(c.startswith("ETC_") for c in row.index) + 1) - 1) / 2))
+        n = len(self.names)
         out = np.empty((n, n))
         for i in range(n):
             for j in range(i + 1):
@@ -569,7 +574,8 @@ def estimate_map(
             iwres = (records["DV"] - records["IPRED"]) / model.residual.sd(records["IPRED"])
     used = (records["EVID"] == 0) & (records["MDV"] == 0)
     records["IWRES"] = np.where(used, iwres, np.nan)
-    return MAPEstimate(individuals=individuals, records=records, model=model)
+    return MAPEstimate(individuals=individuals, records=records, model=model,
+                       names=tuple(names))
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ NONMEM semantics
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -390,32 +391,52 @@ def _decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> _Modes:
     return _Modes(lam, p, pinv, params["KA"] if depot else None)
 
 
+def _modal(modes: _Modes, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Amounts ``x (S, m)`` as (depot amount or None, modal coordinates ``(S, n)``)."""
+    if modes.ka is None:
+        return None, _matvec(modes.pinv, x)
+    return x[:, 0], _matvec(modes.pinv, x[:, 1:])
+
+
+def _amounts(modes: _Modes, depot: np.ndarray | None, z: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_modal`."""
+    disposition = _matvec(modes.p, z)
+    if depot is None:
+        return disposition
+    return np.concatenate([depot[:, None], disposition], axis=1)
+
+
+def _evolve(modes: _Modes, t: np.ndarray, depot: np.ndarray | None,
+            z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """``E(t)`` in modal coordinates: ``t`` days without input (t >= 0)."""
+    z = z * np.exp(modes.lam * t[:, None])
+    if depot is None or modes.ka is None:
+        return depot, z
+    ka = modes.ka
+    z = z + (ka * depot)[:, None] * modes.b * _divdiff(modes.lam, -ka[:, None], t[:, None])
+    return depot * np.exp(-ka * t), z
+
+
+def _infuse_modal(modes: _Modes, d: np.ndarray, rate_depot: np.ndarray | None,
+                  rate_z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """``Phi(d) r`` in modal coordinates: a constant input for ``d`` days from zero."""
+    phi = _phi(modes.lam, d[:, None])
+    z = phi * rate_z
+    if rate_depot is None or modes.ka is None:
+        return rate_depot, z
+    ka = modes.ka
+    coupling = phi - _divdiff(modes.lam, -ka[:, None], d[:, None])
+    return rate_depot * _phi(-ka, d), z + rate_depot[:, None] * modes.b * coupling
+
+
 def _propagate(modes: _Modes, t: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``E(t) x``: the state after ``t`` days without input (t >= 0)."""
-    off = 0 if modes.ka is None else 1
-    z = _matvec(modes.pinv, x[:, off:]) * np.exp(modes.lam * t[:, None])
-    out = np.empty_like(x)
-    if modes.ka is not None:
-        ka = modes.ka
-        z = z + (ka * x[:, 0])[:, None] * modes.b * _divdiff(modes.lam, -ka[:, None], t[:, None])
-        out[:, 0] = x[:, 0] * np.exp(-ka * t)
-    out[:, off:] = _matvec(modes.p, z)
-    return out
+    return _amounts(modes, *_evolve(modes, t, *_modal(modes, x)))
 
 
 def _infuse(modes: _Modes, d: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``Phi(d) v``: the state after a constant input ``v`` (mg/day) for ``d`` days from 0."""
-    off = 0 if modes.ka is None else 1
-    phi = _phi(modes.lam, d[:, None])
-    z = phi * _matvec(modes.pinv, v[:, off:])
-    out = np.empty_like(v)
-    if modes.ka is not None:
-        ka = modes.ka
-        coupling = phi - _divdiff(modes.lam, -ka[:, None], d[:, None])
-        z = z + v[:, :1] * modes.b * coupling
-        out[:, 0] = v[:, 0] * _phi(-ka, d)
-    out[:, off:] = _matvec(modes.p, z)
-    return out
+    return _amounts(modes, *_infuse_modal(modes, d, *_modal(modes, v)))
 
 
 def _geometric(modes: _Modes, tau: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -464,6 +485,28 @@ class _Input:
     rate: np.ndarray  # (S, m) infusion rates (mg/day), zero for a bolus
     kill: np.ndarray  # (S,) index of the record whose reset ends it (R if none)
     ghost: bool = False  # a past steady-state dose, already counted up to its record
+
+
+def _is_modifier(name: str) -> bool:
+    """Whether ``name`` is a per-compartment dose modifier such as F1 or ALAG2."""
+    return any(name.startswith(m) and name[len(m):].isdigit() for m in DOSE_MODIFIERS)
+
+
+def _repeat_inputs(inputs: list[_Input], ss_specs: dict[int, _SteadyState],
+                   reset: np.ndarray, repeats: int) -> tuple[list[_Input],
+                                                              dict[int, _SteadyState],
+                                                              np.ndarray]:
+    """Inputs built per event profile, expanded to the ``repeats`` sets of each profile."""
+    def rep(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a, repeats, axis=0)
+
+    inputs = [dataclasses.replace(i, start=rep(i.start), end=rep(i.end), bolus=rep(i.bolus),
+                                  rate=rep(i.rate), kill=rep(i.kill)) for i in inputs]
+    ss_specs = {k: dataclasses.replace(v, mask=rep(v.mask), tau=rep(v.tau), lag=rep(v.lag),
+                                       bolus=rep(v.bolus), rate=rep(v.rate),
+                                       duration=rep(v.duration), constant=rep(v.constant))
+                for k, v in ss_specs.items()}
+    return inputs, ss_specs, rep(reset)
 
 
 def _modifier(params: Mapping[str, np.ndarray], name: str, cmt: np.ndarray,
@@ -523,9 +566,12 @@ def solve(
     arrays = {k: np.asarray(v, dtype=float) for k, v in params.items()}
     shapes = [np.broadcast_shapes(a.shape, (1, n_rec)) for a in arrays.values()]
     n_sets = max([b_events] + [s[0] for s in shapes if len(s) == 2])
+    if n_sets % b_events:
+        raise ValueError(f"{n_sets} parameter sets cannot share {b_events} event profiles: "
+                         "give 1 profile, one per set, or an equal number of sets per profile")
+    repeats = n_sets // b_events  # consecutive sets per event profile
     full = (n_sets, n_rec)
     arrays = {k: np.broadcast_to(v, full) for k, v in arrays.items()}
-    ev = {name: np.broadcast_to(getattr(events, name), full) for name in _RECORD_FIELDS}
     n_states = structure.n_states
 
     # Decompose once per distinct parameter column.
@@ -543,32 +589,53 @@ def solve(
             modes_cache[u] = modes_all.take(u)
         return modes_cache[u]
 
-    inputs, ss_specs, reset = _build_inputs(structure, ev, arrays, n_sets, n_rec)
-    schedule = _schedule(inputs, ev["time"], n_rec)
+    # Doses are set up once per event profile when the sets sharing a profile share
+    # their dose modifiers too (the common case), else once per set.
+    ev = {name: np.asarray(getattr(events, name)) for name in _RECORD_FIELDS}
+    modifiers = {k: v for k, v in arrays.items() if _is_modifier(k)}
+    grouped = {k: v.reshape(b_events, repeats, n_rec) for k, v in modifiers.items()}
+    if all(np.all(g == g[:, :1]) for g in grouped.values()):
+        inputs, ss_specs, reset = _build_inputs(
+            structure, ev, {k: g[:, 0] for k, g in grouped.items()}, b_events, n_rec)
+        schedule = _schedule(inputs, ev["time"], n_rec)
+        if repeats > 1:
+            inputs, ss_specs, reset = _repeat_inputs(inputs, ss_specs, reset, repeats)
+    else:
+        ev = {k: np.repeat(v, repeats, axis=0) for k, v in ev.items()}
+        inputs, ss_specs, reset = _build_inputs(structure, ev, modifiers, n_sets, n_rec)
+        schedule = _schedule(inputs, ev["time"], n_rec)
+    times = np.repeat(ev["time"], n_sets // ev["time"].shape[0], axis=0)
 
     x = np.zeros((n_sets, n_states))
     out = np.empty((n_sets, n_rec, n_states))
-    times = ev["time"]
     t_prev = times[:, 0]
     locf = events.covariates == "locf"
     for k in range(n_rec):
         tk = times[:, k]
         modes = modes_at(max(k - 1, 0) if locf else k)
         dt = tk - t_prev
-        if np.any(dt > 0):
-            x = _propagate(modes, dt, x)
-        for inp in schedule[k]:
-            alive = k <= inp.kill
-            if inp.bolus.any():
-                hit = alive & (inp.start > t_prev) & (inp.start <= tk)
-                lag = np.where(hit, tk - inp.start, 0.0)
-                x = x + _propagate(modes, lag, inp.bolus * hit[:, None])
-            if inp.rate.any():
-                lo = np.maximum(inp.start, t_prev)
-                hi = np.minimum(inp.end, tk)
-                length = np.where(alive, np.maximum(hi - lo, 0.0), 0.0)
-                after = np.where(length > 0, tk - hi, 0.0)
-                x = x + _propagate(modes, after, _infuse(modes, length, inp.rate))
+        if schedule[k] or np.any(dt > 0):
+            # The interval (t[k-1], t[k]] in modal coordinates: evolve, add every input.
+            depot, z = _evolve(modes, dt, *_modal(modes, x))
+            for j in schedule[k]:
+                inp = inputs[j]
+                alive = k <= inp.kill
+                if inp.bolus.any():
+                    hit = alive & (inp.start > t_prev) & (inp.start <= tk)
+                    lag = np.where(hit, tk - inp.start, 0.0)
+                    add_d, add_z = _evolve(modes, lag, *_modal(modes, inp.bolus * hit[:, None]))
+                    z = z + add_z
+                    depot = None if depot is None else depot + add_d
+                if inp.rate.any():
+                    lo = np.maximum(inp.start, t_prev)
+                    hi = np.minimum(inp.end, tk)
+                    length = np.where(alive, np.maximum(hi - lo, 0.0), 0.0)
+                    after = np.where(length > 0, tk - hi, 0.0)
+                    add_d, add_z = _evolve(modes, after, *_infuse_modal(
+                        modes, length, *_modal(modes, inp.rate)))
+                    z = z + add_z
+                    depot = None if depot is None else depot + add_d
+            x = _amounts(modes, depot, z)
         own = modes_at(k)
         if before_events:
             out[:, k] = x
@@ -576,8 +643,8 @@ def solve(
             x = np.where(reset[:, k, None], 0.0, x)
         if k in ss_specs:
             x = x + _steady_state(own, ss_specs[k])
-        for inp in schedule.get(("now", k), []):
-            x = x + inp.bolus * (inp.start <= tk)[:, None]
+        for j in schedule.get(("now", k), []):
+            x = x + inputs[j].bolus * (inputs[j].start <= tk)[:, None]
         if not before_events:
             out[:, k] = x
         t_prev = tk
@@ -643,8 +710,7 @@ def _build_inputs(
     cmt = np.where(ev["cmt"][:, columns] == 0, 1, ev["cmt"][:, columns]).astype(int)
     amt, ss, ii = ev["amt"][:, columns], ev["ss"][:, columns], ev["ii"][:, columns]
     rate_col, dur_col = ev["rate"][:, columns], ev["dur"][:, columns]
-    modifiers = {k: v[:, columns] for k, v in params.items()
-                 if any(k.startswith(m) and k[len(m):].isdigit() for m in DOSE_MODIFIERS)}
+    modifiers = {k: v[:, columns] for k, v in params.items() if _is_modifier(k)}
     constant = dose & (ss == 1) & (amt == 0) & (rate_col > 0)
 
     f = _modifier(modifiers, "F", cmt, 1.0)
@@ -702,25 +768,26 @@ def _build_inputs(
 
 
 def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
-    """For each record, the inputs that may act in the interval ending there.
+    """For each record, the inputs that act in the interval ending there (in some set).
 
-    Keys ``k`` list inputs that may act within ``(t[k-1], t[k]]`` (given at an earlier
-    record); keys ``("now", k)`` list doses given at record ``k`` itself. The lists may
-    hold more than act (bounds over all sets): the contributions themselves are exact
-    and zero outside each input's own window.
+    Keys ``k`` list (by index) inputs acting within ``(t[k-1], t[k]]`` (given at an
+    earlier record); keys ``("now", k)`` list doses given at record ``k`` itself.
     """
     schedule: dict = {k: [] for k in range(n_rec)}
-    earliest_prev = np.concatenate([times[:, :1], times[:, :-1]], axis=1).min(axis=0)
-    latest = times.max(axis=0)
+    prev = np.concatenate([times[:, :1], times[:, :-1]], axis=1)
     records = np.arange(n_rec)
-    for inp in inputs:
-        first, last = inp.start.min(), inp.end.max()
+    for j, inp in enumerate(inputs):
         window = (records > inp.record) & (records <= inp.kill.max())
-        acts = window & (earliest_prev <= last) & (latest >= first)
-        for k in np.flatnonzero(acts):
-            schedule[k].append(inp)
+        cols = np.flatnonzero(window)
+        if cols.size:
+            t, tp = times[:, cols], prev[:, cols]
+            start, end = inp.start[:, None], inp.end[:, None]
+            acts = (records[cols] <= inp.kill[:, None]) & (
+                ((start < t) & (end > tp)) | ((start > tp) & (start <= t)))
+            for k in cols[acts.any(axis=0)]:
+                schedule[k].append(j)
         if not inp.ghost and inp.bolus.any():
-            schedule.setdefault(("now", inp.record), []).append(inp)
+            schedule.setdefault(("now", inp.record), []).append(j)
     return schedule
 
 

@@ -195,12 +195,12 @@ class _Objective:
         n_ids = len(problem.ids)
         self.row_lo = np.searchsorted(problem.row_id, np.arange(n_ids), side="left")
         self.row_hi = np.searchsorted(problem.row_id, np.arange(n_ids), side="right")
-        self._cache: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray, Events]] = {}
+        self._cache: dict[bytes, tuple[np.ndarray, np.ndarray, Events]] = {}
 
-    def _select(self, ids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, Events]:
+    def _select(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, Events]:
         """Rows of the selected IDs, their position in the selection, and their events
-        repeated ``m`` times (set order: ID-major)."""
-        key = (ids.tobytes(), m)
+        (the engine shares each profile among that ID's candidate sets)."""
+        key = ids.tobytes()
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
@@ -210,10 +210,9 @@ class _Objective:
             position = np.repeat(np.arange(len(ids)), sizes)
             offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             ev = self.p.events
-            fields = {k: np.repeat(v[ids], m, axis=0) if isinstance(v, np.ndarray) else v
+            fields = {k: v[ids] if isinstance(v, np.ndarray) else v
                       for k, v in ev.__dict__.items()}
-            local = ev.param_row[ids] - lo[:, None] + offset[:, None]
-            fields["param_row"] = np.repeat(local, m, axis=0)
+            fields["param_row"] = ev.param_row[ids] - lo[:, None] + offset[:, None]
             self._cache[key] = (rows, position, Events(**fields))
         return self._cache[key]
 
@@ -222,7 +221,7 @@ class _Objective:
         ``(A, M, p)`` of IDs ``ids (A,)``."""
         p, model = self.p, self.p.model
         a_count, m_count, _ = eta.shape
-        rows, position, events = self._select(ids, m_count)
+        rows, position, events = self._select(ids)
         n_eta = len(model.eta_names)
         eta_rows = np.swapaxes(eta[position, :, :n_eta], 0, 1)  # (M, n, n_eta)
         kappa_rows = None
@@ -231,7 +230,7 @@ class _Objective:
             kappa_rows = np.swapaxes(kappas[position, :, p.row_occasion[rows], :], 0, 1)
         covariates = {k: v[rows] for k, v in p.covariates.items()}
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
-        index = events.param_row[::m_count]  # (A, R)
+        index = events.param_row  # (A, R)
         per_set = {k: np.swapaxes(np.take(v, index, axis=1), 0, 1).reshape(a_count * m_count, -1)
                    for k, v in params.items()}
         amounts = solve(model.structure, events, per_set)

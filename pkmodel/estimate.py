@@ -37,8 +37,7 @@ from pkmodel.predict import _occasions, predict
 
 __all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
 
-_GRADIENT_STEP = 1e-5
-_HESSIAN_STEP = 1e-3
+_STEP = 1e-4  # finite-difference step in ETA units (central differences)
 _LINE_STEPS = np.array([1.0, 0.5, 0.25, 0.1, 0.03, 0.01, 0.001])
 _MAX_STEP = 3.0  # largest change of one eta per iteration
 
@@ -271,17 +270,14 @@ class _Objective:
 
 
 def _stencil(n: int, newton: bool) -> np.ndarray:
-    """Offsets: centre, +-h_g e_i (gradient, Jacobian), and for the Hessian +-h_H e_i and
-    the four corners of every pair."""
+    """Offsets: the centre, +-h e_i (gradient, Jacobian, Hessian diagonal) and, for the
+    Hessian, +-h (e_i + e_j) for every pair."""
     eye = np.eye(n)
-    rows = [np.zeros(n)] + [_GRADIENT_STEP * e for e in eye] + [-_GRADIENT_STEP * e for e in eye]
+    rows = [np.zeros(n)] + [_STEP * e for e in eye] + [-_STEP * e for e in eye]
     if newton:
-        h = _HESSIAN_STEP
-        rows += [h * e for e in eye] + [-h * e for e in eye]
         for i in range(n):
             for j in range(i + 1, n):
-                rows += [h * (eye[i] + eye[j]), h * (eye[i] - eye[j]),
-                         h * (eye[j] - eye[i]), -h * (eye[i] + eye[j])]
+                rows += [_STEP * (eye[i] + eye[j]), -_STEP * (eye[i] + eye[j])]
     return np.array(rows)
 
 
@@ -296,10 +292,11 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
     f = obj.predictions(points, ids)
     value, f_fit, g = obj.terms(f, ids)
     total = value.sum(axis=2) + obj.prior(points)
-    h = _GRADIENT_STEP
+    h = _STEP
     ofv0 = total[:, 0]
+    plus, minus = total[:, 1:n + 1], total[:, n + 1:2 * n + 1]
     with np.errstate(invalid="ignore"):  # inf - inf where a prediction is unusable
-        grad = (total[:, 1:n + 1] - total[:, n + 1:2 * n + 1]) / (2 * h)
+        grad = (plus - minus) / (2 * h)
         df = np.swapaxes((f_fit[:, 1:n + 1] - f_fit[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
         dg = np.swapaxes((g[:, 1:n + 1] - g[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
     p = obj.p
@@ -324,18 +321,17 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
               + 2.0 * p.precision)
     if not newton:
         return ofv0, grad, fisher, None
-    hh = _HESSIAN_STEP
-    base = 1 + 2 * n
-    plus, minus = total[:, base:base + n], total[:, base + n:base + 2 * n]
     hess = np.zeros((a_count, n, n))
     idx = np.arange(n)
-    hess[:, idx, idx] = (plus - 2 * ofv0[:, None] + minus) / hh**2
-    q = base + 2 * n
-    for i in range(n):
-        for j in range(i + 1, n):
-            pp, pm, mp, mm = (total[:, q + r] for r in range(4))
-            hess[:, i, j] = hess[:, j, i] = (pp - pm - mp + mm) / (4 * hh**2)
-            q += 4
+    with np.errstate(invalid="ignore"):
+        hess[:, idx, idx] = (plus - 2 * ofv0[:, None] + minus) / h**2
+        q = 1 + 2 * n
+        for i in range(n):
+            for j in range(i + 1, n):
+                both = total[:, q] + total[:, q + 1]
+                single = plus[:, i] + minus[:, i] + plus[:, j] + minus[:, j]
+                hess[:, i, j] = hess[:, j, i] = (both - single + 2 * ofv0) / (2 * h**2)
+                q += 2
     return ofv0, grad, fisher, hess
 
 
@@ -365,49 +361,74 @@ class _Fit:
 
 def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) -> _Fit:
     """Newton (finite-difference Hessian; FOCE Hessian where that is not positive
-    definite) with a vectorised backtracking line search, for every ID and start."""
+    definite) for every ID and start at once.
+
+    The full step is tried first with the derivatives of the next iteration computed at
+    it (one engine call); where it does not decrease OFV enough (Armijo), a vectorised
+    backtracking line search follows.
+    """
     b_count, s_count, n = start.shape
     ids = np.repeat(np.arange(b_count), s_count)
     eta = start.reshape(-1, n).copy()
-    active = np.ones(len(ids), dtype=bool)
-    converged = np.zeros(len(ids), dtype=bool)
-    iterations = np.zeros(len(ids), dtype=int)
+    pairs = len(ids)
+    active = np.ones(pairs, dtype=bool)
+    converged = np.zeros(pairs, dtype=bool)
+    iterations = np.zeros(pairs, dtype=int)
+    known = np.zeros(pairs, dtype=bool)  # derivatives below are those at eta
+    ofv = np.full(pairs, np.inf)
+    grad = np.zeros((pairs, n))
+    fisher = np.zeros((pairs, n, n))
+    hess = np.zeros((pairs, n, n))
+
+    def store(where: np.ndarray, values: tuple) -> None:
+        ofv[where], grad[where], fisher[where], hess[where] = values
+        known[where] = True
+
     for _ in range(max_iter):
         at = np.flatnonzero(active)
         if at.size == 0:
             break
-        ofv0, grad, fisher, hess = _derivatives(obj, eta[at], ids[at], newton=True)
-        newton_step, ok = _step(hess, grad)
-        fisher_step, usable = _step(fisher, grad)
-        usable &= np.isfinite(ofv0)
+        need = at[~known[at]]
+        if need.size:
+            store(need, _derivatives(obj, eta[need], ids[need], newton=True))
+        newton_step, ok = _step(hess[at], grad[at])
+        fisher_step, usable = _step(fisher[at], grad[at])
+        usable &= np.isfinite(ofv[at])
         step = np.where(ok[:, None], newton_step, fisher_step)
-        decrease = -np.einsum("ai,ai->a", grad, step)
-        if np.any(decrease < 0):  # not a descent direction: use the FOCE step there
-            bad = decrease < 0
-            step[bad] = fisher_step[bad]
-            decrease = -np.einsum("ai,ai->a", grad, step)
+        decrease = -np.einsum("ai,ai->a", grad[at], step)
+        bad = decrease < 0  # not a descent direction: use the FOCE step there
+        step[bad] = fisher_step[bad]
+        decrease = -np.einsum("ai,ai->a", grad[at], step)
         done = usable & (decrease < tol)
         converged[at[done]] = True
-        active[at[done]] = False
-        active[at[~usable]] = False  # derivatives not finite: reported as not converged
+        active[at[~usable | done]] = False  # not finite: reported as not converged
         go = ~done & usable
         if not go.any():
             break
-        at, ofv0, step, decrease = at[go], ofv0[go], step[go], decrease[go]
+        at, step, decrease = at[go], step[go], decrease[go]
+        iterations[at] += 1
         biggest = np.abs(step).max(axis=-1, keepdims=True)
         step = step * np.minimum(1.0, _MAX_STEP / np.maximum(biggest, 1e-300))
-        trial = eta[at][:, None, :] + _LINE_STEPS[None, :, None] * step[:, None, :]
+        full = eta[at] + step
+        values = _derivatives(obj, full, ids[at], newton=True)
+        good = np.isfinite(values[0]) & (values[0] <= ofv[at] - 0.5e-4 * decrease)
+        eta[at[good]] = full[good]
+        store(at[good], tuple(v[good] for v in values))
+        if good.all():
+            continue
+        at, step, decrease = at[~good], step[~good], decrease[~good]
+        alphas = _LINE_STEPS[1:]
+        trial = eta[at][:, None, :] + alphas[None, :, None] * step[:, None, :]
         trial_ofv = obj.ofv(trial, ids[at])
-        armijo = trial_ofv <= ofv0[:, None] - 0.5e-4 * _LINE_STEPS * decrease[:, None]
-        armijo &= np.isfinite(trial_ofv)
+        armijo = np.isfinite(trial_ofv) & (
+            trial_ofv <= ofv[at][:, None] - 0.5e-4 * alphas * decrease[:, None])
         moved = armijo.any(axis=1)
         choice = np.argmax(armijo, axis=1)
         eta[at[moved]] = trial[moved, choice[moved]]
-        iterations[at] += 1
+        known[at[moved]] = False
         # No decrease along the step: at the optimum to rounding if the step is tiny.
         stuck = at[~moved]
-        tiny = np.abs(step[~moved]).max(axis=1) < 1e-7
-        converged[stuck[tiny]] = True
+        converged[stuck[np.abs(step[~moved]).max(axis=1) < 1e-7]] = True
         active[stuck] = False
     final = obj.ofv(eta[:, None, :], ids)[:, 0]
     shape = (b_count, s_count)

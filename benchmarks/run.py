@@ -45,7 +45,11 @@ def main(pattern: str = "") -> None:
             if cls.__module__ != module.__name__ or pattern not in name:
                 continue
             bench = cls()
-            bench.setup()
+            try:
+                bench.setup()
+            except NotImplementedError as why:  # asv's convention for "skip"
+                print(f"\n## {name}: skipped ({why})")
+                continue
             seconds = {}
             print(f"\n## {name}")
             for method in sorted(m for m in dir(bench) if m.startswith("time_")):

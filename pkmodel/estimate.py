@@ -33,7 +33,7 @@ from scipy.special import log_ndtr
 from pkmodel.data import to_events, validate
 from pkmodel.engine import Events, solve, stack_events
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
-from pkmodel.predict import _occasions, predict
+from pkmodel.predict import _occasions, _predict_table
 
 __all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
 
@@ -586,7 +586,8 @@ def estimate_map(
     individuals = pd.DataFrame(rows).set_index("ID", drop=False)
     individuals.index.name = None
 
-    records = predict(model, full, individuals[["ID", *model.eta_names]], covariates=covariates)
+    records = _predict_table(model, full, to_events(full, model.structure, covariates=covariates),
+                             individuals[["ID", *model.eta_names]])
     with np.errstate(divide="ignore", invalid="ignore"):
         if model.residual.log_scale:
             iwres = (np.log(records["DV"]) - np.log(records["IPRED"])) / model.residual.additive

@@ -122,6 +122,12 @@ def predict(
     1.557
     """
     table, events = _prepare(model, data, covariates)
+    return _predict_table(model, table, events, eta)
+
+
+def _predict_table(model: PopulationModel, table: pd.DataFrame, events: Events,
+                   eta: pd.DataFrame | np.ndarray | None) -> pd.DataFrame:
+    """:func:`predict` on a table already validated and converted to ``events``."""
     individual = _row_parameters(model, table, _eta_rows(model, table, eta))
     population = _row_parameters(model, table, None)
     out = table.copy()

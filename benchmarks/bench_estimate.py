@@ -1,0 +1,77 @@
+"""MAP estimation: the 100-patient NONMEM infliximab set and one child.
+
+The 100-patient set is read from ../shared/validation (the benchmark is skipped when it is
+absent). Baseline for the ratio: the same objective minimised patient by patient with
+scipy.optimize.minimize (BFGS, numerical gradients) from zero, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import sympy as sp
+from scipy import optimize
+
+from pkmodel import estimate as est
+from pkmodel.data import infliximab_regimen, read_nonmem
+from pkmodel.models import load
+
+VALIDATION = Path(__file__).resolve().parents[2] / "shared" / "validation"
+
+
+class MapInfliximab100:
+    """Xu 2012 model, 100 patients x 3 troughs (Wojciechowski 2017 NONMEM set)."""
+
+    def setup(self) -> None:
+        path = VALIDATION / "infliximab_wojciechowski_nonmem_map_data.csv"
+        if not path.exists():
+            raise NotImplementedError(f"validation data absent: {path}")
+        model = load("xu2012")
+        self.model = dataclasses.replace(model, parameters={**model.parameters,
+                                                            "D1": sp.Float(2) / 24})
+        self.data = read_nonmem(path).rename(columns={"ADA": "ATI"})
+        problem, _ = est._build_problem(self.model, self.data, "nocb")
+        self.objective = est._Objective(problem)
+        self.n_ids = len(problem.ids)
+
+    def time_map_100_patients_3_starts(self) -> None:
+        est.estimate_map(self.model, self.data)
+
+    def time_map_100_patients_1_start(self) -> None:
+        est.estimate_map(self.model, self.data, starts=1)
+
+    def time_scipy_bfgs_10_patients(self) -> None:
+        for b in range(10):
+            ids = np.array([b])
+            optimize.minimize(lambda e, ids=ids: self.objective.ofv(e[None, None, :], ids)[0, 0],
+                              np.zeros(4), method="BFGS")
+
+    def report(self, seconds: dict[str, float]) -> list[str]:
+        ours = seconds["time_map_100_patients_3_starts"]
+        scipy_per = seconds["time_scipy_bfgs_10_patients"] / 10
+        return [(f"100 patients, 3 starts each: {ours:.2f} s (target < 1 s); 1 start: "
+                f"{seconds['time_map_100_patients_1_start']:.2f} s"),
+                (f"scipy BFGS on the same objective, one patient at a time, 1 start: "
+                f"{scipy_per * 1e3:.1f} ms per patient ({scipy_per * 100:.2f} s for 100)")]
+
+
+class MapOneChild:
+    """Fasanmade 2011 (with IOV): one child, two measured troughs."""
+
+    def setup(self) -> None:
+        self.model = load("fasanmade2011")
+        table = infliximab_regimen(28.0, until_week=22,
+                                   covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
+        samples = table.index[(table["EVID"] == 0) & table["TIME"].isin([98.0, 154.0])]
+        table.loc[samples, "MDV"] = 0
+        table.loc[samples, "DV"] = [2.1, 1.4]
+        self.table = table
+
+    def time_map_one_child(self) -> None:
+        est.estimate_map(self.model, self.table)
+
+    def report(self, seconds: dict[str, float]) -> list[str]:
+        return [(f"one child (3 ETAs + 4 occasion KAPPAs, 3 starts): "
+                f"{seconds['time_map_one_child'] * 1e3:.1f} ms")]

@@ -1,28 +1,55 @@
 """pkmodel: population pharmacokinetics and model-informed precision dosing.
 
 Layers, from the bottom: :mod:`pkmodel.errors`, :mod:`pkmodel.data` (NONMEM-style event
-tables), :mod:`pkmodel.engine` (exact linear-compartment solutions). Units: day, mg, L,
-L/day, mg/L.
+tables and regimens), :mod:`pkmodel.engine` (exact linear-compartment solutions),
+:mod:`pkmodel.model` and :mod:`pkmodel.models` (population models, published ones),
+:mod:`pkmodel.predict` (prediction, simulation), :mod:`pkmodel.estimate` (MAP and
+posterior). Units: day, mg, L, L/day, mg/L.
+
+Examples
+--------
+>>> import pkmodel
+>>> table = pkmodel.infliximab_regimen(28.0, covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
+>>> troughs = pkmodel.predict_troughs(pkmodel.load_model("fasanmade2011"), table)
+>>> round(float(troughs["PRED"].iloc[-1]), 2)   # week-46 trough on label dosing, mg/L
+1.19
 """
 
-from pkmodel.data import read_nonmem, to_events, validate
+from pkmodel.data import dosing_table, infliximab_regimen, read_nonmem, validate
 from pkmodel.errors import (
     ConvergenceError,
     ConvergenceWarning,
     CovariateError,
+    CovariateWarning,
     DatasetError,
     PKModelError,
 )
+from pkmodel.estimate import estimate_map, sample_posterior
+from pkmodel.model import PopulationModel
+from pkmodel.models import available as available_models
+from pkmodel.models import load as load_model
+from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "read_nonmem",
+    "validate",
+    "dosing_table",
+    "infliximab_regimen",
+    "PopulationModel",
+    "load_model",
+    "available_models",
+    "predict",
+    "predict_troughs",
+    "simulate",
+    "make_cohort",
+    "estimate_map",
+    "sample_posterior",
+    "PKModelError",
+    "DatasetError",
+    "CovariateError",
+    "CovariateWarning",
     "ConvergenceError",
     "ConvergenceWarning",
-    "CovariateError",
-    "DatasetError",
-    "PKModelError",
-    "read_nonmem",
-    "to_events",
-    "validate",
 ]

@@ -31,9 +31,9 @@ import pandas as pd
 from scipy.special import log_ndtr
 
 from pkmodel.data import to_events, validate
-from pkmodel.engine import Events, solve, stack_events
+from pkmodel.engine import Events, stack_events
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
-from pkmodel.predict import _occasions, _predict_table
+from pkmodel.predict import _occasions, _predict_table, _profile_concentrations
 
 __all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
 
@@ -229,12 +229,7 @@ class _Objective:
             kappa_rows = np.swapaxes(kappas[position, :, p.row_occasion[rows], :], 0, 1)
         covariates = {k: v[rows] for k, v in p.covariates.items()}
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
-        index = events.param_row  # (A, R)
-        per_set = {k: np.swapaxes(np.take(v, index, axis=1), 0, 1).reshape(a_count * m_count, -1)
-                   for k, v in params.items()}
-        amounts = solve(model.structure, events, per_set)
-        conc = amounts[..., model.structure.central_cmt - 1] / per_set["V1"]
-        conc = conc.reshape(a_count, m_count, -1)
+        conc = _profile_concentrations(model, events, params)
         where = np.repeat(p.obs_record[ids][:, None, :], m_count, axis=1)
         return np.take_along_axis(conc, where, axis=2)
 

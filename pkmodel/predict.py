@@ -83,6 +83,22 @@ def _central_concentration(model: PopulationModel, events: Events,
     return amounts[..., model.structure.central_cmt - 1] / volume
 
 
+def _profile_concentrations(model: PopulationModel, events: Events,
+                            row_params: Mapping[str, np.ndarray], *,
+                            before_events: bool = False) -> np.ndarray:
+    """Central concentrations (mg/L), ``(B, M, R)``: every record of ``B`` profiles for
+    ``M`` parameter sets each, from parameters per table row ``(M, N)``."""
+    b_count, n_rec = events.shape
+    arrays = {k: np.atleast_2d(v) for k, v in row_params.items()}
+    m_count = max(a.shape[0] for a in arrays.values())
+    per_set = {k: np.swapaxes(np.take(np.broadcast_to(a, (m_count, a.shape[1])),
+                                      events.param_row, axis=1), 0, 1)
+               .reshape(b_count * m_count, n_rec) for k, a in arrays.items()}
+    amounts = solve(model.structure, events, per_set, before_events=before_events)
+    conc = amounts[..., model.structure.central_cmt - 1] / per_set["V1"]
+    return conc.reshape(b_count, m_count, n_rec)
+
+
 def predict(
     model: PopulationModel,
     data: pd.DataFrame,

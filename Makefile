@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/infliximab_troughs.py
+	$(VENV)/bin/pkmodel recommend examples/child.csv --plot demo_forecast.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

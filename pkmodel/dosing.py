@@ -190,28 +190,29 @@ def _history(model: PopulationModel, data: pd.DataFrame, interval_weeks: float |
                     float(last["AMT"]), interval, infusion, due)
 
 
-def _future_rows(history: _History, times: np.ndarray, pid: Any, *, doses: np.ndarray | None,
+def _future_rows(history: _History, times: Any, pid: Any, *, doses: np.ndarray | None,
                  interval: float | None = None, ss: bool = False) -> pd.DataFrame:
-    """Records after the history: covariates carried forward from the last record."""
+    """Records after the history: samples at ``times`` (before any dose at the same time)
+    and unit doses; covariates carried forward from the last record."""
+    sample_t = np.asarray(times, dtype=float)
+    dose_t = np.asarray([] if doses is None else doses, dtype=float)
+    time = np.concatenate([sample_t, dose_t])
+    is_dose = np.concatenate([np.zeros(sample_t.size, bool), np.ones(dose_t.size, bool)])
+    order = np.lexsort((is_dose, time))
+    time, is_dose = time[order], is_dose[order]
+    n = time.size
+    columns: dict[str, Any] = {
+        "ID": np.full(n, pid, dtype=object), "TIME": time, "EVID": is_dose.astype(float),
+        "AMT": is_dose * 1.0, "RATE": is_dose / history.infusion_days, "DUR": np.zeros(n),
+        "II": is_dose * (interval if ss and interval else 0.0), "ADDL": np.zeros(n),
+        "SS": is_dose * float(ss), "MDV": np.ones(n), "CMT": np.zeros(n),
+        "DV": np.full(n, np.nan),
+    }
     last = history.table.iloc[-1]
-    rows = []
-    for t in times:
-        rows.append({"TIME": t, "EVID": 0, "AMT": 0.0, "RATE": 0.0, "II": 0.0, "SS": 0})
-    if doses is not None:
-        rate = 1.0 / history.infusion_days
-        for t in doses:
-            rows.append({"TIME": t, "EVID": 1, "AMT": 1.0, "RATE": rate,
-                         "II": interval if ss else 0.0, "SS": int(ss)})
-    frame = pd.DataFrame(rows).sort_values(["TIME", "EVID"], kind="stable")
     for name in history.table.columns:
-        if name not in frame.columns and name not in ("DV", "MDV", "ADDL", "DUR", "CMT"):
-            frame[name] = last[name]
-    frame["ID"] = pid
-    frame["CMT"] = 0
-    frame["MDV"] = 1
-    frame["ADDL"] = 0
-    frame["DUR"] = 0.0
-    return frame
+        if name not in columns:
+            columns[name] = np.repeat(last[name], n)
+    return pd.DataFrame(columns)
 
 
 def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int
@@ -236,8 +237,7 @@ def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int
 def _concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta: np.ndarray,
                     ) -> list[np.ndarray]:
     """Concentrations ``(M, N_i)`` on the rows of each table, for every ETA draw."""
-    frame = pd.concat(tables, ignore_index=True)
-    frame = validate(frame, covariates=model.covariate_names)
+    frame = pd.concat(tables, ignore_index=True)  # built here from a validated history
     events = to_events(frame, model.structure)
     cov = {c: frame[c].to_numpy(dtype=float) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])
@@ -280,8 +280,9 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
         tables.append(_future_rows(history, days, f"u{i}", doses=doses))
         tables.append(_future_rows(history, [t0 + tau], f"s{i}", doses=np.array([t0]),
                                    interval=tau, ss=True))
-    # Each unit regimen starts fresh: its own ID, beginning at the next dose.
-    conc = _concentrations(model, tables, eta)
+    # Each unit regimen starts fresh: its own ID, beginning at the next dose. The long
+    # history profile is solved apart from the short unit ones (less padding).
+    conc = _concentrations(model, tables[:1], eta) + _concentrations(model, tables[1:], eta)
     n_hist = len(history.table)
     base_conc = conc[0][:, n_hist:]
     base_days = base["TIME"].to_numpy()[n_hist:]

@@ -23,7 +23,7 @@ half the Hessian of OFV at the optimum; both are reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -457,6 +457,7 @@ class MAPEstimate:
     records: pd.DataFrame
     model: PopulationModel
     names: tuple[str, ...]
+    _problem: Any = field(default=None, repr=False, compare=False)
 
     @property
     def eta(self) -> pd.DataFrame:
@@ -591,7 +592,7 @@ def estimate_map(
     used = (records["EVID"] == 0) & (records["MDV"] == 0)
     records["IWRES"] = np.where(used, iwres, np.nan)
     return MAPEstimate(individuals=individuals, records=records, model=model,
-                       names=tuple(names))
+                       names=tuple(names), _problem=(problem, covariates))
 
 
 @dataclass(frozen=True)
@@ -657,7 +658,10 @@ def sample_posterior(
     if n < 1 or proposals < n:
         raise ValueError(f"need 1 <= n <= proposals; got n={n}, proposals={proposals}")
     fit = estimate if estimate is not None else estimate_map(model, data, covariates=covariates)
-    problem, _ = _build_problem(model, data, covariates)
+    if fit._problem is not None and fit._problem[1] == covariates and fit.model is model:
+        problem = fit._problem[0]
+    else:
+        problem, _ = _build_problem(model, data, covariates)
     obj = _Objective(problem)
     b_count, p = len(problem.ids), problem.n_params
     all_ids = np.arange(b_count)

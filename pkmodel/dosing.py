@@ -66,7 +66,8 @@ class Option:
     lowest_trough_map : float
         Lowest coming trough at the MAP estimate (mg/L).
     pta : float
-        Probability that every coming trough is at or above the target.
+        Probability that every coming trough is at or above the target (share of posterior
+        draws; without draws, 1 or 0 from the MAP).
     meets_target : bool
         Whether every trough reaches the target at the required level.
     above_label : bool
@@ -469,21 +470,25 @@ def recommend_regimen(
     interval_only = max(same_dose, key=lambda o: o.interval_weeks) if same_dose else None
 
     chosen_i = int(np.argmin(np.abs(np.array(all_weeks) - closest.interval_weeks)))
-    level = "the MAP estimate" if probability is None else (
-        "the posterior median" if probability == 0.5 else
-        f"a probability of {probability:g}")
+    if probability is None:
+        criterion = f"every trough at the MAP estimate is at or above {target:g} mg/L"
+    elif probability == 0.5:
+        criterion = f"the posterior median of every trough is at or above {target:g} mg/L"
+    else:
+        criterion = (f"at every trough at least {probability:.0%} of posterior draws are at or "
+                     f"above {target:g} mg/L")
     if recommended is None:
-        message = (f"Not attainable within limits: no dose up to {max_mg_per_kg:g} mg/kg every "
-                   f"{min(weeks):g} weeks or more keeps every trough at or above {target:g} "
-                   f"mg/L at {level}. Closest: {closest.dose_mg:g} mg every "
-                   f"{closest.interval_weeks:g} weeks (lowest trough "
-                   f"{closest.lowest_trough:.2f} mg/L).")
+        message = (f"Not attainable within limits: with doses up to {max_mg_per_kg:g} mg/kg and "
+                   f"intervals of {min(weeks):g} weeks or more, no option gets there "
+                   f"({criterion.replace(' is at', ' being at').replace(' are at', ' being at')}"
+                   f"). Closest: {closest.dose_mg:g} mg every {closest.interval_weeks:g} weeks "
+                   f"(lowest trough {closest.lowest_trough:.2f} mg/L).")
     else:
         message = (f"Give {recommended.dose_mg:g} mg ({recommended.mg_per_kg:.1f} mg/kg) every "
                    f"{recommended.interval_weeks:g} weeks from day {history.next_dose_day:g}: "
-                   f"every trough is expected at or above {target:g} mg/L at {level} "
-                   f"(lowest {recommended.lowest_trough:.2f} mg/L; all troughs on target in "
-                   f"{recommended.pta:.0%} of draws).")
+                   f"{criterion} (lowest {recommended.lowest_trough:.2f} mg/L"
+                   + ("" if probability is None else
+                      f"; every trough on target in {recommended.pta:.0%} of draws") + ").")
         if recommended.above_label:
             message += " Above the label (10 mg/kg, every 4 weeks)."
     if fit is None:

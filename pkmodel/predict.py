@@ -75,12 +75,10 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
 def _central_concentration(model: PopulationModel, events: Events,
                            row_params: Mapping[str, np.ndarray], *,
                            before_events: bool = False) -> np.ndarray:
-    """Central concentration (mg/L) per record, from parameters per table row."""
-    index = events.param_row[0] if events.shape[0] == 1 else events.param_row
-    params = {k: np.take(v, index, axis=-1) for k, v in row_params.items()}
-    amounts = solve(model.structure, events, params, before_events=before_events)
-    volume = np.broadcast_to(params["V1"], amounts.shape[:2])
-    return amounts[..., model.structure.central_cmt - 1] / volume
+    """Central concentration (mg/L) per record, ``(S, R)``: one profile with ``S`` parameter
+    sets per row, or ``S`` profiles with one set each."""
+    conc = _profile_concentrations(model, events, row_params, before_events=before_events)
+    return conc.reshape(-1, events.shape[1])
 
 
 def _profile_concentrations(model: PopulationModel, events: Events,

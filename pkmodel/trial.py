@@ -1,0 +1,458 @@
+"""Virtual trials of dosing strategies, from induction to week 54.
+
+Each virtual child has covariates, true ETAs (IIV) and one KAPPA per dosing interval (IOV).
+Everyone gets label induction (5 mg/kg at weeks 0, 2 and 6); maintenance visits follow, the
+first due at week 14. At every visit the trough is measured (true concentration plus the
+model's residual error) just before the dose, and the arm's policy decides the dose given
+now and the interval to the next visit. The trial runs to week 54, where the endpoint
+trough is measured.
+
+A policy is any callable taking a :class:`Visit` (arrays over the arm's patients) and
+returning a :class:`Decision`; three are provided: :class:`LabelDosing`,
+:class:`KangProactive` and :class:`BayesianDosing`. Replicate trials can run on any
+``concurrent.futures``-style executor (for example a Dask ``Client.get_executor()``); the
+numbers do not depend on where they run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from pkmodel.dosing import recommend_regimen
+from pkmodel.engine import Events, solve
+from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
+from pkmodel.predict import make_cohort
+
+__all__ = [
+    "BayesianDosing",
+    "Decision",
+    "KangProactive",
+    "LabelDosing",
+    "TrialResult",
+    "Visit",
+    "kang_cohort",
+    "run_trial",
+]
+
+DAY = 1.0
+WEEK = 7.0
+INFUSION_DAYS = 2.0 / 24.0  # label: 2-h infusions
+INDUCTION_WEEKS = (0.0, 2.0, 6.0)  # label induction
+FIRST_MAINTENANCE_WEEK = 14.0  # week 6 + 8 (label)
+END_WEEK = 54.0  # Kang 2026 endpoint
+
+
+@dataclass(frozen=True)
+class Visit:
+    """A maintenance visit, for every patient of an arm still in the trial.
+
+    Attributes
+    ----------
+    number : int
+        Visit number (0 = the first maintenance dose, week 14).
+    day : ndarray
+        Visit day of each patient (the dose is due now).
+    trough : ndarray
+        Trough measured just before this dose (mg/L, with assay error).
+    weight : ndarray
+        Body weight (kg).
+    dose_mg, interval_weeks : ndarray
+        The regimen so far (last dose, last interval).
+    history : list of DataFrame
+        Each patient's records so far (doses, measured troughs, covariates), for policies
+        that fit a model.
+    """
+
+    number: int
+    day: np.ndarray
+    trough: np.ndarray
+    weight: np.ndarray
+    dose_mg: np.ndarray
+    interval_weeks: np.ndarray
+    history: list[pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Dose given now (mg) and weeks to the next visit, per patient."""
+
+    dose_mg: np.ndarray
+    interval_weeks: np.ndarray
+
+
+Policy = Callable[[Visit], Decision]
+
+
+@dataclass(frozen=True)
+class LabelDosing:
+    """Label maintenance: 5 mg/kg every 8 weeks, whatever the trough."""
+
+    mg_per_kg: float = 5.0
+    interval_weeks: float = 8.0
+
+    def __call__(self, visit: Visit) -> Decision:
+        n = visit.day.size
+        return Decision(self.mg_per_kg * visit.weight, np.full(n, self.interval_weeks))
+
+
+@dataclass(frozen=True)
+class KangProactive:
+    """The proactive arm of Kang et al. (Clin Gastroenterol Hepatol 2026), as implemented here.
+
+    A trough before each maintenance infusion; 5 mg/kg is kept. If the trough is below
+    ``target`` (6 mg/L) the interval is shortened by 2 weeks, by 4 weeks if it is below
+    ``far_below`` (3 mg/L, this implementation's reading of "2 to 4 weeks"), never below
+    ``min_interval_weeks`` (4); an interval is never lengthened again.
+    """
+
+    target: float = 6.0
+    far_below: float = 3.0
+    mg_per_kg: float = 5.0
+    min_interval_weeks: float = 4.0
+
+    def __call__(self, visit: Visit) -> Decision:
+        cut = np.where(visit.trough < self.far_below, 4.0,
+                       np.where(visit.trough < self.target, 2.0, 0.0))
+        interval = np.maximum(visit.interval_weeks - cut, self.min_interval_weeks)
+        interval = np.where(cut > 0, interval, visit.interval_weeks)
+        return Decision(self.mg_per_kg * visit.weight, interval)
+
+
+@dataclass(frozen=True)
+class BayesianDosing:
+    """Model-informed dosing: at each measured trough, :func:`recommend_regimen`.
+
+    Fits the patient's history with ``model`` (MAP by default: ``n_draws=0``) and gives the
+    recommended dose (whole vials) and interval; when no option reaches the target, the
+    closest one.
+    """
+
+    model: PopulationModel
+    target: float = 6.0
+    n_draws: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, visit: Visit) -> Decision:
+        doses, intervals = [], []
+        for i, history in enumerate(visit.history):
+            rec = recommend_regimen(self.model, history, self.target, n_draws=self.n_draws,
+                                    next_dose_day=float(visit.day[i]), **dict(self.options))
+            doses.append(rec.closest.dose_mg)
+            intervals.append(rec.closest.interval_weeks)
+        return Decision(np.array(doses), np.array(intervals))
+
+
+def kang_cohort(n: int, *, seed: int | None = None) -> pd.DataFrame:
+    """Virtual children like those of Kang 2026 (biologic-naive Crohn's disease).
+
+    Sources and assumptions:
+
+    * WT: log-normal, median 42 kg (REACH children, Fasanmade 2011, reference file model B),
+      SD 0.25 on the log scale (assumption), kept within 20-90 kg;
+    * ALB: normal, mean 3.8 g/dL (REACH median, same source), SD 0.35 (assumption), kept
+      within 2.5-5.0;
+    * ATI 0 (biologic-naive at start: Kang 2026); IMM 1 (REACH children were all on an
+      immunomodulator; Kang managed immunomodulators alongside TDM: assumption).
+    """
+    def weight(rng: np.random.Generator, size: int) -> np.ndarray:
+        return np.clip(42.0 * np.exp(rng.normal(0.0, 0.25, size)), 20.0, 90.0)
+
+    albumin = stats.truncnorm((2.5 - 3.8) / 0.35, (5.0 - 3.8) / 0.35, loc=3.8, scale=0.35)
+    return make_cohort(n, {"WT": weight, "ALB": albumin, "ATI": 0.0, "IMM": 1.0}, seed=seed)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """Outcomes of a virtual trial.
+
+    Attributes
+    ----------
+    visits : DataFrame
+        ARM, REPLICATE, ID, VISIT, DAY, WEEK, TROUGH (true), MEASURED, DOSE_MG,
+        INTERVAL_WEEKS: one row per maintenance visit.
+    patients : DataFrame
+        ARM, REPLICATE, ID, covariates, the true ETAs, WEEK54_TROUGH (true), ON_TARGET_WEEK54,
+        TIME_ON_TARGET (share of days from week 14 to 54 at or above the target),
+        MG_PER_KG_PER_YEAR, VIALS (100 mg), INFUSIONS (maintenance), ABOVE_LABEL.
+    summary : DataFrame
+        Per arm and outcome: MEAN over replicates and the 2.5 and 97.5 percentiles
+        (LOW, HIGH).
+    target : float
+        Target trough (mg/L).
+    """
+
+    visits: pd.DataFrame
+    patients: pd.DataFrame
+    summary: pd.DataFrame
+    target: float
+
+    def figure(self, path: Any = None) -> Any:
+        """Share of patients at or above the target at each visit week, per arm."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        visits = self.visits.assign(WEEK_BIN=np.floor(self.visits["WEEK"] / 4.0) * 4.0)
+        for arm, group in visits.groupby("ARM", sort=False):
+            share = group.groupby("WEEK_BIN")["TROUGH"].apply(lambda t: np.mean(t >= self.target))
+            ax.plot(share.index, 100 * share.to_numpy(), "o-", label=arm)
+        week54 = self.patients.groupby("ARM", sort=False)["ON_TARGET_WEEK54"].mean()
+        for arm, value in week54.items():
+            ax.plot([END_WEEK], [100 * value], "s", color="k")
+            ax.annotate(f"{arm}: {value:.0%}", (END_WEEK, 100 * value), fontsize="small",
+                        xytext=(-60, 5), textcoords="offset points")
+        ax.set_xlabel("week of the visit (4-week bins); squares: week 54")
+        ax.set_ylabel(f"troughs at or above {self.target:g} mg/L (%)")
+        ax.set_ylim(0, 100)
+        ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _true_concentration(model: PopulationModel, cov: dict[str, np.ndarray], eta: np.ndarray,
+                        kappa: np.ndarray, dose_day: np.ndarray, dose_mg: np.ndarray,
+                        sample_day: np.ndarray) -> np.ndarray:
+    """Concentrations (mg/L) at ``sample_day (n, K)`` after doses ``(n, D)`` (2-h
+    infusions; samples before doses at equal times), KAPPA of the interval after each dose."""
+    n = dose_day.shape[0]
+    time = np.concatenate([dose_day, sample_day], axis=1)
+    is_dose = np.concatenate([np.ones_like(dose_day, bool), np.zeros_like(sample_day, bool)], 1)
+    amount = np.concatenate([dose_mg, np.zeros_like(sample_day)], axis=1)
+    order = np.argsort(~is_dose, axis=1, kind="stable")  # samples first, then by time
+    order = np.take_along_axis(order, np.argsort(np.take_along_axis(time, order, 1), axis=1,
+                                                 kind="stable"), axis=1)
+    time, is_dose, amount = (np.take_along_axis(a, order, 1) for a in (time, is_dose, amount))
+    occasion = np.maximum(np.cumsum(is_dose, axis=1) - is_dose - 1, 0)
+    occasion = np.minimum(occasion, kappa.shape[1] - 1)
+    record_kappa = np.take_along_axis(kappa, occasion[..., None], axis=1)
+    params = evaluate_parameters(model, {k: v[:, None] for k, v in cov.items()},
+                                 eta[:, None, :], record_kappa if model.iov else None)
+    n_rec = time.shape[1]
+    zeros = np.zeros((n, n_rec))
+    events = Events(time=time, evid=is_dose * 1.0, amt=amount,
+                    rate=amount / INFUSION_DAYS, dur=zeros, ii=zeros, ss=zeros,
+                    cmt=np.ones((n, n_rec)), param_row=np.tile(np.arange(n_rec), (n, 1)),
+                    source_row=np.tile(np.arange(n_rec), (n, 1)))
+    params = {k: np.broadcast_to(v, (n, n_rec)) for k, v in params.items()}
+    amounts = solve(model.structure, events, params)
+    conc = amounts[..., model.structure.central_cmt - 1] / params["V1"]
+    sample = ~is_dose
+    return conc[sample].reshape(n, -1)
+
+
+def _history_tables(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.ndarray,
+                    dose_mg: np.ndarray, trough_day: np.ndarray, measured: np.ndarray,
+                    active: np.ndarray) -> list[pd.DataFrame]:
+    tables = []
+    for i in np.flatnonzero(active):
+        doses = pd.DataFrame({"TIME": dose_day[i], "EVID": 1, "AMT": dose_mg[i],
+                              "RATE": dose_mg[i] / INFUSION_DAYS, "MDV": 1, "DV": np.nan})
+        doses = doses[doses["AMT"] > 0]
+        seen = np.isfinite(measured[i])
+        samples = pd.DataFrame({"TIME": trough_day[i][seen], "EVID": 0, "AMT": 0.0, "RATE": 0.0,
+                                "MDV": 0, "DV": measured[i][seen]})
+        table = pd.concat([samples, doses], ignore_index=True)
+        table = table.sort_values(["TIME", "EVID"], kind="stable").reset_index(drop=True)
+        table.insert(0, "ID", int(cohort["ID"].iloc[i]))
+        table["CMT"] = 1
+        for name in names:
+            table[name] = float(cohort[name].iloc[i])
+        tables.append(table)
+    return tables
+
+
+def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_seed: int,
+             target: float, residual: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One arm of one replicate: visits and per-patient outcomes."""
+    rng = np.random.default_rng(rng_seed)
+    n = len(cohort)
+    cov = {c: cohort[c].to_numpy(dtype=float) for c in model.covariate_names}
+    weight = cohort["WT"].to_numpy(dtype=float)
+    eta = rng.multivariate_normal(np.zeros(len(model.eta_names)), model.omega, size=n,
+                                  method="eigh")
+    max_doses = len(INDUCTION_WEEKS) + int((END_WEEK - FIRST_MAINTENANCE_WEEK) / 4.0) + 2
+    iov_sd = np.sqrt(np.array(list(model.iov.values()))) if model.iov else np.zeros(0)
+    kappa = rng.standard_normal((n, max_doses, iov_sd.size)) * iov_sd
+    eps = rng.standard_normal((n, max_doses + 1))
+
+    induction = np.array(INDUCTION_WEEKS) * WEEK
+    dose_day = np.tile(induction, (n, 1))
+    dose_mg = np.tile(5.0 * weight[:, None], (1, len(INDUCTION_WEEKS)))
+    interval = np.full(n, FIRST_MAINTENANCE_WEEK - INDUCTION_WEEKS[-1])
+    next_day = np.full(n, FIRST_MAINTENANCE_WEEK * WEEK)
+    end_day = END_WEEK * WEEK
+    trough_day = np.zeros((n, 0))
+    measured = np.zeros((n, 0))
+    rows = []
+    visit = 0
+    while True:
+        active = next_day < end_day - 1e-9
+        if not active.any():
+            break
+        true = _true_concentration(model, cov, eta, kappa, dose_day, dose_mg,
+                                   next_day[:, None])[:, 0]
+        sd = model.residual.sd(true)
+        noisy = true * np.exp(sd * eps[:, visit]) if model.residual.log_scale else (
+            true + sd * eps[:, visit] if residual else true)
+        trough_day = np.concatenate([trough_day, next_day[:, None]], axis=1)
+        measured = np.concatenate([measured, np.where(active, noisy, np.nan)[:, None]], axis=1)
+        history = []
+        if isinstance(policy, BayesianDosing):
+            names = tuple(c for c in model.covariate_names)
+            history = _history_tables(cohort, tuple(dict.fromkeys(("WT", *names))),
+                                      dose_day, dose_mg, trough_day, measured, active)
+        act = np.flatnonzero(active)
+        decision = policy(Visit(number=visit, day=next_day[act], trough=noisy[act],
+                                weight=weight[act], dose_mg=dose_mg[act, -1],
+                                interval_weeks=interval[act], history=history))
+        given = np.zeros(n)
+        given[act] = decision.dose_mg
+        new_interval = interval.copy()
+        new_interval[act] = decision.interval_weeks
+        for j, i in enumerate(act):
+            rows.append((int(cohort["ID"].iloc[i]), visit, next_day[i], next_day[i] / WEEK,
+                         true[i], noisy[i], given[i], new_interval[i]))
+        dose_day = np.concatenate([dose_day, next_day[:, None]], axis=1)
+        dose_mg = np.concatenate([dose_mg, given[:, None]], axis=1)
+        interval = new_interval
+        next_day = np.where(active, next_day + interval * WEEK, next_day)
+        visit += 1
+        if dose_day.shape[1] >= max_doses:
+            break
+
+    daily = np.tile(np.arange(FIRST_MAINTENANCE_WEEK * WEEK, end_day + 0.5, DAY), (n, 1))
+    profile = _true_concentration(model, cov, eta, kappa, dose_day, dose_mg, daily)
+    maintenance = dose_mg[:, len(INDUCTION_WEEKS):]
+    years = END_WEEK / 52.0
+    visits = pd.DataFrame(rows, columns=["ID", "VISIT", "DAY", "WEEK", "TROUGH", "MEASURED",
+                                         "DOSE_MG", "INTERVAL_WEEKS"])
+    given_weeks = visits.groupby("ID")["INTERVAL_WEEKS"].min().reindex(cohort["ID"]).to_numpy()
+    patients = cohort.copy()
+    for i, name in enumerate(model.eta_names):
+        patients[name] = eta[:, i]
+    patients["WEEK54_TROUGH"] = profile[:, -1]
+    patients["ON_TARGET_WEEK54"] = profile[:, -1] >= target
+    patients["TIME_ON_TARGET"] = np.mean(profile >= target, axis=1)
+    patients["MG_PER_KG_PER_YEAR"] = dose_mg.sum(axis=1) / weight / years
+    patients["VIALS"] = np.ceil(dose_mg / 100.0 - 1e-9).sum(axis=1)
+    patients["INFUSIONS"] = (maintenance > 0).sum(axis=1)
+    patients["ABOVE_LABEL"] = (np.any(dose_mg / weight[:, None] > 10.0 + 1e-9, axis=1)
+                               | (given_weeks < 4.0 - 1e-9))
+    return visits, patients
+
+
+_OUTCOMES = {
+    "ON_TARGET_WEEK54": "share with trough >= target at week 54",
+    "TIME_ON_TARGET": "share of days from week 14 to 54 at or above target",
+    "MG_PER_KG_PER_YEAR": "drug, mg/kg per year",
+    "VIALS": "100-mg vials per patient",
+    "INFUSIONS": "maintenance infusions per patient",
+    "ABOVE_LABEL": "share ever above label (10 mg/kg or < 4 weeks)",
+}
+
+
+def _replicate(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One replicate trial (module level, so process and Dask executors can run it)."""
+    model, strategies, cohort, seed, target, residual, replicate = args
+    visits, patients = [], []
+    seeds = np.random.SeedSequence(seed).spawn(len(strategies))
+    for (arm, policy), arm_seed in zip(strategies.items(), seeds):
+        v, p = _run_arm(model, policy, cohort, int(arm_seed.generate_state(1)[0]), target,
+                        residual)
+        visits.append(v.assign(ARM=arm, REPLICATE=replicate))
+        patients.append(p.assign(ARM=arm, REPLICATE=replicate))
+    return pd.concat(visits, ignore_index=True), pd.concat(patients, ignore_index=True)
+
+
+def run_trial(
+    model: PopulationModel,
+    strategies: Mapping[str, Policy],
+    *,
+    n: int = 112,
+    replicates: int = 1,
+    seed: int = 0,
+    target: float = 6.0,
+    cohort: Callable[..., pd.DataFrame] | None = None,
+    residual: bool = True,
+    executor: Executor | None = None,
+    progress: bool = False,
+) -> TrialResult:
+    """Run replicate virtual trials of dosing strategies, induction to week 54.
+
+    Each replicate draws its own cohort of ``n`` children; every arm sees the same children
+    (covariates), with the arm's own draws of IIV, IOV and assay error.
+
+    Parameters
+    ----------
+    model : PopulationModel
+        The model that generates the virtual patients (needs WT).
+    strategies : mapping of arm name to policy
+        For example ``{"label": LabelDosing(), "proactive": KangProactive()}``.
+    n : int
+        Children per replicate.
+    replicates : int
+        Replicate trials; the summary gives the mean and the 2.5-97.5 percentile range.
+    seed : int
+        Same seed, same numbers, on any executor.
+    target : float
+        Target trough for the outcomes (mg/L).
+    cohort : callable, optional
+        ``cohort(n, seed=...)`` returning one row per child; default :func:`kang_cohort`.
+    residual : bool
+        Assay error on the measured troughs.
+    executor : concurrent.futures.Executor, optional
+        Where replicates run (``executor.map``); default: here, one after another.
+    progress : bool
+        Report finished replicates on standard error.
+
+    Returns
+    -------
+    TrialResult
+    """
+    if n < 1 or replicates < 1:
+        raise ValueError(f"`n` and `replicates` must be at least 1; got {n}, {replicates}")
+    if not strategies:
+        raise ValueError("`strategies` must name at least one arm")
+    make = cohort or kang_cohort
+    seeds = np.random.SeedSequence(seed).spawn(replicates)
+    jobs = []
+    for r, child_seed in enumerate(seeds):
+        cohort_seed, arm_seed = (int(s.generate_state(1)[0]) for s in child_seed.spawn(2))
+        children = make(n, seed=cohort_seed)
+        check_covariates(model, children)
+        jobs.append((model, dict(strategies), children, arm_seed, target, residual, r))
+    mapper = executor.map if executor is not None else map
+    visits, patients = [], []
+    for done, (v, p) in enumerate(mapper(_replicate, jobs), start=1):
+        visits.append(v)
+        patients.append(p)
+        if progress:
+            sys.stderr.write(f"\rreplicate {done}/{replicates}")
+            sys.stderr.flush()
+    if progress:
+        sys.stderr.write("\n")
+    visits_df = pd.concat(visits, ignore_index=True)
+    patients_df = pd.concat(patients, ignore_index=True)
+    per_replicate = patients_df.groupby(["ARM", "REPLICATE"], sort=False)[list(_OUTCOMES)].mean()
+    rows = []
+    for arm in strategies:
+        values = per_replicate.loc[arm]
+        for outcome, meaning in _OUTCOMES.items():
+            col = values[outcome].to_numpy(dtype=float)
+            rows.append({"ARM": arm, "OUTCOME": outcome, "MEANING": meaning,
+                         "MEAN": col.mean(), "LOW": np.percentile(col, 2.5),
+                         "HIGH": np.percentile(col, 97.5)})
+    return TrialResult(visits=visits_df, patients=patients_df, summary=pd.DataFrame(rows),
+                       target=target)

@@ -1,0 +1,121 @@
+"""Virtual trials: policies, reproducibility on any executor, outcomes recomputed."""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pkmodel.models import load
+from pkmodel.predict import predict
+from pkmodel.trial import (
+    BayesianDosing,
+    KangProactive,
+    LabelDosing,
+    Visit,
+    kang_cohort,
+    run_trial,
+)
+
+MODEL = load("fasanmade2011")
+ARMS = {"label": LabelDosing(), "proactive": KangProactive()}
+
+
+def visit(troughs, intervals) -> Visit:
+    n = len(troughs)
+    return Visit(number=0, day=np.full(n, 98.0), trough=np.array(troughs, float),
+                 weight=np.full(n, 30.0), dose_mg=np.full(n, 150.0),
+                 interval_weeks=np.array(intervals, float), history=[])
+
+
+def test_kang_rule_as_stated():
+    """Below 6 mg/L: 2 weeks shorter; below 3: 4 weeks shorter; never under 4 weeks."""
+    decision = KangProactive()(visit([7.0, 5.0, 2.0, 5.0, 2.0], [8, 8, 8, 5, 6]))
+    assert decision.interval_weeks.tolist() == [8.0, 6.0, 4.0, 4.0, 4.0]
+    assert decision.dose_mg.tolist() == [150.0] * 5  # 5 mg/kg x 30 kg
+
+
+def test_label_arm_follows_the_label_schedule():
+    result = run_trial(MODEL, {"label": LabelDosing()}, n=5, seed=3)
+    weeks = sorted(result.visits["WEEK"].unique())
+    assert weeks == [14.0, 22.0, 30.0, 38.0, 46.0]
+    per_kg = result.visits["DOSE_MG"] / result.visits["ID"].map(
+        result.patients.set_index("ID")["WT"])
+    np.testing.assert_allclose(per_kg, 5.0)
+    assert (result.patients["INFUSIONS"] == 5).all()
+
+
+def test_same_seed_same_numbers_and_executors_agree():
+    a = run_trial(MODEL, ARMS, n=20, replicates=3, seed=11)
+    b = run_trial(MODEL, ARMS, n=20, replicates=3, seed=11)
+    pd.testing.assert_frame_equal(a.patients, b.patients)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        c = run_trial(MODEL, ARMS, n=20, replicates=3, seed=11, executor=pool)
+    pd.testing.assert_frame_equal(a.patients, c.patients)
+    d = run_trial(MODEL, ARMS, n=20, replicates=3, seed=12)
+    assert not np.allclose(a.patients["WEEK54_TROUGH"], d.patients["WEEK54_TROUGH"])
+
+
+def test_dask_cluster_gives_the_same_numbers():
+    distributed = pytest.importorskip("distributed", reason="dask extra not installed")
+    local = run_trial(MODEL, ARMS, n=15, replicates=2, seed=5)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None) as client:
+        remote = run_trial(MODEL, ARMS, n=15, replicates=2, seed=5,
+                           executor=client.get_executor())
+    pd.testing.assert_frame_equal(local.patients, remote.patients)
+    pd.testing.assert_frame_equal(local.visits, remote.visits)
+
+
+def test_week_54_trough_recomputed_with_predict():
+    """Without IOV, each child's true week-54 trough equals predict() on its doses with its
+    true ETAs (independent path: DataFrames, validation, the public predict)."""
+    no_iov = dataclasses.replace(MODEL, iov={"KAPPA_CL": 0.0})
+    result = run_trial(no_iov, {"proactive": KangProactive()}, n=6, seed=2)
+    for _, child in result.patients.iterrows():
+        doses = result.visits[result.visits["ID"] == child["ID"]]
+        times = [0.0, 14.0, 42.0] + doses["DAY"].tolist()
+        amounts = [5.0 * child["WT"]] * 3 + doses["DOSE_MG"].tolist()
+        table = pd.DataFrame({"ID": 1, "TIME": times + [378.0], "EVID": [1] * len(times) + [0],
+                              "AMT": amounts + [0.0],
+                              "RATE": [a * 12.0 for a in amounts] + [0.0]})
+        for name in ("WT", "ALB", "ATI", "IMM"):
+            table[name] = child[name]
+        eta = np.array([[child["ETA_CL"], child["ETA_V1"], child["ETA_V2"]]])
+        ours = predict(no_iov, table, eta)["IPRED"].iloc[-1]
+        assert ours == pytest.approx(child["WEEK54_TROUGH"], rel=1e-10)
+
+
+def test_proactive_arm_reaches_the_target_more_often_than_label():
+    result = run_trial(MODEL, ARMS, n=112, replicates=2, seed=2026)
+    summary = result.summary.set_index(["ARM", "OUTCOME"])["MEAN"]
+    assert summary["proactive", "ON_TARGET_WEEK54"] > summary["label", "ON_TARGET_WEEK54"]
+    assert summary["proactive", "MG_PER_KG_PER_YEAR"] > summary["label", "MG_PER_KG_PER_YEAR"]
+    low_high = result.summary[["LOW", "HIGH"]].to_numpy()
+    assert np.all(low_high[:, 0] <= low_high[:, 1])
+
+
+def test_bayesian_arm_decides_with_recommend_regimen():
+    result = run_trial(MODEL, {"bayes": BayesianDosing(MODEL)}, n=3, seed=4)
+    first = result.visits[result.visits["VISIT"] == 0]
+    assert (first["DOSE_MG"] % 100 == 0).all()  # whole 100-mg vials
+    assert first["INTERVAL_WEEKS"].between(4, 8).all()
+    assert result.patients["INFUSIONS"].min() >= 5
+
+
+def test_cohort_is_seeded_and_within_stated_ranges():
+    a, b = kang_cohort(500, seed=1), kang_cohort(500, seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["WT"].between(20, 90).all() and a["ALB"].between(2.5, 5.0).all()
+    assert (a["ATI"] == 0).all() and (a["IMM"] == 1).all()
+    assert abs(np.median(a["WT"]) - 42.0) < 3.0
+
+
+def test_bad_trial_arguments():
+    with pytest.raises(ValueError, match="at least 1"):
+        run_trial(MODEL, ARMS, n=0)
+    with pytest.raises(ValueError, match="at least one arm"):
+        run_trial(MODEL, {})

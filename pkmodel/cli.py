@@ -1,4 +1,4 @@
-"""The ``pkmodel`` command: ``pkmodel recommend data.csv`` and ``pkmodel predict data.csv``.
+"""The ``pkmodel`` command: ``recommend data.csv``, ``predict data.csv`` and ``trial``.
 
 Errors in the input are reported as one message on standard error (exit status 2), never
 as a traceback. ``--json`` prints a stable document for programs (schema in docs/cli.md).
@@ -27,6 +27,7 @@ __all__ = ["main"]
 
 SCHEMA_RECOMMENDATION = "pkmodel.recommendation/1"
 SCHEMA_PREDICTION = "pkmodel.prediction/1"
+SCHEMA_TRIAL = "pkmodel.trial/1"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--json", action="store_true", help="print JSON (docs/cli.md)")
     rec.add_argument("--plot", metavar="PNG", help="write the forecast figure here")
+    trial = sub.add_parser("trial", help="virtual trial of dosing strategies, induction to "
+                                         "week 54 (Kang 2026 design)")
+    trial.add_argument("--n", type=int, default=112, help="children per replicate (112)")
+    trial.add_argument("--replicates", type=int, default=20)
+    trial.add_argument("--seed", type=int, default=0)
+    trial.add_argument("--target", type=float, default=6.0, help="target trough, mg/L (6)")
+    trial.add_argument("--arms", default="label,proactive",
+                       help="comma-separated: label, proactive, bayesian (slower)")
+    trial.add_argument("--model", default=DEFAULT, choices=available())
+    trial.add_argument("--json", action="store_true")
+    trial.add_argument("--plot", metavar="PNG", help="write the figure here")
     pred = sub.add_parser("predict", help="PRED (and IPRED at the MAP when troughs are "
                                           "measured) for every record")
     pred.add_argument("data")
@@ -180,11 +192,52 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trial(args: argparse.Namespace) -> int:
+    from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, run_trial
+
+    model = load(args.model)
+    known = {"label": LabelDosing(), "proactive": KangProactive(target=args.target),
+             "bayesian": BayesianDosing(model, target=args.target)}
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in known]
+    if unknown or not arms:
+        raise ValueError(f"--arms: unknown {unknown or arms}; choose from {sorted(known)}")
+    result = run_trial(model, {a: known[a] for a in arms}, n=args.n,
+                       replicates=args.replicates, seed=args.seed, target=args.target,
+                       progress=args.replicates > 1)
+    if args.plot:
+        result.figure(args.plot)
+    if args.json:
+        json.dump(_clean({"schema": SCHEMA_TRIAL, "model": args.model, "n": args.n,
+                          "replicates": args.replicates, "seed": args.seed,
+                          "target_mg_per_l": args.target, "arms": arms,
+                          "summary": [{k.lower(): v for k, v in row.items()}
+                                      for row in result.summary.to_dict("records")]}),
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    table = result.summary.pivot(index="OUTCOME", columns="ARM", values="MEAN")[arms]
+    low = result.summary.pivot(index="OUTCOME", columns="ARM", values="LOW")[arms]
+    high = result.summary.pivot(index="OUTCOME", columns="ARM", values="HIGH")[arms]
+    shown = table.copy().astype(object)
+    for arm in arms:
+        shown[arm] = [f"{m:.3g} ({lo:.3g}-{hi:.3g})" for m, lo, hi in
+                      zip(table[arm], low[arm], high[arm])]
+    sys.stdout.write(f"pkmodel trial: {args.replicates} replicate(s) of {args.n} children, "
+                     f"model {args.model}, target {args.target:g} mg/L, seed {args.seed}\n"
+                     "mean over replicates (2.5-97.5 percentiles):\n")
+    sys.stdout.write(shown.to_string() + "\n")
+    if args.plot:
+        sys.stdout.write(f"Figure written to {args.plot}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    commands = {"recommend": _recommend, "predict": _predict, "trial": _trial}
     try:
-        return _recommend(args) if args.command == "recommend" else _predict(args)
+        return commands[args.command](args)
     except (PKModelError, ValueError, OSError) as err:
         sys.stderr.write(f"pkmodel: error: {err}\n")
         return 2

@@ -202,7 +202,7 @@ class TrialResult:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        visits = self.visits.assign(WEEK_BIN=np.floor(self.visits["WEEK"] / 4.0) * 4.0)
+        visits = self.visits.assign(WEEK_BIN=np.floor(self.visits["WEEK"] / 4.0) * 4.0 + 2.0)
         for arm, group in visits.groupby("ARM", sort=False):
             share = group.groupby("WEEK_BIN")["TROUGH"].apply(lambda t: np.mean(t >= self.target))
             ax.plot(share.index, 100 * share.to_numpy(), "o-", label=arm)
@@ -211,7 +211,7 @@ class TrialResult:
             ax.plot([END_WEEK], [100 * value], "s", color="k")
             ax.annotate(f"{arm}: {value:.0%}", (END_WEEK, 100 * value), fontsize="small",
                         xytext=(-60, 5), textcoords="offset points")
-        ax.set_xlabel("week of the visit (4-week bins); squares: week 54")
+        ax.set_xlabel("week of the visit (centres of 4-week bins); squares: week 54")
         ax.set_ylabel(f"troughs at or above {self.target:g} mg/L (%)")
         ax.set_ylim(0, 100)
         ax.legend()

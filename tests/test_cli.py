@@ -71,3 +71,16 @@ def test_missing_file_and_installed_command(tmp_path):
                             check=False)
     assert result.returncode == 2 and "No such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_trial_command_json_and_errors(capsys, tmp_path):
+    figure = tmp_path / "trial.png"
+    assert main(["trial", "--n", "10", "--replicates", "2", "--seed", "3", "--json",
+                 "--plot", str(figure)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "pkmodel.trial/1" and doc["arms"] == ["label", "proactive"]
+    outcomes = {(row["arm"], row["outcome"]) for row in doc["summary"]}
+    assert ("proactive", "ON_TARGET_WEEK54") in outcomes
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert main(["trial", "--arms", "magic"]) == 2
+    assert "unknown" in capsys.readouterr().err

@@ -1,0 +1,29 @@
+"""Virtual trials: 10,000 children through 54 weeks (label and proactive arms), and the
+Bayesian arm's cost per child (it fits every child at every visit)."""
+
+from __future__ import annotations
+
+from pkmodel.models import load
+from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, run_trial
+
+
+class Trial10000:
+    """Fasanmade 2011, Kang cohort, induction to week 54."""
+
+    def setup(self) -> None:
+        self.model = load("fasanmade2011")
+
+    def time_label_and_proactive_10000(self) -> None:
+        run_trial(self.model, {"label": LabelDosing(), "proactive": KangProactive()},
+                  n=10_000, seed=1)
+
+    def time_bayesian_20(self) -> None:
+        run_trial(self.model, {"bayesian": BayesianDosing(self.model)}, n=20, seed=1)
+
+    def report(self, seconds: dict[str, float]) -> list[str]:
+        per_child = seconds["time_bayesian_20"] / 20
+        return [(f"10,000 children, label + proactive arms: "
+                f"{seconds['time_label_and_proactive_10000']:.1f} s"),
+                (f"Bayesian arm: {per_child:.2f} s per child (about 9 fits and "
+                f"recommendations each); 10,000 children would take "
+                f"{per_child * 10_000 / 3600:.1f} h on one core")]

@@ -4,7 +4,8 @@ Layers, from the bottom: :mod:`pkmodel.errors`, :mod:`pkmodel.data` (NONMEM-styl
 tables and regimens), :mod:`pkmodel.engine` (exact linear-compartment solutions),
 :mod:`pkmodel.model` and :mod:`pkmodel.models` (population models, published ones),
 :mod:`pkmodel.predict` (prediction, simulation), :mod:`pkmodel.estimate` (MAP and
-posterior). Units: day, mg, L, L/day, mg/L.
+posterior), :mod:`pkmodel.dosing` (dose optimisation), :mod:`pkmodel.trial` (virtual
+trials), :mod:`pkmodel.cli` (the ``pkmodel`` command). Units: day, mg, L, L/day, mg/L.
 
 Examples
 --------
@@ -16,6 +17,12 @@ Examples
 """
 
 from pkmodel.data import dosing_table, infliximab_regimen, read_nonmem, validate
+from pkmodel.dosing import (
+    dose_for_target_trough,
+    interval_for_target_trough,
+    recommend_regimen,
+    time_to_trough,
+)
 from pkmodel.errors import (
     ConvergenceError,
     ConvergenceWarning,
@@ -29,27 +36,37 @@ from pkmodel.model import PopulationModel
 from pkmodel.models import available as available_models
 from pkmodel.models import load as load_model
 from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
+from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, kang_cohort, run_trial
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesianDosing",
     "ConvergenceError",
     "ConvergenceWarning",
     "CovariateError",
     "CovariateWarning",
     "DatasetError",
+    "KangProactive",
+    "LabelDosing",
     "PKModelError",
     "PopulationModel",
     "available_models",
+    "dose_for_target_trough",
     "dosing_table",
     "estimate_map",
     "infliximab_regimen",
+    "interval_for_target_trough",
+    "kang_cohort",
     "load_model",
     "make_cohort",
     "predict",
     "predict_troughs",
     "read_nonmem",
+    "recommend_regimen",
+    "run_trial",
     "sample_posterior",
     "simulate",
+    "time_to_trough",
     "validate",
 ]

@@ -32,6 +32,7 @@ from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 from pkmodel.predict import make_cohort
 
 __all__ = [
+    "AntibodyFormation",
     "BayesianDosing",
     "Decision",
     "KangProactive",
@@ -150,6 +151,26 @@ class BayesianDosing:
         return Decision(np.array(doses), np.array(intervals))
 
 
+@dataclass(frozen=True)
+class AntibodyFormation:
+    """Antibodies to infliximab forming while concentrations are low (optional).
+
+    Over each dosing interval, antibodies appear with probability
+    ``1 - exp(-hazard_per_week * weeks below threshold)`` (weeks counted on a daily grid of
+    the true concentration); once formed, ATI is 1 for the rest of the trial, and the
+    model's ATI effect (for ``fasanmade2011``, CL x 1.291) applies from the next interval.
+    The mechanism follows the idea of Wojciechowski 2017 (a hazard that rises with time at
+    low concentrations); the numbers are the user's assumption (no default is offered).
+    """
+
+    hazard_per_week: float
+    threshold: float = 3.0  # mg/L
+
+    def __post_init__(self) -> None:
+        if not self.hazard_per_week >= 0 or not self.threshold > 0:
+            raise ValueError("`hazard_per_week` must be >= 0 and `threshold` > 0 (mg/L)")
+
+
 def kang_cohort(n: int, *, seed: int | None = None) -> pd.DataFrame:
     """Virtual children like those of Kang 2026 (biologic-naive Crohn's disease).
 
@@ -223,9 +244,10 @@ class TrialResult:
 
 def _true_concentration(model: PopulationModel, cov: dict[str, np.ndarray], eta: np.ndarray,
                         kappa: np.ndarray, dose_day: np.ndarray, dose_mg: np.ndarray,
-                        sample_day: np.ndarray) -> np.ndarray:
+                        sample_day: np.ndarray, onset: np.ndarray | None = None) -> np.ndarray:
     """Concentrations (mg/L) at ``sample_day (n, K)`` after doses ``(n, D)`` (2-h
-    infusions; samples before doses at equal times), KAPPA of the interval after each dose."""
+    infusions; samples before doses at equal times), KAPPA of the interval after each dose;
+    ATI is 1 after ``onset`` (day), per record (NOCB)."""
     n = dose_day.shape[0]
     time = np.concatenate([dose_day, sample_day], axis=1)
     is_dose = np.concatenate([np.ones_like(dose_day, bool), np.zeros_like(sample_day, bool)], 1)
@@ -237,8 +259,11 @@ def _true_concentration(model: PopulationModel, cov: dict[str, np.ndarray], eta:
     occasion = np.maximum(np.cumsum(is_dose, axis=1) - is_dose - 1, 0)
     occasion = np.minimum(occasion, kappa.shape[1] - 1)
     record_kappa = np.take_along_axis(kappa, occasion[..., None], axis=1)
-    params = evaluate_parameters(model, {k: v[:, None] for k, v in cov.items()},
-                                 eta[:, None, :], record_kappa if model.iov else None)
+    record_cov = {k: v[:, None] for k, v in cov.items()}
+    if onset is not None and "ATI" in cov:
+        record_cov["ATI"] = np.maximum(cov["ATI"][:, None], (time > onset[:, None]) * 1.0)
+    params = evaluate_parameters(model, record_cov, eta[:, None, :],
+                                 record_kappa if model.iov else None)
     n_rec = time.shape[1]
     zeros = np.zeros((n, n_rec))
     events = Events(time=time, evid=is_dose * 1.0, amt=amount,
@@ -250,6 +275,23 @@ def _true_concentration(model: PopulationModel, cov: dict[str, np.ndarray], eta:
     conc = amounts[..., model.structure.central_cmt - 1] / params["V1"]
     sample = ~is_dose
     return conc[sample].reshape(n, -1)
+
+
+def _antibody_onset(model: PopulationModel, cov: dict[str, np.ndarray], eta: np.ndarray,
+                    kappa: np.ndarray, dose_day: np.ndarray, dose_mg: np.ndarray,
+                    visit_day: np.ndarray, onset: np.ndarray, antibodies: AntibodyFormation,
+                    uniform: np.ndarray) -> np.ndarray:
+    """Update onset days with the interval that ends at ``visit_day``."""
+    last_dose = dose_day[:, -1]
+    length = int(np.ceil(np.max(visit_day - last_dose)))
+    grid = last_dose[:, None] + np.arange(1, length + 1)[None, :]
+    inside = grid <= visit_day[:, None]
+    grid = np.minimum(grid, visit_day[:, None])
+    conc = _true_concentration(model, cov, eta, kappa, dose_day, dose_mg, grid, onset)
+    weeks_below = np.sum((conc < antibodies.threshold) & inside, axis=1) / WEEK
+    chance = -np.expm1(-antibodies.hazard_per_week * weeks_below)
+    new = ~np.isfinite(onset) & (uniform < chance)
+    return np.where(new, visit_day, onset)
 
 
 def _history_tables(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.ndarray,
@@ -274,7 +316,8 @@ def _history_tables(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.n
 
 
 def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_seed: int,
-             target: float, residual: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+             target: float, residual: bool, antibodies: AntibodyFormation | None
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One arm of one replicate: visits and per-patient outcomes."""
     rng = np.random.default_rng(rng_seed)
     n = len(cohort)
@@ -286,6 +329,10 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
     iov_sd = np.sqrt(np.array(list(model.iov.values()))) if model.iov else np.zeros(0)
     kappa = rng.standard_normal((n, max_doses, iov_sd.size)) * iov_sd
     eps = rng.standard_normal((n, max_doses + 1))
+    uniform = rng.uniform(size=(n, max_doses + 1))
+    onset = np.full(n, np.inf)
+    if antibodies is not None and "ATI" not in cov:
+        raise ValueError(f"{model.name} has no ATI covariate: antibodies cannot act on it")
 
     induction = np.array(INDUCTION_WEEKS) * WEEK
     dose_day = np.tile(induction, (n, 1))
@@ -301,8 +348,11 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
         active = next_day < end_day - 1e-9
         if not active.any():
             break
+        if antibodies is not None:
+            onset = _antibody_onset(model, cov, eta, kappa, dose_day, dose_mg, next_day,
+                                    onset, antibodies, uniform[:, visit])
         true = _true_concentration(model, cov, eta, kappa, dose_day, dose_mg,
-                                   next_day[:, None])[:, 0]
+                                   next_day[:, None], onset)[:, 0]
         sd = model.residual.sd(true)
         noisy = true * np.exp(sd * eps[:, visit]) if model.residual.log_scale else (
             true + sd * eps[:, visit] if residual else true)
@@ -333,7 +383,7 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
             break
 
     daily = np.tile(np.arange(FIRST_MAINTENANCE_WEEK * WEEK, end_day + 0.5, DAY), (n, 1))
-    profile = _true_concentration(model, cov, eta, kappa, dose_day, dose_mg, daily)
+    profile = _true_concentration(model, cov, eta, kappa, dose_day, dose_mg, daily, onset)
     maintenance = dose_mg[:, len(INDUCTION_WEEKS):]
     years = END_WEEK / 52.0
     visits = pd.DataFrame(rows, columns=["ID", "VISIT", "DAY", "WEEK", "TROUGH", "MEASURED",
@@ -348,6 +398,7 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
     patients["MG_PER_KG_PER_YEAR"] = dose_mg.sum(axis=1) / weight / years
     patients["VIALS"] = np.ceil(dose_mg / 100.0 - 1e-9).sum(axis=1)
     patients["INFUSIONS"] = (maintenance > 0).sum(axis=1)
+    patients["ANTIBODIES"] = np.isfinite(onset)
     patients["ABOVE_LABEL"] = (np.any(dose_mg / weight[:, None] > 10.0 + 1e-9, axis=1)
                                | (given_weeks < 4.0 - 1e-9))
     return visits, patients
@@ -360,17 +411,18 @@ _OUTCOMES = {
     "VIALS": "100-mg vials per patient",
     "INFUSIONS": "maintenance infusions per patient",
     "ABOVE_LABEL": "share ever above label (10 mg/kg or < 4 weeks)",
+    "ANTIBODIES": "share with antibodies by week 54 (when modelled)",
 }
 
 
 def _replicate(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One replicate trial (module level, so process and Dask executors can run it)."""
-    model, strategies, cohort, seed, target, residual, replicate = args
+    model, strategies, cohort, seed, target, residual, replicate, antibodies = args
     visits, patients = [], []
     seeds = np.random.SeedSequence(seed).spawn(len(strategies))
     for (arm, policy), arm_seed in zip(strategies.items(), seeds):
         v, p = _run_arm(model, policy, cohort, int(arm_seed.generate_state(1)[0]), target,
-                        residual)
+                        residual, antibodies)
         visits.append(v.assign(ARM=arm, REPLICATE=replicate))
         patients.append(p.assign(ARM=arm, REPLICATE=replicate))
     return pd.concat(visits, ignore_index=True), pd.concat(patients, ignore_index=True)
@@ -386,6 +438,7 @@ def run_trial(
     target: float = 6.0,
     cohort: Callable[..., pd.DataFrame] | None = None,
     residual: bool = True,
+    antibodies: AntibodyFormation | None = None,
     executor: Executor | None = None,
     progress: bool = False,
 ) -> TrialResult:
@@ -412,6 +465,8 @@ def run_trial(
         ``cohort(n, seed=...)`` returning one row per child; default :func:`kang_cohort`.
     residual : bool
         Assay error on the measured troughs.
+    antibodies : AntibodyFormation, optional
+        Antibody formation while concentrations are low (off by default).
     executor : concurrent.futures.Executor, optional
         Where replicates run (``executor.map``); default: here, one after another.
     progress : bool
@@ -432,7 +487,8 @@ def run_trial(
         cohort_seed, arm_seed = (int(s.generate_state(1)[0]) for s in child_seed.spawn(2))
         children = make(n, seed=cohort_seed)
         check_covariates(model, children)
-        jobs.append((model, dict(strategies), children, arm_seed, target, residual, r))
+        jobs.append((model, dict(strategies), children, arm_seed, target, residual, r,
+                     antibodies))
     mapper = executor.map if executor is not None else map
     visits, patients = [], []
     for done, (v, p) in enumerate(mapper(_replicate, jobs), start=1):

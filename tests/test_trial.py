@@ -119,3 +119,20 @@ def test_bad_trial_arguments():
         run_trial(MODEL, ARMS, n=0)
     with pytest.raises(ValueError, match="at least one arm"):
         run_trial(MODEL, {})
+
+
+def test_antibodies_form_more_often_at_low_concentrations_and_raise_clearance():
+    from pkmodel.trial import AntibodyFormation
+
+    hazard = AntibodyFormation(hazard_per_week=0.05, threshold=3.0)
+    result = run_trial(MODEL, ARMS, n=200, seed=8, antibodies=hazard)
+    share = result.patients.groupby("ARM")["ANTIBODIES"].mean()
+    assert share["label"] > share["proactive"] > 0.0
+    without = run_trial(MODEL, ARMS, n=200, seed=8)
+    assert not without.patients["ANTIBODIES"].any()
+    formed = result.patients["ANTIBODIES"].to_numpy()
+    lower = (result.patients["WEEK54_TROUGH"].to_numpy()
+             <= without.patients["WEEK54_TROUGH"].to_numpy() + 1e-12)
+    assert lower[formed].all()  # same children and draws: antibodies only lower troughs
+    with pytest.raises(ValueError, match="hazard_per_week"):
+        AntibodyFormation(hazard_per_week=-1.0)

@@ -40,6 +40,7 @@ __all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
 _STEP = 1e-4  # finite-difference step in ETA units (central differences)
 _LINE_STEPS = np.array([1.0, 0.5, 0.25, 0.1, 0.03, 0.01, 0.001])
 _MAX_STEP = 3.0  # largest change of one eta per iteration
+_NEWTON_MAX = 6  # above this many ETAs/KAPPAs the FOCE Hessian alone is used (cheaper)
 
 
 # --------------------------------------------------------------------------- the problem
@@ -346,6 +347,12 @@ def _step(hess: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return step, ok
 
 
+def _with_hessian(values: tuple) -> tuple:
+    """Derivatives with the FOCE Hessian standing in where no full Hessian was computed."""
+    ofv, grad, fisher, hess = values
+    return ofv, grad, fisher, fisher if hess is None else hess
+
+
 @dataclass
 class _Fit:
     eta: np.ndarray  # (B, S, p)
@@ -366,6 +373,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
     ids = np.repeat(np.arange(b_count), s_count)
     eta = start.reshape(-1, n).copy()
     pairs = len(ids)
+    newton = n <= _NEWTON_MAX
     active = np.ones(pairs, dtype=bool)
     converged = np.zeros(pairs, dtype=bool)
     iterations = np.zeros(pairs, dtype=int)
@@ -385,7 +393,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
             break
         need = at[~known[at]]
         if need.size:
-            store(need, _derivatives(obj, eta[need], ids[need], newton=True))
+            store(need, _with_hessian(_derivatives(obj, eta[need], ids[need], newton=newton)))
         newton_step, ok = _step(hess[at], grad[at])
         fisher_step, usable = _step(fisher[at], grad[at])
         usable &= np.isfinite(ofv[at])
@@ -405,7 +413,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         biggest = np.abs(step).max(axis=-1, keepdims=True)
         step = step * np.minimum(1.0, _MAX_STEP / np.maximum(biggest, 1e-300))
         full = eta[at] + step
-        values = _derivatives(obj, full, ids[at], newton=True)
+        values = _with_hessian(_derivatives(obj, full, ids[at], newton=newton))
         good = np.isfinite(values[0]) & (values[0] <= ofv[at] - 0.5e-4 * decrease)
         eta[at[good]] = full[good]
         store(at[good], tuple(v[good] for v in values))
@@ -547,7 +555,8 @@ def estimate_map(
                     np.argmin(fit.ofv, axis=1))
     take = np.arange(b_count)
     eta = fit.eta[take, best]
-    final_ofv, _, fisher, hess = _derivatives(obj, eta, take, newton=True)
+    final_ofv, _, fisher, hess = _with_hessian(
+        _derivatives(obj, eta, take, newton=n <= _NEWTON_MAX))
     etc = np.linalg.inv(fisher / 2.0)  # NONMEM's ETC: from the FOCE Hessian
     pd_ok = np.linalg.eigvalsh(hess).min(axis=1) > 0
 

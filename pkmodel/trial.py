@@ -28,6 +28,7 @@ from scipy import stats
 
 from pkmodel.dosing import recommend_regimen
 from pkmodel.engine import Events, solve
+from pkmodel.estimate import estimate_map
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 from pkmodel.predict import make_cohort
 
@@ -70,6 +71,10 @@ class Visit:
     history : list of DataFrame
         Each patient's records so far (doses, measured troughs, covariates), for policies
         that fit a model.
+    dose_days, doses : ndarray
+        Every dose so far (day, mg), ``(n, D)``.
+    covariates : dict of ndarray
+        Each patient's covariates as the clinic knows them (baseline values).
     """
 
     number: int
@@ -79,6 +84,9 @@ class Visit:
     dose_mg: np.ndarray
     interval_weeks: np.ndarray
     history: list[pd.DataFrame]
+    dose_days: np.ndarray | None = None
+    doses: np.ndarray | None = None
+    covariates: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,11 @@ class BayesianDosing:
 
     Fits the patient's history with ``model`` (MAP by default: ``n_draws=0``) and gives the
     recommended dose (whole vials) and interval; when no option reaches the target, the
-    closest one.
+    closest one. With the defaults (MAP, 100-mg vials up to 20 mg/kg, every 4 to 8 weeks,
+    52-week horizon) every child of a visit is handled at once: one ``estimate_map`` call
+    and one forecast for all of them, the same choice as ``recommend_regimen`` makes
+    child by child (the tests compare the two); with ``n_draws`` or ``options`` set, each
+    child goes through ``recommend_regimen``.
     """
 
     model: PopulationModel
@@ -142,6 +154,8 @@ class BayesianDosing:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __call__(self, visit: Visit) -> Decision:
+        if self.n_draws == 0 and not self.options and visit.doses is not None:
+            return _bayesian_all_at_once(self.model, visit, self.target)
         doses, intervals = [], []
         for i, history in enumerate(visit.history):
             rec = recommend_regimen(self.model, history, self.target, n_draws=self.n_draws,
@@ -169,6 +183,89 @@ class AntibodyFormation:
     def __post_init__(self) -> None:
         if not self.hazard_per_week >= 0 or not self.threshold > 0:
             raise ValueError("`hazard_per_week` must be >= 0 and `threshold` > 0 (mg/L)")
+
+
+def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *,
+                          intervals_weeks: tuple[float, ...] = (4, 5, 6, 7, 8),
+                          vial_mg: float = 100.0, max_mg_per_kg: float = 20.0,
+                          horizon_weeks: float = 52.0) -> Decision:
+    """``recommend_regimen`` defaults (MAP), for every child of a visit at once.
+
+    Troughs are linear in the new dose: ``C_history + D * C_unit``; ``C_unit`` depends
+    on time since the next dose only, so one shared schedule serves every child.
+    """
+    fit = estimate_map(model, pd.concat(visit.history, ignore_index=True))
+    eta = fit.individuals[list(model.eta_names)].to_numpy(dtype=float)
+    n = eta.shape[0]
+    cov = {k: np.asarray(v, dtype=float) for k, v in (visit.covariates or {}).items()}
+    no_kappa = np.zeros((n, 1, len(model.iov)))
+    params = evaluate_parameters(model, cov, eta)
+    horizon = horizon_weeks * WEEK
+    weight = visit.weight
+    max_mg = np.floor(max_mg_per_kg * weight / vial_mg + 1e-9) * vial_mg
+    best_cost = np.full(n, np.inf)
+    best = (np.zeros(n), np.zeros(n))
+    closest_low = np.full(n, -np.inf)
+    closest = (np.zeros(n), np.zeros(n))
+    for weeks in sorted(intervals_weeks):
+        tau = weeks * WEEK
+        k = np.arange(1, int(np.floor(horizon / tau + 1e-9)) + 1)
+        history = _true_concentration(model, cov, eta, no_kappa, visit.dose_days, visit.doses,
+                                      visit.day[:, None] + tau * k[None, :])
+        unit = _unit_troughs(model, params, tau, k)  # (n, K + 1), last: steady state
+        history = np.concatenate([history, np.zeros((n, 1))], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            needed = np.max((target - history) / unit, axis=1)
+        dose = np.maximum(np.ceil(needed / vial_mg - 1e-12), 1.0) * vial_mg
+        short = np.min(history + dose[:, None] * unit, axis=1) < target  # rounding guard
+        dose = np.where(short, dose + vial_mg, dose)
+        ok = dose <= max_mg + 1e-9
+        cost = dose / weight / weeks
+        better = ok & (cost <= best_cost + 1e-12)  # ties: the longer interval (later)
+        best_cost = np.where(better, cost, best_cost)
+        best = (np.where(better, dose, best[0]), np.where(better, weeks, best[1]))
+        low = np.min(history + max_mg[:, None] * unit, axis=1)
+        nearer = low > closest_low
+        closest_low = np.where(nearer, low, closest_low)
+        closest = (np.where(nearer, max_mg, closest[0]), np.where(nearer, weeks, closest[1]))
+    found = np.isfinite(best_cost)
+    return Decision(np.where(found, best[0], closest[0]), np.where(found, best[1], closest[1]))
+
+
+def _unit_troughs(model: PopulationModel, params: Mapping[str, np.ndarray], tau: float,
+                  k: np.ndarray) -> np.ndarray:
+    """Troughs of 1 mg every ``tau`` days from day 0 (2-h infusions) before doses ``k``,
+    and at steady state, for every child's parameters: ``(n, K + 1)``."""
+    n_doses = k.size
+    time = np.concatenate([tau * np.arange(n_doses), tau * k])
+    evid = np.concatenate([np.ones(n_doses), np.zeros(n_doses)])
+    order = np.lexsort((evid, time))
+    time, evid = time[order], evid[order]
+    ss_time, ss_evid = np.array([0.0, tau]), np.array([1.0, 0.0])
+    n_rec = time.size
+    pad = n_rec - 2
+    rows = {
+        "time": np.stack([time, np.r_[ss_time, np.full(pad, tau)]]),
+        "evid": np.stack([evid, np.r_[ss_evid, np.full(pad, 2.0)]]),
+    }
+    amt = rows["evid"] * (rows["evid"] == 1)
+    zeros = np.zeros((2, n_rec))
+    ss = zeros.copy()
+    ss[1, 0] = 1.0
+    ii = zeros.copy()
+    ii[1, 0] = tau
+    events = Events(time=rows["time"], evid=rows["evid"], amt=amt, rate=amt / INFUSION_DAYS,
+                    dur=zeros, ii=ii, ss=ss, cmt=np.ones((2, n_rec)),
+                    param_row=np.tile(np.arange(n_rec), (2, 1)),
+                    source_row=np.tile(np.arange(n_rec), (2, 1)))
+    n = np.broadcast_shapes(*(np.shape(v) for v in params.values()))[0]
+    per_set = {key: np.tile(np.broadcast_to(np.asarray(v, dtype=float), (n,))[:, None],
+                            (2, n_rec)) for key, v in params.items()}
+    amounts = solve(model.structure, events, per_set)
+    conc = amounts[..., model.structure.central_cmt - 1] / per_set["V1"]
+    regimen = conc[:n][:, evid == 0]
+    steady = conc[n:, 1:2]
+    return np.concatenate([regimen, steady], axis=1)
 
 
 def kang_cohort(n: int, *, seed: int | None = None) -> pd.DataFrame:
@@ -366,7 +463,9 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
         act = np.flatnonzero(active)
         decision = policy(Visit(number=visit, day=next_day[act], trough=noisy[act],
                                 weight=weight[act], dose_mg=dose_mg[act, -1],
-                                interval_weeks=interval[act], history=history))
+                                interval_weeks=interval[act], history=history,
+                                dose_days=dose_day[act], doses=dose_mg[act],
+                                covariates={k: v[act] for k, v in cov.items()}))
         given = np.zeros(n)
         given[act] = decision.dose_mg
         new_interval = interval.copy()

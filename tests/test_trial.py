@@ -136,3 +136,11 @@ def test_antibodies_form_more_often_at_low_concentrations_and_raise_clearance():
     assert lower[formed].all()  # same children and draws: antibodies only lower troughs
     with pytest.raises(ValueError, match="hazard_per_week"):
         AntibodyFormation(hazard_per_week=-1.0)
+
+
+def test_bayesian_all_at_once_equals_recommend_regimen_child_by_child():
+    """The vectorised MAP policy makes recommend_regimen's choice for every child."""
+    fast = run_trial(MODEL, {"bayes": BayesianDosing(MODEL)}, n=6, seed=21)
+    slow = run_trial(MODEL, {"bayes": BayesianDosing(MODEL, options={"vial_mg": 100.0})},
+                     n=6, seed=21)
+    pd.testing.assert_frame_equal(fast.visits, slow.visits)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "deterministic",
     derandomize=True,
+    database=None,  # the same examples every run: nothing replayed from earlier runs
     deadline=None,
     max_examples=60,
     suppress_health_check=[HealthCheck.too_slow],

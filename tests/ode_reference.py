@@ -50,7 +50,7 @@ def ode_amounts(
     *,
     n_cmt: int,
     depot: bool = False,
-    method: str = "DOP853",
+    method: str = "LSODA",
     rtol: float = 1e-12,
 ) -> np.ndarray:
     """Amounts at ``times`` (after any bolus at that time), by numerical integration.

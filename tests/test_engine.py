@@ -52,7 +52,7 @@ def engine_amounts(structure, doses, obs_times, params, use_dur=False):
 @pytest.mark.parametrize("n_cmt,depot", STRUCTURES)
 @given(data=st.data())
 def test_matches_ode_for_any_regimen(n_cmt, depot, data):
-    """Boluses and overlapping infusions in every compartment: engine == solve_ivp (DOP853,
+    """Boluses and overlapping infusions in every compartment: engine == solve_ivp (LSODA,
     rtol 1e-12) to 1e-8 relative wherever an amount exceeds 1e-6 of its peak."""
     params = data.draw(pk_params(n_cmt, depot))
     doses = data.draw(regimens(n_cmt, depot))

@@ -103,7 +103,7 @@ def test_parameters_match_the_reference_equations(name, person):
 @pytest.mark.parametrize("name", available())
 def test_typical_troughs_on_the_label_regimen_match_an_ode_solver(name):
     """PRED troughs of a 28-kg child, 5 mg/kg at weeks 0, 2, 6 then every 8 weeks, against
-    solve_ivp (DOP853, rtol 1e-12) with parameters computed by hand."""
+    solve_ivp (LSODA, rtol 1e-12) with parameters computed by hand."""
     cov = covariates_for(name, CHILD)
     table = infliximab_regimen(28.0, until_week=54,
                                covariates={k: v for k, v in cov.items() if k != "WT"})

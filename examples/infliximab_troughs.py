@@ -37,7 +37,7 @@ def main() -> None:
               f"{lowest:.2f} mg/L ({verdict} the {TARGET:g} mg/L target)")
         print("   week  " + "  ".join(f"{t / 7:5.0f}" for t in maintenance["TIME"]))
         print("   mg/L  " + "  ".join(f"{c:5.2f}" for c in maintenance["PRED"]))
-    print("\nDose selection from measured troughs arrives with the dose optimiser.")
+    print("\nFrom measured troughs, `pkmodel recommend` picks the smallest change (make demo).")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -68,9 +68,10 @@ class Visit:
         Body weight (kg).
     dose_mg, interval_weeks : ndarray
         The regimen so far (last dose, last interval).
-    history : list of DataFrame
-        Each patient's records so far (doses, measured troughs, covariates), for policies
-        that fit a model.
+    records : DataFrame or None
+        Every patient's records so far in one NONMEM-style table (doses, measured troughs,
+        covariates), built for policies whose class sets ``needs_records = True`` (those
+        that fit a model); None for the others.
     dose_days, doses : ndarray
         Every dose so far (day, mg), ``(n, D)``.
     covariates : dict of ndarray
@@ -83,10 +84,18 @@ class Visit:
     weight: np.ndarray
     dose_mg: np.ndarray
     interval_weeks: np.ndarray
-    history: list[pd.DataFrame]
+    records: pd.DataFrame | None = None
     dose_days: np.ndarray | None = None
     doses: np.ndarray | None = None
     covariates: Mapping[str, np.ndarray] | None = None
+
+    @property
+    def history(self) -> list[pd.DataFrame]:
+        """Each patient's records, one table per patient, in the order of the arrays."""
+        if self.records is None:
+            return []
+        return [part.reset_index(drop=True)
+                for _, part in self.records.groupby("ID", sort=False)]
 
 
 @dataclass(frozen=True)
@@ -152,9 +161,11 @@ class BayesianDosing:
     target: float = 6.0
     n_draws: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
+    needs_records: ClassVar[bool] = True  # the trial builds Visit.records for this policy
 
     def __call__(self, visit: Visit) -> Decision:
-        if self.n_draws == 0 and not self.options and visit.doses is not None:
+        if self.n_draws == 0 and not self.options and visit.doses is not None \
+                and visit.records is not None:
             return _bayesian_all_at_once(self.model, visit, self.target)
         doses, intervals = [], []
         for i, history in enumerate(visit.history):
@@ -194,7 +205,7 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
     Troughs are linear in the new dose: ``C_history + D * C_unit``; ``C_unit`` depends
     on time since the next dose only, so one shared schedule serves every child.
     """
-    fit = estimate_map(model, pd.concat(visit.history, ignore_index=True))
+    fit = estimate_map(model, visit.records)
     eta = fit.individuals[list(model.eta_names)].to_numpy(dtype=float)
     n = eta.shape[0]
     cov = {k: np.asarray(v, dtype=float) for k, v in (visit.covariates or {}).items()}
@@ -391,25 +402,31 @@ def _antibody_onset(model: PopulationModel, cov: dict[str, np.ndarray], eta: np.
     return np.where(new, visit_day, onset)
 
 
-def _history_tables(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.ndarray,
-                    dose_mg: np.ndarray, trough_day: np.ndarray, measured: np.ndarray,
-                    active: np.ndarray) -> list[pd.DataFrame]:
-    tables = []
-    for i in np.flatnonzero(active):
-        doses = pd.DataFrame({"TIME": dose_day[i], "EVID": 1, "AMT": dose_mg[i],
-                              "RATE": dose_mg[i] / INFUSION_DAYS, "MDV": 1, "DV": np.nan})
-        doses = doses[doses["AMT"] > 0]
-        seen = np.isfinite(measured[i])
-        samples = pd.DataFrame({"TIME": trough_day[i][seen], "EVID": 0, "AMT": 0.0, "RATE": 0.0,
-                                "MDV": 0, "DV": measured[i][seen]})
-        table = pd.concat([samples, doses], ignore_index=True)
-        table = table.sort_values(["TIME", "EVID"], kind="stable").reset_index(drop=True)
-        table.insert(0, "ID", int(cohort["ID"].iloc[i]))
-        table["CMT"] = 1
-        for name in names:
-            table[name] = float(cohort[name].iloc[i])
-        tables.append(table)
-    return tables
+def _history_records(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.ndarray,
+                     dose_mg: np.ndarray, trough_day: np.ndarray, measured: np.ndarray,
+                     active: np.ndarray) -> pd.DataFrame:
+    """One NONMEM-style table of the active patients' doses and measured troughs."""
+    rows = np.flatnonzero(active)
+    n_dose, n_seen = dose_day.shape[1], trough_day.shape[1]
+    patient = np.concatenate([np.repeat(rows, n_dose), np.repeat(rows, n_seen)])
+    time = np.concatenate([dose_day[rows].ravel(), trough_day[rows].ravel()])
+    amount = np.concatenate([dose_mg[rows].ravel(), np.zeros(rows.size * n_seen)])
+    dv = np.concatenate([np.full(rows.size * n_dose, np.nan), measured[rows].ravel()])
+    is_dose = np.concatenate([np.ones(rows.size * n_dose, bool), np.zeros(rows.size * n_seen,
+                                                                          bool)])
+    keep = np.where(is_dose, amount > 0, np.isfinite(dv))
+    position = np.searchsorted(rows, patient)
+    order = np.lexsort((is_dose[keep], time[keep], position[keep]))
+    pick = np.flatnonzero(keep)[order]
+    frame = pd.DataFrame({
+        "ID": cohort["ID"].to_numpy()[patient[pick]],
+        "TIME": time[pick], "EVID": is_dose[pick] * 1, "AMT": amount[pick],
+        "RATE": amount[pick] / INFUSION_DAYS, "CMT": 1, "MDV": np.where(is_dose[pick], 1, 0),
+        "DV": dv[pick],
+    })
+    for name in names:
+        frame[name] = cohort[name].to_numpy(dtype=float)[patient[pick]]
+    return frame
 
 
 def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_seed: int,
@@ -455,15 +472,15 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
             true + sd * eps[:, visit] if residual else true)
         trough_day = np.concatenate([trough_day, next_day[:, None]], axis=1)
         measured = np.concatenate([measured, np.where(active, noisy, np.nan)[:, None]], axis=1)
-        history = []
-        if isinstance(policy, BayesianDosing):
-            names = tuple(c for c in model.covariate_names)
-            history = _history_tables(cohort, tuple(dict.fromkeys(("WT", *names))),
-                                      dose_day, dose_mg, trough_day, measured, active)
+        records = None
+        if getattr(policy, "needs_records", False):
+            names = tuple(dict.fromkeys(("WT", *model.covariate_names)))
+            records = _history_records(cohort, names, dose_day, dose_mg, trough_day, measured,
+                                       active)
         act = np.flatnonzero(active)
         decision = policy(Visit(number=visit, day=next_day[act], trough=noisy[act],
                                 weight=weight[act], dose_mg=dose_mg[act, -1],
-                                interval_weeks=interval[act], history=history,
+                                interval_weeks=interval[act], records=records,
                                 dose_days=dose_day[act], doses=dose_mg[act],
                                 covariates={k: v[act] for k, v in cov.items()}))
         given = np.zeros(n)

@@ -28,7 +28,7 @@ def visit(troughs, intervals) -> Visit:
     n = len(troughs)
     return Visit(number=0, day=np.full(n, 98.0), trough=np.array(troughs, float),
                  weight=np.full(n, 30.0), dose_mg=np.full(n, 150.0),
-                 interval_weeks=np.array(intervals, float), history=[])
+                 interval_weeks=np.array(intervals, float))
 
 
 def test_kang_rule_as_stated():

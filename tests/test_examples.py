@@ -11,6 +11,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_trough_example_runs(capsys):
     runpy.run_path(str(EXAMPLES / "infliximab_troughs.py"), run_name="__main__")
     out = capsys.readouterr().out
-    # Label dosing misses 6 mg/L for this child; 5 mg/kg every 4 weeks meets it.
-    assert "140 mg (5 mg/kg) every 8 weeks after induction: lowest maintenance trough 1.19" in out
-    assert "every 4 weeks after induction: lowest maintenance trough 6.01 mg/L (meets" in out
+    # The script's own verdicts: label dosing misses 6 mg/L for this typical child and
+    # 5 mg/kg every 4 weeks meets it (the troughs themselves are checked against solve_ivp
+    # in tests/test_models_infliximab.py).
+    lines = {line.split(" after induction")[0]: line for line in out.splitlines()
+             if "after induction" in line}
+    assert "misses the 6 mg/L target" in lines["140 mg (5 mg/kg) every 8 weeks"]
+    assert "meets the 6 mg/L target" in lines["140 mg (5 mg/kg) every 4 weeks"]

@@ -8,7 +8,8 @@ days, AMT in mg, RATE in mg/day, DV in mg/L.
 :func:`validate` checks a table once, at the public boundary, and returns a standardised
 copy with every NONMEM column present; every error names the column, the row (0-based
 position in the table) and the ID, and says what was expected. Nothing is dropped,
-reordered or converted between units.
+reordered or converted between units. (:func:`pkmodel.predict.to_events` turns a validated
+table into the engine's events: this module stays above the engine in the layers.)
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pkmodel.engine import Events, Structure, expand_records, stack_events
 from pkmodel.errors import CovariateError, DatasetError
 
-__all__ = ["NONMEM_COLUMNS", "read_nonmem", "to_events", "validate"]
+__all__ = [
+    "NONMEM_COLUMNS",
+    "days_since",
+    "dose_amount",
+    "dosing_table",
+    "infliximab_regimen",
+    "read_nonmem",
+    "validate",
+]
 
 #: Columns with NONMEM's meaning, in NONMEM's order.
 NONMEM_COLUMNS = ("ID", "TIME", "AMT", "RATE", "DUR", "II", "ADDL", "SS", "EVID", "MDV",
@@ -253,64 +261,6 @@ def validate(
         if column in values:
             out[column] = values[column]
     return out
-
-
-def to_events(
-    data: pd.DataFrame,
-    structure: Structure,
-    *,
-    covariates: str = "nocb",
-) -> Events:
-    """Convert a validated table into engine :class:`~pkmodel.engine.Events`, one profile per ID.
-
-    Parameters
-    ----------
-    data : DataFrame
-        Output of :func:`validate`.
-    structure : Structure
-        The model's compartments: dose CMT must exist, observation CMT must be 0 or the
-        central compartment.
-    covariates : {"nocb", "locf"}
-        Which record's parameters govern the interval before a record: ``"nocb"``
-        (NONMEM's rule, the next record's) or ``"locf"`` (the previous record's).
-
-    Returns
-    -------
-    Events
-        Padded to the longest ID; ``param_row`` and ``source_row`` index rows of ``data``
-        by position.
-
-    Examples
-    --------
-    >>> table = validate(pd.DataFrame({"ID": [1, 1, 2], "TIME": [0.0, 7.0, 0.0],
-    ...                                "AMT": [100.0, 0.0, 50.0]}))
-    >>> to_events(table, Structure(1)).shape
-    (2, 2)
-    """
-    if covariates not in ("nocb", "locf"):
-        raise ValueError(f"`covariates` must be 'nocb' or 'locf'; got {covariates!r}")
-    cmt = data["CMT"].to_numpy()
-    evid = data["EVID"].to_numpy()
-    dose = (evid == 1) | (evid == 4)
-    _fail(data, "CMT", dose & (cmt > structure.n_states),
-          f"a dose compartment between 1 and {structure.n_states} for this model", cmt)
-    _fail(data, "CMT", (evid == 0) & (cmt != 0) & (cmt != structure.central_cmt),
-          f"0 or {structure.central_cmt} (the central compartment) on observation records",
-          cmt)
-    ids = data["ID"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    stops = np.r_[starts[1:], len(data)]
-    columns = {c: data[c].to_numpy() for c in ("TIME", "EVID", "AMT", "RATE", "DUR", "II",
-                                                "ADDL", "SS", "CMT")}
-    profiles = []
-    for lo, hi in zip(starts, stops):
-        part = {c: v[lo:hi] for c, v in columns.items()}
-        profiles.append(expand_records(
-            part["TIME"], part["EVID"], part["AMT"], rate=part["RATE"], dur=part["DUR"],
-            ii=part["II"], addl=part["ADDL"], ss=part["SS"], cmt=part["CMT"],
-            covariates=covariates, row_offset=int(lo),
-        ))
-    return stack_events(profiles)
 
 
 # --------------------------------------------------------------------------- regimens

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import to_events, validate
+from pkmodel.data import validate
 from pkmodel.errors import DatasetError
 from pkmodel.estimate import MAPEstimate, estimate_map, sample_posterior
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
-from pkmodel.predict import _profile_concentrations
+from pkmodel.predict import _profile_concentrations, to_events
 
 __all__ = [
     "Option",

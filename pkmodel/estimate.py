@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 from scipy.special import log_ndtr
 
-from pkmodel.data import to_events, validate
+from pkmodel.data import validate
 from pkmodel.engine import Events, stack_events
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
-from pkmodel.predict import _occasions, _predict_table, _profile_concentrations
+from pkmodel.predict import _occasions, _predict_table, _profile_concentrations, to_events
 
 __all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
 

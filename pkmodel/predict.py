@@ -4,6 +4,8 @@
 * :func:`predict_troughs`: the concentration just before each dose.
 * :func:`simulate`: virtual patients with IIV, IOV and residual error, vectorised.
 * :func:`make_cohort`: covariates of virtual patients drawn from stated distributions.
+* :func:`to_events`: a validated table as the engine's events (the bridge between the
+  pandas layer and the numpy engine).
 """
 
 from __future__ import annotations
@@ -14,12 +16,71 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import to_events, validate
-from pkmodel.engine import Events, at_rows, solve
+from pkmodel.data import _fail, validate
+from pkmodel.engine import Events, Structure, at_rows, expand_records, solve, stack_events
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 
 __all__ = ["make_cohort", "predict", "predict_troughs", "simulate"]
+
+
+def to_events(
+    data: pd.DataFrame,
+    structure: Structure,
+    *,
+    covariates: str = "nocb",
+) -> Events:
+    """Convert a validated table into engine :class:`~pkmodel.engine.Events`, one profile per ID.
+
+    Parameters
+    ----------
+    data : DataFrame
+        Output of :func:`validate`.
+    structure : Structure
+        The model's compartments: dose CMT must exist, observation CMT must be 0 or the
+        central compartment.
+    covariates : {"nocb", "locf"}
+        Which record's parameters govern the interval before a record: ``"nocb"``
+        (NONMEM's rule, the next record's) or ``"locf"`` (the previous record's).
+
+    Returns
+    -------
+    Events
+        Padded to the longest ID; ``param_row`` and ``source_row`` index rows of ``data``
+        by position.
+
+    Examples
+    --------
+    >>> from pkmodel.data import validate
+    >>> table = validate(pd.DataFrame({"ID": [1, 1, 2], "TIME": [0.0, 7.0, 0.0],
+    ...                                "AMT": [100.0, 0.0, 50.0]}))
+    >>> to_events(table, Structure(1)).shape
+    (2, 2)
+    """
+    if covariates not in ("nocb", "locf"):
+        raise ValueError(f"`covariates` must be 'nocb' or 'locf'; got {covariates!r}")
+    cmt = data["CMT"].to_numpy()
+    evid = data["EVID"].to_numpy()
+    dose = (evid == 1) | (evid == 4)
+    _fail(data, "CMT", dose & (cmt > structure.n_states),
+          f"a dose compartment between 1 and {structure.n_states} for this model", cmt)
+    _fail(data, "CMT", (evid == 0) & (cmt != 0) & (cmt != structure.central_cmt),
+          f"0 or {structure.central_cmt} (the central compartment) on observation records",
+          cmt)
+    ids = data["ID"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    stops = np.r_[starts[1:], len(data)]
+    columns = {c: data[c].to_numpy() for c in ("TIME", "EVID", "AMT", "RATE", "DUR", "II",
+                                                "ADDL", "SS", "CMT")}
+    profiles = []
+    for lo, hi in zip(starts, stops):
+        part = {c: v[lo:hi] for c, v in columns.items()}
+        profiles.append(expand_records(
+            part["TIME"], part["EVID"], part["AMT"], rate=part["RATE"], dur=part["DUR"],
+            ii=part["II"], addl=part["ADDL"], ss=part["SS"], cmt=part["CMT"],
+            covariates=covariates, row_offset=int(lo),
+        ))
+    return stack_events(profiles)
 
 
 def _prepare(model: PopulationModel, data: pd.DataFrame, covariates: str,

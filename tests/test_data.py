@@ -14,11 +14,11 @@ from pkmodel.data import (
     dosing_table,
     infliximab_regimen,
     read_nonmem,
-    to_events,
     validate,
 )
 from pkmodel.engine import Structure, solve
 from pkmodel.errors import CovariateError, DatasetError, PKModelError
+from pkmodel.predict import to_events
 
 
 def base_table() -> pd.DataFrame:

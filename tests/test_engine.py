@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from ode_reference import Dose, ode_amounts
 from strategies import log_uniform, pk_params, regimens
 
-from pkmodel.data import to_events, validate
+from pkmodel.data import validate
 from pkmodel.engine import Structure, at_rows, expand_records, solve, stack_events
+from pkmodel.predict import to_events
 
 STRUCTURES = [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
 

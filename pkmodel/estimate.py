@@ -11,14 +11,17 @@ With IOV, one KAPPA per occasion and per IOV term is estimated with the ETAs (pr
 variance from ``model.iov``); forecasts set them to 0.
 
 All IDs are optimised together, vectorised: each iteration is one engine call for every
-ID, every start and every finite-difference point. The optimiser is Fisher scoring (the
-FOCE Hessian, positive definite by construction) with a vectorised backtracking line
-search and a final Newton step with the finite-difference Hessian, from several starts
-(zero and points of the prior); the best optimum is kept, and a different optimum found
-from another start is reported in the message, never dropped silently.
+ID, every start and every finite-difference point. The optimiser is Newton's method with
+central finite differences (the full Hessian up to 6 parameters; beyond, and wherever the
+full Hessian is not positive definite, the FOCE Hessian, positive definite by
+construction), the full step tried first and a vectorised backtracking line search after,
+from several starts (zero and points of the prior); the best optimum is kept, and a
+different optimum found from another start is reported in the message, never dropped
+silently.
 
-NONMEM's ``.phi`` OBJ is ``OFV + ln det OMEGA - ln det ETC`` and its ETC is the inverse of
-half the Hessian of OFV at the optimum; both are reported.
+NONMEM's ``.phi`` OBJ is ``OFV + ln det OMEGA - ln det ETC``, and its ETC is the inverse of
+half the FOCE Hessian at the optimum (first derivatives of the predictions, interaction
+included; the full Hessian does not reproduce NONMEM's ETC); both are reported so.
 """
 
 from __future__ import annotations

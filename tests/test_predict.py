@@ -196,3 +196,27 @@ def test_make_cohort_is_seeded_and_checks_shapes():
     assert a["ALB"].between(2.5, 4.5).all() and (a["IMM"] == 1).all()
     with pytest.raises(ValueError, match="shape"):
         make_cohort(3, {"WT": [1.0, 2.0]})
+
+
+def test_order_of_id_blocks_does_not_matter():
+    """NONMEM processes each ID on its own: swapping ID blocks changes no prediction."""
+    model = load("fasanmade2011")
+    a = infliximab_regimen(20.0, id=1, covariates={"ALB": 3.0, "ATI": 0, "IMM": 1})
+    b = infliximab_regimen(45.0, 10.0, every_weeks=6, id=2,
+                           covariates={"ALB": 4.2, "ATI": 1, "IMM": 0})
+    forward = predict(model, pd.concat([a, b], ignore_index=True))
+    backward = predict(model, pd.concat([b, a], ignore_index=True))
+    for ident in (1, 2):
+        np.testing.assert_array_equal(forward.loc[forward["ID"] == ident, "PRED"].to_numpy(),
+                                      backward.loc[backward["ID"] == ident, "PRED"].to_numpy())
+
+
+def test_records_at_the_same_time_follow_file_order():
+    """A sample before a bolus record at the same time is pre-dose; after it, post-dose."""
+    model = dataclasses.replace(load("fasanmade2011"), iov={"KAPPA_CL": 0.0})
+    rows = pd.DataFrame({"ID": 1, "TIME": [0.0, 14.0, 14.0, 14.0], "EVID": [1, 0, 1, 0],
+                         "AMT": [140.0, 0.0, 140.0, 0.0], "RATE": 0.0, "WT": 28.0,
+                         "ALB": 3.3, "ATI": 0, "IMM": 1})
+    out = predict(model, rows)
+    before, after = out["PRED"].iloc[1], out["PRED"].iloc[3]
+    np.testing.assert_allclose(after - before, 140.0 / out["V1"].iloc[3], rtol=1e-12)

@@ -498,7 +498,7 @@ def estimate_map(
     covariates: str = "nocb",
     starts: int = 3,
     seed: int = 0,
-    max_iter: int = 100,
+    max_iter: int = 500,
     tol: float = 1e-10,
 ) -> MAPEstimate:
     """MAP estimates of every ID's ETAs from its measured concentrations.

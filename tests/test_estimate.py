@@ -316,3 +316,28 @@ def test_posterior_sample_is_seeded_and_reports_diagnostics():
     c = est.sample_posterior(one_compartment(), table, n=200, seed=5, method="mcmc",
                              proposals=4000)
     assert 0.1 < c.diagnostics["ACCEPTANCE"].iloc[0] < 0.9
+
+
+@pytest.mark.parametrize("troughs", [(1e-4, 1e-4), (200.0, 150.0), (0.2, 30.0)],
+                         ids=["near-zero", "very-high", "contradictory"])
+def test_hard_cases_reach_the_optimum_of_a_brute_force_search(troughs):
+    """Extreme troughs (xu2012, proportional error): converged, and OFV no worse than the
+    best of several Nelder-Mead runs on the same objective."""
+    model = load("xu2012")
+    table = infliximab_regimen(60.0, until_week=22, covariates={"ALB": 3.5, "ATI": 0})
+    for value, week in zip(troughs, (14, 22)):
+        sample = (table["EVID"] == 0) & (table["TIME"] == week * 7.0)
+        table.loc[sample, ["MDV", "DV"]] = [0, value]
+    fit = est.estimate_map(model, table)
+    problem, _ = est._build_problem(model, table, "nocb")
+    objective = est._Objective(problem)
+
+    def ofv(eta):
+        return objective.ofv(np.asarray(eta)[None, None, :], np.arange(1))[0, 0]
+
+    starts = np.random.default_rng(0).normal(0.0, 1.0, (4, 4))
+    brute = min(optimize.minimize(ofv, x0, method="Nelder-Mead",
+                                  options={"xatol": 1e-8, "fatol": 1e-10, "maxfev": 40000}).fun
+                for x0 in starts)
+    assert fit.success
+    assert fit.individuals["OFV"].iloc[0] <= brute + 1e-6

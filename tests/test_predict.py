@@ -73,11 +73,17 @@ def test_eta_errors_are_explicit():
                                                       "ETA_V1": [0.0], "ETA_V2": [0.0]}))
 
 
-def test_many_ids_in_one_call_equal_one_at_a_time():
-    model = load("fasanmade2011")
+def two_children() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A 20-kg child on label dosing and a 45-kg child with antibodies on 10 mg/kg q6w."""
     a = infliximab_regimen(20.0, id=1, covariates={"ALB": 3.0, "ATI": 0, "IMM": 1})
     b = infliximab_regimen(45.0, 10.0, every_weeks=6, id=2,
                            covariates={"ALB": 4.2, "ATI": 1, "IMM": 0})
+    return a, b
+
+
+def test_many_ids_in_one_call_equal_one_at_a_time():
+    model = load("fasanmade2011")
+    a, b = two_children()
     both = predict(model, pd.concat([a, b], ignore_index=True))
     np.testing.assert_allclose(both["PRED"][: len(a)], predict(model, a)["PRED"], rtol=1e-14)
     np.testing.assert_allclose(both["PRED"][len(a):], predict(model, b)["PRED"], rtol=1e-14)
@@ -201,9 +207,7 @@ def test_make_cohort_is_seeded_and_checks_shapes():
 def test_order_of_id_blocks_does_not_matter():
     """NONMEM processes each ID on its own: swapping ID blocks changes no prediction."""
     model = load("fasanmade2011")
-    a = infliximab_regimen(20.0, id=1, covariates={"ALB": 3.0, "ATI": 0, "IMM": 1})
-    b = infliximab_regimen(45.0, 10.0, every_weeks=6, id=2,
-                           covariates={"ALB": 4.2, "ATI": 1, "IMM": 0})
+    a, b = two_children()
     forward = predict(model, pd.concat([a, b], ignore_index=True))
     backward = predict(model, pd.concat([b, a], ignore_index=True))
     for ident in (1, 2):

@@ -105,6 +105,15 @@ def _row_parameters(model: PopulationModel, table: pd.DataFrame,
     return {k: np.broadcast_to(v, (len(table),)) for k, v in values.items()}
 
 
+def _parameters(model: PopulationModel, table: pd.DataFrame, eta: Any
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Population and individual parameters per row (the same object without ETAs)."""
+    population = _row_parameters(model, table, None)
+    if eta is None:
+        return population, population
+    return population, _row_parameters(model, table, _eta_rows(model, table, eta))
+
+
 def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarray | None:
     """ETAs per row of ``table`` from a DataFrame by ID or an (n_ids, n_eta) array."""
     if eta is None:
@@ -203,12 +212,12 @@ def predict(
 def _predict_table(model: PopulationModel, table: pd.DataFrame, events: Events,
                    eta: pd.DataFrame | np.ndarray | None) -> pd.DataFrame:
     """:func:`predict` on a table already validated and converted to ``events``."""
-    individual = _row_parameters(model, table, _eta_rows(model, table, eta))
-    population = _row_parameters(model, table, None)
+    population, individual = _parameters(model, table, eta)
     out = table.copy()
     n = len(table)
     out["PRED"] = _per_row(events, _central_concentration(model, events, population), n)
-    out["IPRED"] = _per_row(events, _central_concentration(model, events, individual), n)
+    out["IPRED"] = out["PRED"] if eta is None else _per_row(
+        events, _central_concentration(model, events, individual), n)
     for name, values in individual.items():
         out[name] = values
     return out
@@ -243,12 +252,10 @@ def predict_troughs(
     [[0.0, 0.0], [14.0, 13.273], [42.0, 6.642], [98.0, 1.557]]
     """
     table, events = _prepare(model, data, covariates)
-    individual = _row_parameters(model, table, _eta_rows(model, table, eta))
-    population = _row_parameters(model, table, None)
-    ipred = _central_concentration(model, events, individual, before_events=True)
+    population, individual = _parameters(model, table, eta)
     pred = _central_concentration(model, events, population, before_events=True)
-    ipred = np.broadcast_to(ipred, events.shape)
-    pred = np.broadcast_to(pred, events.shape)
+    ipred = pred if eta is None else _central_concentration(model, events, individual,
+                                                            before_events=True)
     dose = ((events.evid == 1) | (events.evid == 4)) & (events.amt > 0)
     rows = events.param_row[dose]
     return pd.DataFrame({

@@ -1,7 +1,7 @@
 """The ``pkmodel`` command: ``recommend data.csv``, ``predict data.csv`` and ``trial``.
 
 Errors in the input are reported as one message on standard error (exit status 2), never
-as a traceback. ``--json`` prints a stable document for programs (schema in docs/cli.md).
+as a traceback; a refused recommendation exits with status 3. ``--json`` prints a stable document for programs (schema in docs/cli.md).
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import read_nonmem
-from pkmodel.dosing import Option, Recommendation, recommend_regimen
+from pkmodel import __version__
+from pkmodel.data import from_clinical, plain_json, read_nonmem, validate
+from pkmodel.dosing import OBJECTIVES, Option, Recommendation, recommend_regimen
 from pkmodel.errors import PKModelError
 from pkmodel.estimate import estimate_map
 from pkmodel.models import DEFAULT, available, load
@@ -25,32 +26,27 @@ from pkmodel.predict import predict
 
 __all__ = ["main"]
 
-SCHEMA_RECOMMENDATION = "pkmodel.recommendation/1"
+SCHEMA_RECOMMENDATION = "pkmodel.recommendation/2"
 SCHEMA_PREDICTION = "pkmodel.prediction/1"
 SCHEMA_TRIAL = "pkmodel.trial/1"
+#: Exit statuses: 0 done (a recommendation of any status but refused), 1 internal error,
+#: 2 bad input or usage, 3 recommendation refused (the data cannot be trusted for dosing).
+EXIT_ERROR, EXIT_INPUT, EXIT_REFUSED = 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pkmodel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend", help="recommend the next regimen from a patient's "
-                                           "history (NONMEM-style CSV)")
-    rec.add_argument("data", help="CSV file: doses, measured troughs (MDV 0), covariates")
-    rec.add_argument("--model", default=DEFAULT, choices=available())
-    rec.add_argument("--target", type=float, default=6.0, help="target trough, mg/L (6)")
-    rec.add_argument("--probability", type=float, default=0.5,
-                     help="share of posterior draws at or above the target at every trough "
-                          "(0.5: expected to)")
-    rec.add_argument("--draws", type=int, default=1000, help="posterior draws (1000)")
-    rec.add_argument("--seed", type=int, default=0)
-    rec.add_argument("--json", action="store_true", help="print JSON (docs/cli.md)")
-    rec.add_argument("--plot", metavar="PNG", help="write the forecast figure here")
+                                           "history (NONMEM-style CSV, or dosing and lab "
+                                           "tables with dates)")
+    _recommend_arguments(rec)
     trial = sub.add_parser("trial", help="virtual trial of dosing strategies, induction to "
                                          "week 54 (Kang 2026 design)")
     trial.add_argument("--n", type=int, default=112, help="children per replicate (112)")
     trial.add_argument("--replicates", type=int, default=20)
     trial.add_argument("--seed", type=int, default=0)
-    trial.add_argument("--target", type=float, default=6.0, help="target trough, mg/L (6)")
+    trial.add_argument("--target", type=_positive, default=6.0, help="target trough, mg/L (6)")
     trial.add_argument("--arms", default="label,proactive",
                        help="comma-separated: label, proactive, bayesian (slower)")
     trial.add_argument("--model", default=DEFAULT, choices=available())
@@ -64,30 +60,80 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe values: numpy scalars to Python, NaN and infinities to null."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def _positive(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
     return value
 
 
-def _option(option: Option | None) -> dict[str, Any] | None:
-    return None if option is None else asdict(option)
+def _probability(text: str) -> float | None:
+    if text.lower() in ("map", "none"):
+        return None
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, or 'map'; got "
+                                         f"{text!r}")
+    return value
 
 
-def _troughs(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k.lower(): v for k, v in row.items()} for row in frame.to_dict("records")]
+def _weeks_list(text: str) -> tuple[float, ...]:
+    try:
+        weeks = tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        weeks = ()
+    if not weeks or not all(math.isfinite(w) and w > 0 for w in weeks):
+        raise argparse.ArgumentTypeError(f"expected weeks separated by commas, e.g. 4,5,6,7,8; "
+                                         f"got {text!r}")
+    return weeks
 
 
-def recommendation_document(rec: Recommendation, model_name: str,
-                            data: pd.DataFrame) -> dict[str, Any]:
-    """The JSON document of a recommendation (schema ``pkmodel.recommendation/1``)."""
+def _vial(text: str) -> float | None | str:
+    if text.lower() == "none":
+        return None
+    if text.lower() == "label":
+        return "label"
+    return _positive(text)
+
+
+def _recommend_arguments(rec: argparse.ArgumentParser) -> None:
+    rec.add_argument("data", nargs="?", help="NONMEM-style CSV: doses, measured troughs "
+                                             "(MDV 0), covariates")
+    rec.add_argument("--doses", metavar="CSV", help="dosing table: DATE, TIME (HH:MM), "
+                                                    "DOSE_MG, INFUSION_HOURS (optional)")
+    rec.add_argument("--labs", metavar="CSV", help="lab table: DATE, TIME, DV (mg/L), LLOQ, "
+                                                   "covariates (WT kg, ALB, ...)")
+    rec.add_argument("--model", default=DEFAULT, choices=available())
+    rec.add_argument("--target", type=_positive, default=6.0, help="target trough, mg/L (6)")
+    rec.add_argument("--probability", type=_probability, default=0.5,
+                     help="share of posterior draws at or above the target at every trough "
+                          "(0.5: expected to; 'map': the MAP alone)")
+    rec.add_argument("--objective", default="smallest_change", choices=OBJECTIVES)
+    rec.add_argument("--draws", type=int, default=1000, help="posterior draws (1000)")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--next-dose-day", type=float, help="when the next dose is due (day)")
+    rec.add_argument("--next-dose-date", help="the same as a date (data with dates)")
+    rec.add_argument("--current-interval-weeks", type=_positive,
+                     help="the interval the patient is on (default: from the doses; after "
+                          "induction, the label's maintenance interval)")
+    rec.add_argument("--intervals", type=_weeks_list, default=(4, 5, 6, 7, 8),
+                     help="candidate intervals in weeks (4,5,6,7,8)")
+    rec.add_argument("--vial-mg", type=_vial, default="label",
+                     help="vial size, mg ('label': the model's; 'none': mg/kg steps)")
+    rec.add_argument("--max-mg-per-kg", type=_positive, default=20.0,
+                     help="largest dose considered (20 mg/kg)")
+    rec.add_argument("--horizon-weeks", type=_positive, default=52.0,
+                     help="troughs checked over this horizon, plus the steady state (52)")
+    rec.add_argument("--lloq", type=_positive, help="lower limit of quantification, mg/L "
+                                                    "(values below it are censored)")
+    rec.add_argument("--accept-outliers", action="store_true",
+                     help="use implausible measurements (caution instead of refused)")
+    rec.add_argument("--json", action="store_true", help="print JSON (docs/cli.md)")
+    rec.add_argument("--plot", metavar="PNG", help="write the forecast figure here")
+
+
+def recommendation_document(rec: Recommendation, model_name: str) -> dict[str, Any]:
+    """The JSON document of a recommendation (schema ``pkmodel.recommendation/2``)."""
     estimate = None
     if rec.estimate is not None:
         ind = rec.estimate.individuals.iloc[0]
@@ -98,40 +144,32 @@ def recommendation_document(rec: Recommendation, model_name: str,
             "parameters": {n: last[n] for n in model.parameters},
             "ofv": ind["OFV"], "converged": bool(ind["SUCCESS"]), "message": ind["MESSAGE"],
         }
-    return _clean({
-        "schema": SCHEMA_RECOMMENDATION,
-        "model": model_name,
-        "patient": {"id": data["ID"].iloc[0], "weight_kg": float(data["WT"].iloc[-1])},
-        "target_mg_per_l": rec.target,
-        "probability": rec.probability,
-        "estimate": estimate,
-        "next_dose_day": rec.next_dose_day,
-        "feasible": rec.feasible,
-        "recommended": _option(rec.recommended),
-        "closest": _option(rec.closest),
-        "dose_only": _option(rec.dose_only),
-        "interval_only": _option(rec.interval_only),
-        "current": _option(rec.current),
-        "troughs": _troughs(rec.troughs),
-        "current_troughs": _troughs(rec.current_troughs),
-        "message": rec.message,
-    })
+    table = rec.estimate.records if rec.estimate is not None else None
+    document = {"schema": SCHEMA_RECOMMENDATION, "pkmodel_version": __version__,
+                "model": model_name,
+                "patient": {"id": None if table is None else table["ID"].iloc[0],
+                            "weight_kg": rec.weight_kg},
+                "target_mg_per_l": rec.target, "estimate": estimate}
+    document.update(rec.to_dict())
+    return plain_json(document)
 
 
 def _describe(option: Option | None, none: str) -> str:
     if option is None:
         return none
-    flag = " [above label]" if option.above_label else ""
-    return (f"{option.dose_mg:g} mg ({option.mg_per_kg:.1f} mg/kg) every "
-            f"{option.interval_weeks:g} weeks; lowest trough {option.lowest_trough:.2f} mg/L, "
-            f"all troughs on target in {option.pta:.0%} of draws{flag}")
+    flags = (" [above label]" if option.above_label else "") + (
+        " [below label]" if option.below_label else "")
+    return (f"{option.describe()}; lowest trough {option.lowest_trough:.2f} mg/L, "
+            f"all troughs on target in {option.pta:.0%} of draws{flags}")
 
 
-def _print_recommendation(rec: Recommendation, model_name: str, data: pd.DataFrame) -> None:
+def _print_recommendation(rec: Recommendation, model_name: str, pid: Any) -> None:
     out = sys.stdout
-    pid = data["ID"].iloc[0]
-    out.write(f"pkmodel recommend: patient {pid}, {data['WT'].iloc[-1]:g} kg, model "
-              f"{model_name}, target {rec.target:g} mg/L\n\n")
+    out.write(f"Status: {rec.status.upper()}\n")
+    for reason in rec.reasons:
+        out.write(f"  - {reason}\n")
+    out.write(f"\npkmodel recommend: patient {pid}, {rec.weight_kg:g} kg, model {model_name}, "
+              f"target {rec.target:g} mg/L, objective {rec.objective}\n\n")
     if rec.estimate is None:
         out.write("No measured trough: parameters from the population prior.\n\n")
     else:
@@ -141,48 +179,82 @@ def _print_recommendation(rec: Recommendation, model_name: str, data: pd.DataFra
         etas = ", ".join(f"{n} {ind[n]:+.3f}" for n in rec.estimate.model.eta_names)
         out.write(f"Estimated parameters (MAP, L/day and L): {params}\n")
         out.write(f"  ETAs: {etas}; fit: {ind['MESSAGE']}\n\n")
-    out.write(f"Next dose due: day {rec.next_dose_day:g} (week {rec.next_dose_day / 7:g})\n")
+    date = f", {rec.next_dose_date}" if rec.next_dose_date else ""
+    out.write(f"Next dose due: day {rec.next_dose_day:g} (week {rec.next_dose_day / 7:g}"
+              f"{date})\n")
     out.write(f"Current regimen: {_describe(rec.current, '-')}\n")
-    out.write(f"Recommended:     {_describe(rec.recommended, 'none within limits')}\n")
-    out.write(f"Dose change only:     {_describe(rec.dose_only, 'none within limits')}\n")
-    out.write(f"Interval change only: {_describe(rec.interval_only, 'none within limits')}\n\n")
-    out.write(rec.message + "\n\n")
+    if rec.status != "refused":
+        out.write(f"Action: {rec.action}\n")
+        out.write(f"Recommended:     {_describe(rec.recommended, 'none within limits')}\n")
+        if rec.action == "continue":
+            out.write(f"Lower dose (reported apart):      {_describe(rec.reduce_dose, '-')}\n")
+            out.write(f"Longer interval (reported apart): "
+                      f"{_describe(rec.extend_interval, '-')}\n")
+        else:
+            out.write(f"Dose change only:     {_describe(rec.dose_only, 'none within limits')}"
+                      "\n")
+            out.write(f"Interval change only: "
+                      f"{_describe(rec.interval_only, 'none within limits')}\n")
+    out.write("\n" + rec.message + "\n\n")
     table = rec.troughs.copy()
     table["WEEK"] = table["WEEK"].map(lambda w: "SS" if pd.isna(w) else f"{w:g}")
-    shown = table[["WEEK", "MAP", "P10", "P50", "P90", "PTA"]].round(2)
-    option = rec.closest
+    columns = ["WEEK", *(["DATE"] if "DATE" in table else []), "MAP", "P10", "P50", "P90",
+               "PTA"]
+    shown = table[columns].round(2)
+    option = rec.current if rec.status == "refused" else rec.closest
     out.write(f"Troughs (mg/L) on {option.dose_mg:g} mg every {option.interval_weeks:g} weeks "
               "(P10-P90: 80 % band; PTA: share of draws on target):\n")
     out.write(shown.to_string(index=False) + "\n")
 
 
+def _read_history(args: argparse.Namespace, model: Any) -> pd.DataFrame:
+    if args.data and (args.doses or args.labs):
+        raise ValueError("give either a NONMEM-style file or --doses and --labs, not both")
+    if args.data:
+        return read_nonmem(args.data)
+    if not (args.doses and args.labs):
+        raise ValueError("give a NONMEM-style file, or both --doses and --labs")
+    doses = pd.read_csv(args.doses, dtype={"TIME": str, "DATE": str}, skipinitialspace=True)
+    labs = pd.read_csv(args.labs, dtype={"TIME": str, "DATE": str}, skipinitialspace=True,
+                       na_values=["."])
+    label = model.label
+    return from_clinical(doses, labs,
+                         infusion_hours=None if label is None else label.infusion_hours)
+
+
 def _recommend(args: argparse.Namespace) -> int:
-    data = read_nonmem(args.data)
     model = load(args.model)
-    rec = recommend_regimen(model, data, args.target, probability=args.probability,
-                            n_draws=args.draws, seed=args.seed)
+    data = _read_history(args, model)
+    rec = recommend_regimen(
+        model, data, args.target, probability=args.probability, objective=args.objective,
+        intervals_weeks=args.intervals, vial_mg=args.vial_mg, max_mg_per_kg=args.max_mg_per_kg,
+        horizon_weeks=args.horizon_weeks, n_draws=args.draws, seed=args.seed,
+        current_interval_weeks=args.current_interval_weeks, next_dose_day=args.next_dose_day,
+        next_dose_date=args.next_dose_date, lloq=args.lloq,
+        accept_outliers=args.accept_outliers)
     if args.plot:
         from pkmodel.plot import plot_recommendation
 
         plot_recommendation(rec, path=args.plot)
     if args.json:
-        json.dump(recommendation_document(rec, args.model, data), sys.stdout, indent=2)
+        json.dump(recommendation_document(rec, args.model), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        _print_recommendation(rec, args.model, data)
+        _print_recommendation(rec, args.model, data["ID"].iloc[0])
         if args.plot:
             sys.stdout.write(f"\nFigure written to {args.plot}\n")
-    return 0
+    return EXIT_REFUSED if rec.status == "refused" else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     data = read_nonmem(args.data)
     model = load(args.model)
-    measured = "DV" in data.columns and "MDV" in data.columns and (data["MDV"] == 0).any()
+    table = validate(data)
+    measured = bool(((table["EVID"] == 0) & (table["MDV"] == 0)).any())
     out = estimate_map(model, data).records if measured else predict(model, data)
     columns = [c for c in ("ID", "TIME", "EVID", "AMT", "DV", "PRED", "IPRED") if c in out]
     if args.json:
-        json.dump(_clean({"schema": SCHEMA_PREDICTION, "model": args.model,
+        json.dump(plain_json({"schema": SCHEMA_PREDICTION, "model": args.model,
                           "records": [{k.lower(): v for k, v in r.items()}
                                       for r in out[columns].to_dict("records")]}),
                   sys.stdout, indent=2)
@@ -208,7 +280,7 @@ def _trial(args: argparse.Namespace) -> int:
     if args.plot:
         result.figure(args.plot)
     if args.json:
-        json.dump(_clean({"schema": SCHEMA_TRIAL, "model": args.model, "n": args.n,
+        json.dump(plain_json({"schema": SCHEMA_TRIAL, "model": args.model, "n": args.n,
                           "replicates": args.replicates, "seed": args.seed,
                           "target_mg_per_l": args.target, "arms": arms,
                           "summary": [{k.lower(): v for k, v in row.items()}
@@ -240,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except (PKModelError, ValueError, OSError) as err:
         sys.stderr.write(f"pkmodel: error: {err}\n")
-        return 2
+        return EXIT_INPUT
+    except Exception as err:  # noqa: BLE001 - the command never shows a traceback
+        if os.environ.get("PKMODEL_DEBUG"):
+            raise
+        sys.stderr.write(f"pkmodel: internal error ({type(err).__name__}: {err}); please "
+                         "report it with the input (PKMODEL_DEBUG=1 shows the traceback)\n")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

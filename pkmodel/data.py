@@ -14,8 +14,10 @@ table into the engine's events: this module stays above the engine in the layers
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,10 +26,13 @@ from pkmodel.errors import CovariateError, DatasetError
 
 __all__ = [
     "NONMEM_COLUMNS",
+    "check_concentrations",
     "days_since",
     "dose_amount",
     "dosing_table",
+    "from_clinical",
     "infliximab_regimen",
+    "plain_json",
     "read_nonmem",
     "validate",
 ]
@@ -63,6 +68,28 @@ def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:
     1   1     1    0  4.2
     """
     return pd.read_csv(path, na_values=["."], skipinitialspace=True)
+
+
+def plain_json(value: Any) -> Any:
+    """Plain JSON types: numpy scalars to Python, timestamps to ISO 8601, NaN and
+    infinities to None, in nested dicts, lists and tuples.
+
+    Examples
+    --------
+    >>> plain_json({"a": np.float64(1.5), "b": [np.nan, np.int64(2)]})
+    {'a': 1.5, 'b': [None, 2]}
+    """
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
@@ -471,3 +498,223 @@ def infliximab_regimen(
     if start is not None:
         table.insert(2, "DATE", pd.Timestamp(start) + pd.to_timedelta(table["TIME"], unit="D"))
     return table
+
+
+# --------------------------------------------------------------------------- clinical input
+
+#: Columns of the clinical tables that are not covariates.
+_CLINICAL_DOSE_COLUMNS = ("ID", "DATE", "TIME", "DOSE_MG", "INFUSION_HOURS")
+_CLINICAL_SAMPLE_COLUMNS = ("ID", "DATE", "TIME", "DV", "LLOQ")
+#: Clock time given to a record that has a date only and nothing on that day to anchor it.
+_MIDDAY = pd.Timedelta(hours=12)
+
+
+def check_concentrations(table: pd.DataFrame) -> None:
+    """Raise where a measured concentration cannot be one.
+
+    A measured record (EVID 0, MDV 0) needs a finite DV > 0 (mg/L), unless it has an
+    LLOQ: then DV below the LLOQ (0 included) marks a sample below the assay's limit.
+
+    Parameters
+    ----------
+    table : DataFrame
+        A validated table (:func:`validate`).
+
+    Raises
+    ------
+    DatasetError
+        Naming the column, row and ID.
+
+    Examples
+    --------
+    >>> table = validate(pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 56.0],
+    ...                                "AMT": [140.0, 0.0], "DV": [None, -2.0]}))
+    >>> check_concentrations(table)
+    Traceback (most recent call last):
+    ...
+    pkmodel.errors.DatasetError: column 'DV', row 1 (ID 1): expected a measured concentration > 0 (mg/L); a sample below the assay's limit needs its LLOQ (column LLOQ); got -2.0
+    """
+    measured = (table["EVID"].to_numpy() == 0) & (table["MDV"].to_numpy() == 0)
+    dv = table["DV"].to_numpy(dtype=float)
+    _fail(table, "DV", measured & ~np.isfinite(dv), "a finite measured concentration (mg/L)",
+          dv)
+    lloq = (table["LLOQ"].to_numpy(dtype=float) if "LLOQ" in table.columns
+            else np.full(len(table), np.nan))
+    _fail(table, "DV", measured & (dv <= 0) & ~(lloq > 0),
+          "a measured concentration > 0 (mg/L); a sample below the assay's limit needs its "
+          "LLOQ (column LLOQ)", dv)
+
+
+def _stamps(table: pd.DataFrame, what: str) -> tuple[pd.Series, np.ndarray]:
+    """Date-times of a clinical table's rows and whether each had a clock time."""
+    if "DATE" not in table.columns:
+        raise DatasetError(f"{what} table: column 'DATE' is missing (YYYY-MM-DD)")
+    dates = table["DATE"].astype(str).str.strip()
+    times = (table["TIME"].fillna("").astype(str).str.strip() if "TIME" in table.columns
+             else pd.Series([""] * len(table), index=table.index))
+    has_time = (times != "").to_numpy() | dates.str.contains(":").to_numpy()
+    text = np.where(times != "", dates + " " + times, dates)
+    stamps = pd.Series([_parse_stamp(t) for t in text], dtype="datetime64[ns]")
+    bad = stamps.isna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{what} table, column 'DATE'/'TIME', row {row}: expected a date "
+                           f"(YYYY-MM-DD) and an optional time (HH:MM); got {text[row]!r}")
+    return stamps, has_time
+
+
+def _parse_stamp(text: str) -> pd.Timestamp:
+    try:
+        return pd.Timestamp(text)
+    except (TypeError, ValueError):
+        return pd.NaT
+
+
+def _anchor_times(dose_at: pd.Series, dose_timed: np.ndarray, sample_at: pd.Series,
+                  sample_timed: np.ndarray, notes_dose: list[str],
+                  notes_sample: list[str]) -> tuple[pd.Series, pd.Series]:
+    """Clock times for records with a date only (each assumption noted on its record).
+
+    A dose without a time follows that day's timed sample, else starts at 12:00; a sample
+    without a time is the pre-dose trough of that day's dose, else taken at 12:00.
+    """
+    dose_at, sample_at = dose_at.copy(), sample_at.copy()
+    for i in np.flatnonzero(~dose_timed):
+        day = dose_at[i].normalize()
+        same = [sample_at[j] for j in np.flatnonzero(sample_timed)
+                if sample_at[j].normalize() == day]
+        if same:
+            dose_at[i] = max(same)
+            notes_dose[i] = (f"dose on {day.date()} had no time: taken as given right after "
+                             f"the sample at {dose_at[i]:%H:%M}")
+        else:
+            dose_at[i] = day + _MIDDAY
+            notes_dose[i] = f"dose on {day.date()} had no time: taken as 12:00"
+    for j in np.flatnonzero(~sample_timed):
+        day = sample_at[j].normalize()
+        same = [dose_at[i] for i in range(len(dose_at)) if dose_at[i].normalize() == day]
+        if same:
+            sample_at[j] = min(same)
+            notes_sample[j] = (f"sample on {day.date()} had no time: taken as the pre-dose "
+                               "trough, drawn before that day's dose")
+        else:
+            sample_at[j] = day + _MIDDAY
+            notes_sample[j] = f"sample on {day.date()} had no time: taken as 12:00"
+    return dose_at, sample_at
+
+
+def from_clinical(
+    doses: pd.DataFrame,
+    samples: pd.DataFrame,
+    *,
+    infusion_hours: float | None = None,
+    id: object = 1,
+) -> pd.DataFrame:
+    """One patient's event table from a dosing table and a lab table with dates and times.
+
+    Parameters
+    ----------
+    doses : DataFrame
+        One row per dose: DATE (YYYY-MM-DD), TIME (HH:MM, optional or blank), DOSE_MG (mg),
+        INFUSION_HOURS (h, optional: else ``infusion_hours``).
+    samples : DataFrame
+        One row per lab visit: DATE, TIME (optional), DV (measured concentration, mg/L;
+        blank where only covariates were measured), LLOQ (mg/L, optional), and covariates
+        as uppercase columns (WT in kg, ALB, ...), which may change from visit to visit.
+    infusion_hours : float or None
+        Infusion length (h) of doses without INFUSION_HOURS; None for a bolus.
+    id : object
+        Patient ID written to the table.
+
+    Returns
+    -------
+    DataFrame
+        NONMEM-style records in time order (a sample at a dose's time comes before it, as a
+        pre-dose trough): ID, DATE, TIME (days after the first record), EVID, AMT, RATE (mg
+        per day), CMT, MDV, DV, LLOQ where given, the covariates (each carried forward from
+        its last measurement; before the first, its first value) and ASSUMPTION (what was
+        assumed for that record, else empty). A date without a time is placed so: a sample
+        is the pre-dose trough of that day's dose, a dose follows that day's timed sample,
+        otherwise 12:00.
+
+    Examples
+    --------
+    >>> doses = pd.DataFrame({"DATE": ["2026-01-05", "2026-01-19"], "DOSE_MG": [150, 150]})
+    >>> labs = pd.DataFrame({"DATE": ["2026-01-05", "2026-01-19"], "TIME": ["09:00", ""],
+    ...                      "DV": [None, 21.0], "WT": [30.0, 30.5], "ALB": [3.4, 3.6]})
+    >>> table = from_clinical(doses, labs, infusion_hours=2)
+    >>> table[["TIME", "EVID", "AMT", "DV", "WT"]].round(3).to_numpy().tolist()
+    [[0.0, 2.0, 0.0, nan, 30.0], [0.0, 1.0, 150.0, nan, 30.0], [14.125, 0.0, 0.0, 21.0, 30.5], [14.125, 1.0, 150.0, nan, 30.5]]
+    >>> print(table["ASSUMPTION"].iloc[1])
+    dose on 2026-01-05 had no time: taken as given right after the sample at 09:00
+    >>> print(table["ASSUMPTION"].iloc[2])
+    sample on 2026-01-19 had no time: taken as the pre-dose trough, drawn before that day's dose
+    """
+    for name, table in (("doses", doses), ("samples", samples)):
+        if not isinstance(table, pd.DataFrame):
+            raise TypeError(f"`{name}` must be a pandas DataFrame; got {type(table).__name__}")
+    if len(doses) == 0:
+        raise DatasetError("doses table: no rows (nothing to continue from)")
+    if "DOSE_MG" not in doses.columns:
+        raise DatasetError("doses table: column 'DOSE_MG' is missing (dose in mg)")
+    dose_at, dose_timed = _stamps(doses, "doses")
+    sample_at, sample_timed = _stamps(samples, "samples")
+    amount = pd.to_numeric(doses["DOSE_MG"], errors="coerce").to_numpy(dtype=float)
+    bad = ~(amount > 0) | ~np.isfinite(amount)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"doses table, column 'DOSE_MG', row {row}: expected a dose > 0 "
+                           f"(mg); got {doses['DOSE_MG'].iloc[row]!r}")
+    hours = (pd.to_numeric(doses["INFUSION_HOURS"], errors="coerce").to_numpy(dtype=float)
+             if "INFUSION_HOURS" in doses.columns else np.full(len(doses), np.nan))
+    hours = np.where(np.isnan(hours), np.nan if infusion_hours is None else infusion_hours,
+                     hours)
+    bad = ~np.isnan(hours) & ~(hours > 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"doses table, column 'INFUSION_HOURS', row {row}: expected a "
+                           f"length > 0 (h), or blank for a bolus; got {hours[row]!r}")
+    notes_dose, notes_sample = [""] * len(doses), [""] * len(samples)
+    dose_at, sample_at = _anchor_times(dose_at, dose_timed, sample_at, sample_timed,
+                                       notes_dose, notes_sample)
+    return _clinical_records(doses, samples, dose_at, sample_at, amount, hours,
+                             notes_dose + notes_sample, id)
+
+
+def _clinical_records(doses: pd.DataFrame, samples: pd.DataFrame, dose_at: pd.Series,
+                      sample_at: pd.Series, amount: np.ndarray, hours: np.ndarray,
+                      notes: list[str], ident: object) -> pd.DataFrame:
+    """Merge doses and samples in time order; carry covariates forward."""
+    n_dose, n_sample = len(doses), len(samples)
+    dv = (pd.to_numeric(samples["DV"], errors="coerce").to_numpy(dtype=float)
+          if "DV" in samples.columns else np.full(n_sample, np.nan))
+    stamp = pd.concat([dose_at, sample_at], ignore_index=True)
+    is_dose = np.r_[np.ones(n_dose, bool), np.zeros(n_sample, bool)]
+    order = np.lexsort((is_dose, stamp.to_numpy()))
+    rate = np.where(np.isnan(hours), 0.0, amount / (hours / 24.0))
+    frame = pd.DataFrame({
+        "ID": ident, "DATE": stamp.to_numpy(),
+        "EVID": is_dose.astype(int), "AMT": np.r_[amount, np.zeros(n_sample)],
+        "RATE": np.r_[rate, np.zeros(n_sample)], "CMT": 1,
+        "MDV": np.r_[np.ones(n_dose), np.isnan(dv)].astype(int), "DV": np.r_[
+            np.full(n_dose, np.nan), dv],
+        "ASSUMPTION": notes,
+    }).iloc[order].reset_index(drop=True)
+    origin = frame["DATE"].iloc[0]
+    frame.insert(2, "TIME", (frame["DATE"] - origin) / pd.Timedelta(days=1))
+    # A visit with neither DV nor dose (covariates only) is an "other" record (EVID 2).
+    frame.loc[(frame["EVID"] == 0) & (frame["MDV"] == 1), "EVID"] = 2
+    extra = [c for c in samples.columns if c not in _CLINICAL_SAMPLE_COLUMNS]
+    if "LLOQ" in samples.columns:
+        extra = ["LLOQ", *extra]
+    for name in extra:
+        values = pd.to_numeric(samples[name], errors="coerce").to_numpy(dtype=float)
+        column = np.r_[np.full(n_dose, np.nan), values][order]
+        if name == "LLOQ":
+            frame[name] = column
+            continue
+        filled = pd.Series(column).ffill().bfill()
+        if filled.isna().all():
+            raise DatasetError(f"samples table, column '{name}': no value on any row")
+        frame[name] = filled.to_numpy()
+    return frame

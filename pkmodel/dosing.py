@@ -9,31 +9,53 @@ trough. PK is linear, so for a given interval the troughs are exactly
 ``C(t) = C_history(t) + D * C_unit(t)``
 
 where ``C_history`` comes from the past doses only and ``C_unit`` from the new regimen with
-a 1-mg dose: two engine calls cover every dose on the grid, every interval and every draw.
+a 1-mg dose: one engine call per interval covers every dose on the grid and every draw.
 
-A candidate meets the target at level ``probability`` when, at every trough, the share of
-posterior draws at or above the target is at least ``probability`` (0.5: the posterior
-median trough is at or above it, "expected to"). The recommendation is the candidate with
-the least drug per week (mg/kg/week) that meets it; ties go to the longer interval.
+A regimen meets the target at level ``probability`` when, at every trough, the share of
+posterior draws at or above the target is at least ``probability`` (0.5: "expected to").
+
+The clinical rule (``objective="smallest_change"``, the default):
+
+1. a current regimen that meets the target is continued (lower doses and longer intervals
+   that would also meet it are reported apart);
+2. otherwise the smaller of the two single changes, dose only (at the current interval)
+   or interval only (at the current dose), measured as the relative increase in drug per
+   week; ties go to fewer infusions a year (the dose change);
+3. only when neither single change meets the target within the limits, a change of both:
+   the least drug per week, ties to the longer interval.
+
+Every recommendation carries a status ("ok", "caution", "refused") and the reasons: a
+failed fit, an implausible measurement for the model, or too few effective posterior
+draws never produce a regimen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import validate
-from pkmodel.errors import DatasetError
-from pkmodel.estimate import MAPEstimate, estimate_map, sample_posterior
-from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
+from pkmodel.data import check_concentrations, plain_json, validate
+from pkmodel.errors import CovariateWarning, DatasetError
+from pkmodel.estimate import MAPEstimate, PosteriorSample, estimate_map, sample_posterior
+from pkmodel.model import (
+    PopulationModel,
+    check_covariates,
+    covariates_outside_range,
+    evaluate_parameters,
+)
 from pkmodel.predict import _profile_concentrations, to_events
 
 __all__ = [
+    "OBJECTIVES",
+    "Checks",
     "Option",
     "Recommendation",
+    "Settings",
     "dose_for_target_trough",
     "interval_for_target_trough",
     "recommend_regimen",
@@ -41,9 +63,15 @@ __all__ = [
 ]
 
 DAYS_PER_WEEK = 7.0
-#: Label limits flagged (not forbidden): 10 mg/kg, every 4 weeks (dosing reference file).
-LABEL_MAX_MG_PER_KG = 10.0
-LABEL_MIN_INTERVAL_WEEKS = 4.0
+HOURS_PER_DAY = 24.0
+#: How the recommended option is chosen among those that meet the target.
+OBJECTIVES = ("smallest_change", "least_drug", "fewest_infusions")
+#: Safety limits (module docstring of each check in :func:`recommend_regimen`).
+IWRES_LIMIT = 4.0  # |IWRES| above this at the MAP: implausible for the model
+SHRINKAGE_LIMIT = 0.5  # ETA_CL shrinkage above this: the data hardly inform clearance
+CL_SD_LIMIT = 3.0  # individual CL further than this many SD from typical
+POST_INFUSION_HOURS = 1.0  # a sample this soon after a dose ends is probably not a trough
+_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -57,12 +85,15 @@ class Option:
     interval_weeks : float
         Dosing interval (weeks).
     mg_per_kg : float
-        Dose per kg (mg/kg).
+        Dose per kg at the visit's weight (mg/kg).
     mg_per_kg_per_week : float
-        Drug per week (mg/kg/week), the quantity minimised.
+        Drug per week (mg/kg/week).
+    change_in_drug_per_week : float
+        Relative change of drug per week against the current regimen (0.33: a third more).
     lowest_trough : float
-        Lowest coming trough at the required level (mg/L): the (1 - probability) quantile
-        over posterior draws, or the MAP trough without draws.
+        Lowest coming trough at the required level (mg/L): at every trough, the value that
+        a share ``probability`` of posterior draws reach or exceed; the MAP trough without
+        draws.
     lowest_trough_map : float
         Lowest coming trough at the MAP estimate (mg/L).
     pta : float
@@ -71,76 +102,194 @@ class Option:
     meets_target : bool
         Whether every trough reaches the target at the required level.
     above_label : bool
-        More than 10 mg/kg or more often than every 4 weeks.
+        More than the label's highest dose or more often than its shortest interval.
+    below_label : bool
+        Less than the label's dose per kg.
     """
 
     dose_mg: float
     interval_weeks: float
     mg_per_kg: float
     mg_per_kg_per_week: float
+    change_in_drug_per_week: float
     lowest_trough: float
     lowest_trough_map: float
     pta: float
     meets_target: bool
     above_label: bool
+    below_label: bool
+
+    def describe(self) -> str:
+        """``"225 mg (5.0 mg/kg) every 6 weeks"``."""
+        return (f"{self.dose_mg:g} mg ({self.mg_per_kg:.1f} mg/kg) every "
+                f"{self.interval_weeks:g} weeks")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings a recommendation was made with (arguments of :func:`recommend_regimen`)."""
+
+    objective: str
+    probability: float | None
+    intervals_weeks: tuple[float, ...]
+    vial_mg: float | None
+    dose_step_mg_per_kg: float | None
+    max_mg_per_kg: float
+    min_interval_weeks: float
+    max_interval_weeks: float
+    horizon_weeks: float
+    n_draws: int
+    seed: int
+    accept_outliers: bool
+    min_ess: float
+    lloq: float | None
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The numbers behind the safety status (NaN where they do not apply).
+
+    Attributes
+    ----------
+    max_abs_iwres : float
+        Largest absolute residual of a measured concentration at the MAP, in residual SDs
+        (IWRES, and for proportional errors also on the log scale, so that a value far
+        below the prediction counts).
+    eta_cl_sd : float
+        The patient's clearance ETA in prior SDs.
+    eta_cl_shrinkage : float
+        ``1 - sqrt(1 - ETC / OMEGA)`` for the clearance ETA: the expected ETA shrinkage of
+        patients sampled like this one (0: the data fix clearance; 1: they say nothing).
+    ess : float
+        Effective number of posterior draws.
+    """
+
+    max_abs_iwres: float
+    eta_cl_sd: float
+    eta_cl_shrinkage: float
+    ess: float
 
 
 @dataclass(frozen=True)
 class Recommendation:
-    """What to give next, and what every alternative would do.
+    """What to give next, why, how far to trust it, and what every alternative would do.
 
     Attributes
     ----------
+    action : str
+        ``"continue"`` (the current regimen meets the target), ``"change"``,
+        ``"unattainable"`` (no option within the limits meets it; see ``closest``) or
+        ``"refused"`` (the data cannot be trusted for dosing; see ``reasons``).
+    status : str
+        ``"ok"``, ``"caution"`` (usable, with reasons to look again) or ``"refused"``.
+    reasons : tuple of str
+        Why the status is not "ok", one plain sentence each.
+    notes : tuple of str
+        Assumptions made about the input (sample times, the current interval, ...).
+    objective : str
+        How the recommendation was chosen (:data:`OBJECTIVES`).
     recommended : Option or None
-        The option with the least drug per week that meets the target; None when no
-        option within the limits does (see ``closest`` and ``message``).
+        What to give from ``next_dose_day`` on: the current regimen when ``action`` is
+        "continue"; None when unattainable or refused.
     closest : Option
-        With no feasible option, the one with the highest lowest trough; else the
-        recommended one.
+        The recommended option; with none, the option with the highest lowest trough.
     dose_only : Option or None
-        The smallest dose meeting the target at the current interval.
+        The least dose meeting the target at the current interval, when the current
+        regimen misses it (never the current regimen itself).
     interval_only : Option or None
-        The longest interval meeting the target at the current dose.
+        The longest shorter interval meeting the target at the current dose, likewise.
+    reduce_dose : Option or None
+        When the current regimen meets the target: the least lower dose at the current
+        interval that still does (de-escalation, reported apart).
+    extend_interval : Option or None
+        Likewise the longest longer interval (up to ``max_interval_weeks``) at the current
+        dose.
     current : Option
         The current regimen continued.
     next_dose_day : float
         When the next dose is due (day, on the data's time scale).
+    next_dose_date : str or None
+        The same as a date-time (ISO 8601) when the data has dates.
+    weight_kg : float
+        Weight at the visit (kg), for mg/kg.
     target : float
         Target trough (mg/L).
     probability : float or None
         Required level (None: MAP only).
     options : DataFrame
-        Every candidate: DOSE_MG, MG_PER_KG, INTERVAL_WEEKS, MG_PER_KG_PER_WEEK,
-        LOWEST_TROUGH, LOWEST_TROUGH_MAP, PTA, MEETS_TARGET, ABOVE_LABEL.
+        Every candidate of the grid: DOSE_MG, MG_PER_KG, INTERVAL_WEEKS,
+        MG_PER_KG_PER_WEEK, CHANGE_IN_DRUG_PER_WEEK, LOWEST_TROUGH, LOWEST_TROUGH_MAP, PTA,
+        MEETS_TARGET, ABOVE_LABEL, BELOW_LABEL.
     troughs : DataFrame
         The recommended (or closest) regimen's troughs: DAY, WEEK, STEADY_STATE, MAP, P10,
-        P50, P90 (mg/L) and PTA per trough.
+        P50, P90 (mg/L), PTA per trough, and DATE when the data has dates.
     current_troughs : DataFrame
         The same for the current regimen.
     estimate : MAPEstimate or None
         The fit to the measured troughs (None: dosed from the prior).
+    checks : Checks
+        The numbers behind the status.
+    settings : Settings
+        The settings used.
     message : str
-        Plain-language summary, including why no recommendation can be made.
+        The recommendation in plain words, with the rule that chose it.
     """
 
+    action: str
+    status: str
+    reasons: tuple[str, ...]
+    notes: tuple[str, ...]
+    objective: str
     recommended: Option | None
     closest: Option
     dose_only: Option | None
     interval_only: Option | None
+    reduce_dose: Option | None
+    extend_interval: Option | None
     current: Option
     next_dose_day: float
+    next_dose_date: str | None
+    weight_kg: float
     target: float
     probability: float | None
     options: pd.DataFrame
     troughs: pd.DataFrame
     current_troughs: pd.DataFrame
     estimate: MAPEstimate | None
+    checks: Checks
+    settings: Settings
     message: str
 
     @property
     def feasible(self) -> bool:
-        """Whether some option within the limits meets the target."""
-        return self.recommended is not None
+        """Whether some option within the limits meets the target (refused or not)."""
+        return self.closest.meets_target
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (NaN and infinities as None); tables as lists of records."""
+        out: dict[str, Any] = {}
+        for name in ("action", "status", "objective", "next_dose_day", "next_dose_date",
+                     "weight_kg", "target", "probability", "message"):
+            out[name] = getattr(self, name)
+        out["feasible"] = self.feasible
+        out["reasons"], out["notes"] = list(self.reasons), list(self.notes)
+        for name in ("recommended", "closest", "dose_only", "interval_only", "reduce_dose",
+                     "extend_interval", "current"):
+            option = getattr(self, name)
+            out[name] = None if option is None else asdict(option)
+        out["troughs"] = _records(self.troughs)
+        out["current_troughs"] = _records(self.current_troughs)
+        out["checks"] = asdict(self.checks)
+        out["settings"] = asdict(self.settings)
+        return plain_json(out)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k).lower(): v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+
+# --------------------------------------------------------------------------- the history
 
 
 @dataclass
@@ -149,52 +298,156 @@ class _History:
 
     table: pd.DataFrame
     weight: float
-    last_dose_day: float
     current_dose_mg: float
     current_interval_days: float
-    infusion_days: float
+    dose_days: float  # infusion length of new doses (day); 0 for a bolus
+    dose_cmt: float
     next_dose_day: float
+    origin: pd.Timestamp | None
+    notes: list[str] = field(default_factory=list)
 
 
-def _history(model: PopulationModel, data: pd.DataFrame, interval_weeks: float | None,
-             next_dose_day: float | None) -> _History:
-    table = validate(data, covariates=model.covariate_names)
+def _dose_times(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Every dose time, explicit and implied by ADDL, and the row each comes from."""
+    dose = table[(table["EVID"] == 1) | (table["EVID"] == 4)]
+    times, rows = [], []
+    for row, (t, ii, addl) in zip(dose.index, dose[["TIME", "II", "ADDL"]].to_numpy()):
+        k = np.arange(int(addl) + 1)
+        times.append(t + k * ii)
+        rows.append(np.full(k.size, row))
+    return np.concatenate(times), np.concatenate(rows)
+
+
+def _origin(table: pd.DataFrame) -> pd.Timestamp | None:
+    """Calendar date-time of day 0 when the table has a DATE column consistent with TIME."""
+    if "DATE" not in table.columns:
+        return None
+    stamps = pd.to_datetime(table["DATE"], errors="coerce")
+    if stamps.isna().any():
+        row = int(np.flatnonzero(stamps.isna().to_numpy())[0])
+        raise DatasetError(f"column 'DATE', row {row}: expected a date-time; got "
+                           f"{table['DATE'].iloc[row]!r}")
+    origins = stamps - pd.to_timedelta(table["TIME"].to_numpy(), unit="D")
+    off = np.abs((origins - origins.iloc[0]) / pd.Timedelta(minutes=1)).to_numpy() > 1.0
+    if off.any():
+        row = int(np.flatnonzero(off)[0])
+        raise DatasetError(f"column 'DATE', row {row}: DATE and TIME disagree (TIME must be "
+                           "the days since the same origin on every row)")
+    return origins.iloc[0]
+
+
+def _after_induction(model: PopulationModel, dose_times: np.ndarray) -> bool:
+    """Whether the doses so far are exactly the label's induction (within 3 days each)."""
+    label = model.label
+    if label is None or not label.induction_weeks:
+        return False
+    planned = np.asarray(label.induction_weeks) * DAYS_PER_WEEK
+    given = np.unique(dose_times) - dose_times.min()
+    return given.size == planned.size and bool(np.all(np.abs(given - planned) <= 3.0))
+
+
+def _history(model: PopulationModel, data: pd.DataFrame, *,
+             current_interval_weeks: float | None = None, next_dose_day: float | None = None,
+             next_dose_date: object | None = None, lloq: float | None = None) -> _History:
+    table = validate(data, covariates=model.covariate_names).reset_index(drop=True)
+    if lloq is not None:
+        if not lloq > 0:
+            raise ValueError(f"`lloq` must be positive (mg/L); got {lloq!r}")
+        measured = (table["EVID"] == 0) & (table["MDV"] == 0)
+        column = table["LLOQ"] if "LLOQ" in table.columns else pd.Series(np.nan, table.index)
+        table["LLOQ"] = np.where(measured & column.isna(), float(lloq), column)
+    check_concentrations(table)
     check_covariates(model, table)
     if table["ID"].nunique() != 1:
         raise DatasetError(f"column 'ID': expected one patient; got {table['ID'].nunique()} "
                            "IDs (recommend for each patient separately)")
     if "WT" not in table.columns:
         raise DatasetError("column 'WT' is missing: doses are chosen per kg of body weight")
-    doses = table[(table["EVID"] == 1) | (table["EVID"] == 4)]
-    if doses.empty:
-        raise DatasetError("the history has no dose (EVID 1): nothing to continue from")
-    times = doses["TIME"].to_numpy()
-    if interval_weeks is not None:
-        interval = float(interval_weeks) * DAYS_PER_WEEK
-    elif len(times) >= 2:
-        interval = float(times[-1] - times[-2])
-    else:
-        raise DatasetError("one dose only: give `current_interval_weeks` (the interval "
-                           "the patient is on)")
-    last = doses.iloc[-1]
-    if last["RATE"] > 0:
-        infusion = float(last["AMT"] / last["RATE"])
-    elif last["DUR"] > 0:
-        infusion = float(last["DUR"])
-    else:
-        infusion = 2.0 / 24.0  # infliximab label: 2-h infusion
-    due = float(times[-1] + interval) if next_dose_day is None else float(next_dose_day)
-    if due < table["TIME"].max():
-        raise DatasetError(f"the next dose (day {due:g}) would come before the last record "
-                           f"(day {table['TIME'].max():g}); give `next_dose_day`")
-    return _History(table, float(table["WT"].iloc[-1]), float(times[-1]),
-                    float(last["AMT"]), interval, infusion, due)
+    if not ((table["EVID"] == 1) | (table["EVID"] == 4)).any():
+        raise DatasetError("the history has no dose (EVID 1 or 4): nothing to continue from")
+    origin = _origin(table)
+    notes: list[str] = []
+    if next_dose_date is not None:
+        if origin is None:
+            raise DatasetError("`next_dose_date` needs dates in the data (a DATE column)")
+        next_dose_day = (pd.Timestamp(next_dose_date) - origin) / pd.Timedelta(days=1)
+    times, rows = _dose_times(table)
+    last_record = float(table["TIME"].max())
+    past = times[times < last_record] if next_dose_day is None else times[times < next_dose_day]
+    explicit = table.loc[(table["EVID"] == 1) | (table["EVID"] == 4), "TIME"].to_numpy()
+    past = np.unique(np.concatenate([past, explicit[explicit <= last_record]]))
+    interval = _current_interval(model, past, current_interval_weeks, notes,
+                                 required=next_dose_day is None)
+    due = float(past[-1] + interval) if next_dose_day is None else float(next_dose_day)
+    if due < last_record - _TOL:
+        if next_dose_day is not None:
+            raise DatasetError(f"the next dose (day {due:g}) would come before the last "
+                               f"record (day {last_record:g})")
+        notes.append(f"the next dose was due on day {due:g}, before the last record: the "
+                     f"new regimen starts at the last record, day {last_record:g}")
+        due = last_record
+    table = _drop_implied_after(table, times, rows, due, notes)
+    last_dose = table.loc[rows[times <= max(past[-1], 0.0)].max()] if past.size else None
+    last = last_dose if last_dose is not None else table.iloc[-1]
+    dose_days = (float(last["AMT"] / last["RATE"]) if last["RATE"] > 0
+                 else float(last["DUR"]) if last["DUR"] > 0 else 0.0)
+    for note in table["ASSUMPTION"].dropna().unique() if "ASSUMPTION" in table else ():
+        if str(note).strip():
+            notes.append(str(note))
+    at_visit = table[table["TIME"] <= due + _TOL].iloc[-1]
+    return _History(table, float(at_visit["WT"]), float(last["AMT"]), interval, dose_days,
+                    float(last["CMT"]), due, origin, notes)
+
+
+def _current_interval(model: PopulationModel, past: np.ndarray,
+                      current_interval_weeks: float | None, notes: list[str], *,
+                      required: bool) -> float:
+    """The interval the patient is on (day); NaN when unknown and not ``required``."""
+    if current_interval_weeks is not None:
+        if not current_interval_weeks > 0:
+            raise ValueError("`current_interval_weeks` must be positive; got "
+                             f"{current_interval_weeks!r}")
+        return float(current_interval_weeks) * DAYS_PER_WEEK
+    if _after_induction(model, past):
+        weeks = model.label.maintenance_interval_weeks  # type: ignore[union-attr]
+        notes.append(f"after induction (doses at weeks {_weeks_text(past)}): the current "
+                     f"interval is the planned maintenance interval, {weeks:g} weeks")
+        return weeks * DAYS_PER_WEEK
+    if past.size >= 2:
+        return float(past[-1] - past[-2])
+    if not required:
+        return float("nan")
+    raise DatasetError("one dose only: give the interval the patient is on "
+                       "(`current_interval_weeks`, --current-interval-weeks)")
+
+
+def _weeks_text(times: np.ndarray) -> str:
+    weeks = [f"{w:g}" for w in np.round((times - times.min()) / DAYS_PER_WEEK, 1)]
+    return ", ".join(weeks[:-1]) + " and " + weeks[-1] if len(weeks) > 1 else weeks[0]
+
+
+def _drop_implied_after(table: pd.DataFrame, times: np.ndarray, rows: np.ndarray, due: float,
+                        notes: list[str]) -> pd.DataFrame:
+    """ADDL doses implied at or after the next dose are replaced by the new regimen."""
+    implied = np.r_[False, rows[1:] == rows[:-1]]
+    late = implied & (times >= due - _TOL)
+    if not late.any():
+        return table
+    table = table.copy()
+    for row in np.unique(rows[late]):
+        table.loc[row, "ADDL"] = float(np.sum(implied & (rows == row) & ~late))
+    notes.append(f"{int(late.sum())} additional dose(s) (ADDL) implied on or after day "
+                 f"{due:g} were left out of the history: the new regimen replaces them")
+    return table
+
+
+# --------------------------------------------------------------------------- forecasts
 
 
 def _future_rows(history: _History, times: Any, pid: Any, *, doses: np.ndarray | None,
                  interval: float | None = None, ss: bool = False) -> pd.DataFrame:
     """Records after the history: samples at ``times`` (before any dose at the same time)
-    and unit doses; covariates carried forward from the last record."""
+    and unit doses given like the last dose; covariates carried forward from the visit."""
     sample_t = np.asarray(times, dtype=float)
     dose_t = np.asarray([] if doses is None else doses, dtype=float)
     time = np.concatenate([sample_t, dose_t])
@@ -202,11 +455,12 @@ def _future_rows(history: _History, times: Any, pid: Any, *, doses: np.ndarray |
     order = np.lexsort((is_dose, time))
     time, is_dose = time[order], is_dose[order]
     n = time.size
+    rate = is_dose / history.dose_days if history.dose_days > 0 else np.zeros(n)
     columns: dict[str, Any] = {
         "ID": np.full(n, pid, dtype=object), "TIME": time, "EVID": is_dose.astype(float),
-        "AMT": is_dose * 1.0, "RATE": is_dose / history.infusion_days, "DUR": np.zeros(n),
+        "AMT": is_dose * 1.0, "RATE": rate, "DUR": np.zeros(n),
         "II": is_dose * (interval if ss and interval else 0.0), "ADDL": np.zeros(n),
-        "SS": is_dose * float(ss), "MDV": np.ones(n), "CMT": np.zeros(n),
+        "SS": is_dose * float(ss), "MDV": np.ones(n), "CMT": is_dose * history.dose_cmt,
         "DV": np.full(n, np.nan),
     }
     last = history.table.iloc[-1]
@@ -216,9 +470,22 @@ def _future_rows(history: _History, times: Any, pid: Any, *, doses: np.ndarray |
     return pd.DataFrame(columns)
 
 
-def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int
-           ) -> tuple[np.ndarray, MAPEstimate | None]:
-    """Row 0: the MAP (or zero); then ``n_draws`` posterior (or prior) draws."""
+def _steady_rows(history: _History, intervals_days: np.ndarray) -> pd.DataFrame:
+    """One ID per interval: a unit SS dose at the next dose day, then its trough."""
+    n = intervals_days.size
+    frame = _future_rows(history, [history.next_dose_day + 1.0], "s", doses=np.array(
+        [history.next_dose_day]), interval=1.0, ss=True)  # one dose row, one sample row
+    frame = frame.loc[np.tile([0, 1], n)].reset_index(drop=True)
+    frame["ID"] = np.repeat([f"s{i}" for i in range(n)], 2)
+    frame["TIME"] = history.next_dose_day + np.c_[np.zeros(n), intervals_days].ravel()
+    frame["II"] = np.c_[intervals_days, np.zeros(n)].ravel()
+    return frame
+
+
+def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int,
+           min_ess: float) -> tuple[np.ndarray, MAPEstimate | None, PosteriorSample | None]:
+    """Row 0: the MAP (or zero); then ``n_draws`` posterior (or prior) draws. A fit that
+    did not converge gives the MAP row alone (the recommendation is refused)."""
     table = history.table
     measured = ((table["EVID"] == 0) & (table["MDV"] == 0)).any()
     names = list(model.eta_names)
@@ -226,13 +493,14 @@ def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int
         rng = np.random.default_rng(seed)
         draws = rng.multivariate_normal(np.zeros(len(names)), model.omega, size=n_draws,
                                         method="eigh") if n_draws else np.zeros((0, len(names)))
-        return np.vstack([np.zeros((1, len(names))), draws]), None
+        return np.vstack([np.zeros((1, len(names))), draws]), None, None
     fit = estimate_map(model, table)
     mode = fit.individuals[names].to_numpy(dtype=float)
-    if not n_draws:
-        return mode, fit
-    sample = sample_posterior(model, table, n=n_draws, seed=seed, estimate=fit)
-    return np.vstack([mode, sample.draws[names].to_numpy(dtype=float)]), fit
+    if not n_draws or not fit.success or not np.all(np.isfinite(mode)):
+        return np.nan_to_num(mode), fit, None
+    sample = sample_posterior(model, table, n=n_draws, seed=seed, estimate=fit,
+                              min_ess=min_ess)
+    return np.vstack([mode, sample.draws[names].to_numpy(dtype=float)]), fit, sample
 
 
 def _concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta: np.ndarray,
@@ -264,83 +532,401 @@ class _Forecast:
     history: list[np.ndarray]  # per interval: (M, K + 1) mg/L from past doses
     unit: list[np.ndarray]  # per interval: (M, K + 1) mg/L per mg of the new regimen
 
+    def troughs(self, i: int, dose: float) -> np.ndarray:
+        """``(M, K + 1)`` troughs (mg/L) of ``dose`` mg every ``intervals[i]`` days."""
+        return self.history[i] + dose * self.unit[i]
+
 
 def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
               intervals_days: np.ndarray, horizon_days: float) -> _Forecast:
+    """Troughs of every interval over the horizon, from three engine calls.
+
+    Future covariates are constant (carried forward) and KAPPAs are 0, so a new regimen
+    is a superposition of one unit-dose response ``u``: the trough before new dose ``k``
+    is ``u(tau) + u(2 tau) + ... + u(k tau)``; the steady state comes from an SS dose.
+    """
     t0 = history.next_dose_day
-    trough_days = [t0 + tau * np.arange(1, int(np.floor(horizon_days / tau + 1e-9)) + 1)
-                   for tau in intervals_days]
+    counts = [max(1, int(np.floor(horizon_days / tau + 1e-9))) for tau in intervals_days]
+    trough_days = [t0 + tau * np.arange(1, k + 1) for tau, k in zip(intervals_days, counts)]
+    after = np.unique(np.concatenate([tau * np.arange(1, k + 1)
+                                      for tau, k in zip(intervals_days, counts)]))
     all_days = np.unique(np.concatenate(trough_days))
     pid = history.table["ID"].iloc[0]
     base = pd.concat([history.table, _future_rows(history, all_days, pid, doses=None)],
                      ignore_index=True)
-    tables = [base]
+    unit = _future_rows(history, t0 + after, "unit", doses=np.array([t0]))
+    steady = _steady_rows(history, intervals_days)
+    # The long history profile is solved apart from the short unit ones (less padding).
+    (base_conc,) = _concentrations(model, [base], eta)
+    (unit_conc,) = _concentrations(model, [unit], eta)
+    (steady_conc,) = _concentrations(model, [steady], eta)
+    steady_conc = steady_conc[:, 1::2]  # (M, I): the sample one interval after the SS dose
+    n_hist = len(history.table)
+    base_conc, base_days = base_conc[:, n_hist:], base["TIME"].to_numpy()[n_hist:]
+    samples = unit["EVID"].to_numpy() == 0
+    response = unit_conc[:, samples]  # u at ``after``, per draw
+    hist_parts, unit_parts, day_parts = [], [], []
     for i, tau in enumerate(intervals_days):
         days = trough_days[i]
-        doses = t0 + tau * np.arange(len(days))
-        tables.append(_future_rows(history, days, f"u{i}", doses=doses))
-        tables.append(_future_rows(history, [t0 + tau], f"s{i}", doses=np.array([t0]),
-                                   interval=tau, ss=True))
-    # Each unit regimen starts fresh: its own ID, beginning at the next dose. The long
-    # history profile is solved apart from the short unit ones (less padding).
-    conc = _concentrations(model, tables[:1], eta) + _concentrations(model, tables[1:], eta)
-    n_hist = len(history.table)
-    base_conc = conc[0][:, n_hist:]
-    base_days = base["TIME"].to_numpy()[n_hist:]
-    hist_parts, unit_parts, day_parts = [], [], []
-    for i in range(len(intervals_days)):
-        days = trough_days[i]
         at = np.searchsorted(base_days, days)
-        unit_rows = tables[1 + 2 * i]
-        sample_rows = np.flatnonzero(unit_rows["EVID"].to_numpy() == 0)
-        steady = tables[2 + 2 * i]
-        steady_row = np.flatnonzero(steady["EVID"].to_numpy() == 0)
+        where = np.searchsorted(after, tau * np.arange(1, counts[i] + 1))
         hist_parts.append(np.concatenate([base_conc[:, at], np.zeros((eta.shape[0], 1))], 1))
-        unit_parts.append(np.concatenate([conc[1 + 2 * i][:, sample_rows],
-                                          conc[2 + 2 * i][:, steady_row]], axis=1))
+        unit_parts.append(np.concatenate([np.cumsum(response[:, where], axis=1),
+                                          steady_conc[:, i:i + 1]], axis=1))
         day_parts.append(np.concatenate([days, [np.inf]]))
     return _Forecast(intervals_days, day_parts, hist_parts, unit_parts)
 
 
+def _required_count(n: int, probability: float) -> int:
+    """Draws that must reach the target for a share of at least ``probability``."""
+    return max(1, int(math.ceil(probability * n - _TOL)))
+
+
 def _level(troughs: np.ndarray, probability: float | None) -> np.ndarray:
-    """Per trough: the (1 - probability) quantile over draws (rows 1:), or the MAP (row 0)."""
+    """Per trough, the value reached or exceeded by a share ``probability`` of the draws
+    (rows 1:), so that ``level >= target`` exactly when that share is on target; the MAP
+    (row 0) without draws or without a probability."""
     if probability is None or troughs.shape[0] == 1:
         return troughs[0]
-    return np.quantile(troughs[1:], 1.0 - probability, axis=0)
+    draws = troughs[1:]
+    n = draws.shape[0]
+    k = _required_count(n, probability)
+    return np.partition(draws, n - k, axis=0)[n - k]
 
 
-def _option(forecast: _Forecast, i: int, dose: float, weight: float, target: float,
-            probability: float | None) -> Option:
-    troughs = forecast.history[i] + dose * forecast.unit[i]
-    level = _level(troughs, probability)
-    draws = troughs[1:] if troughs.shape[0] > 1 else troughs
-    weeks = forecast.intervals[i] / DAYS_PER_WEEK
-    mg_per_kg = dose / weight
-    return Option(
-        dose_mg=float(dose), interval_weeks=float(weeks), mg_per_kg=float(mg_per_kg),
-        mg_per_kg_per_week=float(mg_per_kg / weeks), lowest_trough=float(level.min()),
-        lowest_trough_map=float(troughs[0].min()),
-        pta=float(np.mean(np.all(draws >= target, axis=1))),
-        meets_target=bool(level.min() >= target),
-        above_label=bool(mg_per_kg > LABEL_MAX_MG_PER_KG + 1e-9
-                         or weeks < LABEL_MIN_INTERVAL_WEEKS - 1e-9),
-    )
+# --------------------------------------------------------------------------- options
 
 
-def _trough_table(forecast: _Forecast, i: int, dose: float, target: float) -> pd.DataFrame:
-    troughs = forecast.history[i] + dose * forecast.unit[i]
-    draws = troughs[1:] if troughs.shape[0] > 1 else troughs
-    days = forecast.days[i]
-    return pd.DataFrame({
-        "DAY": np.where(np.isfinite(days), days, np.nan),
-        "WEEK": np.where(np.isfinite(days), days / DAYS_PER_WEEK, np.nan),
-        "STEADY_STATE": ~np.isfinite(days),
-        "MAP": troughs[0],
-        "P10": np.quantile(draws, 0.1, axis=0),
-        "P50": np.quantile(draws, 0.5, axis=0),
-        "P90": np.quantile(draws, 0.9, axis=0),
-        "PTA": np.mean(draws >= target, axis=0),
-    })
+@dataclass
+class _Grid:
+    """What the options are measured against: the forecast, the current regimen, limits."""
+
+    forecast: _Forecast
+    weeks: list[float]  # every forecast interval (weeks), in forecast order
+    weight: float
+    target: float
+    probability: float | None
+    current_dose: float
+    current_weeks: float
+    label: Any
+
+    def option(self, dose: float, weeks: float) -> Option:
+        i = self.index(weeks)
+        troughs = self.forecast.troughs(i, dose)
+        level = _level(troughs, self.probability)
+        draws = troughs[1:] if troughs.shape[0] > 1 else troughs
+        mg_per_kg = dose / self.weight
+        per_week = mg_per_kg / weeks
+        current = self.current_dose / self.weight / self.current_weeks
+        label = self.label
+        above = below = False
+        if label is not None:
+            above = bool(mg_per_kg > label.max_mg_per_kg + _TOL
+                         or weeks < label.min_interval_weeks - _TOL)
+            below = bool(mg_per_kg < label.dose_mg_per_kg - 1e-6)
+        return Option(
+            dose_mg=float(dose), interval_weeks=float(weeks), mg_per_kg=float(mg_per_kg),
+            mg_per_kg_per_week=float(per_week),
+            change_in_drug_per_week=float(per_week / current - 1.0),
+            lowest_trough=float(level.min()), lowest_trough_map=float(troughs[0].min()),
+            pta=float(np.mean(np.all(draws >= self.target, axis=1))),
+            meets_target=bool(level.min() >= self.target),
+            above_label=above, below_label=below,
+        )
+
+    def index(self, weeks: float) -> int:
+        return int(np.argmin(np.abs(np.asarray(self.weeks) - weeks)))
+
+    def troughs(self, option: Option, origin: pd.Timestamp | None) -> pd.DataFrame:
+        i = self.index(option.interval_weeks)
+        troughs = self.forecast.troughs(i, option.dose_mg)
+        draws = troughs[1:] if troughs.shape[0] > 1 else troughs
+        days = self.forecast.days[i]
+        finite = np.isfinite(days)
+        table = pd.DataFrame({
+            "DAY": np.where(finite, days, np.nan),
+            "WEEK": np.where(finite, days / DAYS_PER_WEEK, np.nan),
+            "STEADY_STATE": ~finite,
+            "MAP": troughs[0],
+            "P10": np.quantile(draws, 0.1, axis=0),
+            "P50": np.quantile(draws, 0.5, axis=0),
+            "P90": np.quantile(draws, 0.9, axis=0),
+            "PTA": np.mean(draws >= self.target, axis=0),
+        })
+        if origin is not None:
+            table.insert(2, "DATE", [(origin + pd.Timedelta(days=d)).isoformat(
+                timespec="minutes") if np.isfinite(d) else None for d in days])
+        return table
+
+
+def _option_table(options: list[Option]) -> pd.DataFrame:
+    table = pd.DataFrame([{k.upper(): v for k, v in asdict(o).items()} for o in options])
+    return table.sort_values(["MG_PER_KG_PER_WEEK", "INTERVAL_WEEKS"],
+                             ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class _Choice:
+    action: str
+    recommended: Option | None
+    closest: Option
+    dose_only: Option | None = None
+    interval_only: Option | None = None
+    reduce_dose: Option | None = None
+    extend_interval: Option | None = None
+    rule: str = ""
+
+
+def _least_drug(options: list[Option]) -> Option | None:
+    """Least drug per week; ties to the longer interval, then the smaller dose."""
+    feasible = [o for o in options if o.meets_target]
+    return min(feasible, key=lambda o: (round(o.mg_per_kg_per_week, 12), -o.interval_weeks,
+                                        o.dose_mg)) if feasible else None
+
+
+def _choose(grid: _Grid, objective: str, doses: np.ndarray, candidates: list[float],
+            longer: list[float], options: list[Option], current: Option) -> _Choice:
+    """Apply the objective (module docstring) to the evaluated options."""
+    d0, w0 = grid.current_dose, grid.current_weeks
+    at_current = [grid.option(d, w0) for d in doses]
+    closest = max(options + at_current, key=lambda o: (o.lowest_trough,
+                                                       -o.mg_per_kg_per_week))
+    if current.meets_target:
+        lower = [o for o in at_current if o.dose_mg < d0 - _TOL and o.meets_target]
+        later = [o for o in (grid.option(d0, w) for w in longer) if o.meets_target]
+        choice = _Choice("continue", current, current,
+                         reduce_dose=min(lower, key=lambda o: o.dose_mg) if lower else None,
+                         extend_interval=(max(later, key=lambda o: o.interval_weeks)
+                                          if later else None),
+                         rule="it already meets the target, and a regimen that does is "
+                              "continued")
+        if objective == "smallest_change":
+            return choice
+    else:
+        choice = _Choice("change", None, closest)
+        more = [o for o in at_current if o.dose_mg > d0 + _TOL and o.meets_target]
+        shorter = [o for o in (grid.option(d0, w) for w in candidates if w < w0 - _TOL)
+                   if o.meets_target]
+        choice.dose_only = min(more, key=lambda o: o.dose_mg) if more else None
+        choice.interval_only = max(shorter, key=lambda o: o.interval_weeks) if shorter else None
+    if objective == "smallest_change":
+        singles = [o for o in (choice.dose_only, choice.interval_only) if o is not None]
+        if singles:
+            best = min(singles, key=lambda o: (round(o.change_in_drug_per_week, 9),
+                                               -o.interval_weeks))
+            choice.recommended, choice.rule = best, (
+                "this is the smallest single change that meets it (dose alone or interval "
+                "alone, by the increase in drug per week)")
+        else:
+            choice.recommended = _least_drug(options)
+            choice.rule = ("no change of dose alone or of interval alone meets it within "
+                           "the limits, so both change: the least drug per week that does")
+    elif objective == "least_drug":
+        choice.recommended = _least_drug(options)
+        choice.rule = "this is the least drug per week that meets it (objective least_drug)"
+    else:
+        feasible = [o for o in options + [current] if o.meets_target]
+        choice.recommended = (max(feasible, key=lambda o: (o.interval_weeks, -o.dose_mg))
+                              if feasible else None)
+        choice.rule = ("this is the longest interval that meets it, at its least dose "
+                       "(objective fewest_infusions)")
+    if choice.recommended is None:
+        choice.action = "unattainable"
+    else:
+        choice.closest = choice.recommended
+        same = (abs(choice.recommended.dose_mg - d0) < _TOL
+                and abs(choice.recommended.interval_weeks - w0) < _TOL)
+        choice.action = "continue" if same else "change"
+    return choice
+
+
+def _dose_grid(weight: float, *, vial_mg: float | None, step_mg_per_kg: float | None,
+               max_mg_per_kg: float) -> np.ndarray:
+    max_mg = max_mg_per_kg * weight
+    if vial_mg is not None:
+        grid = vial_mg * np.arange(1, int(np.floor(max_mg / vial_mg + 1e-9)) + 1)
+    else:
+        step = step_mg_per_kg or 1.0
+        grid = step * weight * np.arange(1, int(np.floor(max_mg_per_kg / step + 1e-9)) + 1)
+    if grid.size == 0:
+        raise ValueError(f"no dose on the grid fits under {max_mg_per_kg:g} mg/kg "
+                         f"({max_mg:.0f} mg at {weight:g} kg) with vials of {vial_mg:g} mg; "
+                         "raise `max_mg_per_kg` or give `dose_step_mg_per_kg` with "
+                         "`vial_mg=None`")
+    return grid
+
+
+# --------------------------------------------------------------------------- safety checks
+
+
+def _clearance_eta(model: PopulationModel) -> int | None:
+    """Index of the ETA on CL, when exactly one ETA enters CL."""
+    expr = model.parameters.get("CL")
+    if expr is None:
+        return None
+    used = [i for i, n in enumerate(model.eta_names) if n in {str(s) for s in expr.free_symbols}]
+    return used[0] if len(used) == 1 else None
+
+
+def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[str]]:
+    """The largest |residual| (in SDs) of a measured value, and a sentence per outlier."""
+    rec = fit.records
+    used = (rec["EVID"] == 0) & (rec["MDV"] == 0)
+    if "LLOQ" in rec.columns:
+        used &= ~(rec["DV"] < rec["LLOQ"])
+    rec = rec[used]
+    if rec.empty:
+        return float("nan"), []
+    dv, ipred = rec["DV"].to_numpy(float), rec["IPRED"].to_numpy(float)
+    pred = rec["PRED"].to_numpy(float)
+    score = np.abs(rec["IWRES"].to_numpy(float))
+    if not model.residual.log_scale and model.residual.proportional > 0:
+        # A proportional error bounds IWRES below by -1/b for any DV < IPRED: measure the
+        # ratio on the log scale too (its SD there is about the CV at the prediction).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cv = model.residual.sd(ipred) / ipred
+            score = np.fmax(score, np.abs(np.log(dv / ipred)) / cv)
+    score = np.where(np.isfinite(score), score, np.inf)
+    sentences = []
+    for i in np.flatnonzero(score > IWRES_LIMIT):
+        ratio = dv[i] / ipred[i] if ipred[i] > 0 else np.inf
+        typical = dv[i] / pred[i] if pred[i] > 0 else np.inf
+        cause = ("it is over 100 times the typical prediction "
+                 f"({pred[i]:.3g} mg/L): is DV in ng/mL (ug/L)? pkmodel expects mg/L "
+                 "(ug/mL), 1000 times smaller" if typical > 100 else
+                 "it is far above the prediction: a unit slip, or a sample drawn during or "
+                 "soon after an infusion?" if ratio > 1 else
+                 "it is far below the prediction: a sample time or a dose that is wrong?")
+        sentences.append(f"the measured {dv[i]:.4g} mg/L on day {rec['TIME'].iloc[i]:g} is "
+                         f"implausible for {model.name} ({score[i]:.1f} residual SDs from "
+                         f"the individual prediction {ipred[i]:.3g} mg/L): {cause}")
+    return float(score.max()), sentences
+
+
+def _sample_timing(history: _History) -> list[str]:
+    """Samples inside an infusion or within POST_INFUSION_HOURS after a dose ends."""
+    table = history.table
+    times, rows = _dose_times(table)
+    dose_rows = table.loc[rows]
+    length = np.where(dose_rows["RATE"].to_numpy() > 0,
+                      dose_rows["AMT"].to_numpy() / np.where(dose_rows["RATE"] > 0,
+                                                             dose_rows["RATE"], 1.0),
+                      dose_rows["DUR"].to_numpy())
+    ends = times + length + POST_INFUSION_HOURS / HOURS_PER_DAY
+    out = []
+    measured = table[(table["EVID"] == 0) & (table["MDV"] == 0)]
+    for row, t in zip(measured.index, measured["TIME"].to_numpy()):
+        # A sample recorded before a dose at the same time is its pre-dose trough.
+        starts_before = (times < t) | ((times == t) & (rows < row))
+        if np.any(starts_before & (t < ends + _TOL)):
+            out.append(f"the sample on day {t:g} lies inside an infusion or less than "
+                       f"{POST_INFUSION_HOURS:g} h after one ends: probably not a trough "
+                       "(check the sample and dose times)")
+    return out
+
+
+def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
+            sample: PosteriorSample | None, *, accept_outliers: bool, min_ess: float
+            ) -> tuple[str, list[str], Checks]:
+    refuse, caution = [], []
+    worst = eta_sd = shrinkage = ess = float("nan")
+    if fit is None:
+        caution.append("no measured concentration: dosed from the population prior "
+                       "(covariates only)")
+    else:
+        ind = fit.individuals.iloc[0]
+        if not bool(ind["SUCCESS"]):
+            refuse.append(f"the fit to the measured concentrations failed ({ind['MESSAGE']})")
+        worst, outliers = _implausible(model, fit)
+        if accept_outliers:
+            caution += [s + " (accepted: accept_outliers)" for s in outliers]
+        else:
+            refuse += outliers
+        k = _clearance_eta(model)
+        if k is not None and np.isfinite(ind[model.eta_names[k]]):
+            omega = float(model.omega[k, k])
+            eta_sd = float(ind[model.eta_names[k]] / np.sqrt(omega))
+            etc = float(fit.etc(fit.individuals.index[0])[k, k])
+            shrinkage = float(1.0 - np.sqrt(max(0.0, 1.0 - etc / omega)))
+            if shrinkage > SHRINKAGE_LIMIT:
+                caution.append(f"the measured concentrations say little about this "
+                               f"patient's clearance (ETA shrinkage {shrinkage:.0%}): the "
+                               "forecast leans on the population")
+            if abs(eta_sd) > CL_SD_LIMIT:
+                caution.append(f"this patient's clearance is {abs(eta_sd):.1f} SD "
+                               f"{'above' if eta_sd > 0 else 'below'} the typical value for "
+                               "these covariates: check doses, dates and antibodies")
+    if sample is not None:
+        ess = float(sample.diagnostics["ESS"].iloc[0])
+        if ess < min_ess:
+            refuse.append(f"too few effective posterior draws (ESS {ess:.0f} < {min_ess:g}): "
+                          "the uncertainty of the forecast cannot be trusted")
+    caution += covariates_outside_range(model, history.table)
+    caution += _sample_timing(history)
+    status = "refused" if refuse else "caution" if caution else "ok"
+    return status, refuse + caution, Checks(worst, eta_sd, shrinkage, ess)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _criterion(target: float, probability: float | None) -> str:
+    if probability is None:
+        return f"every trough at the MAP estimate is at or above {target:g} mg/L"
+    if probability == 0.5:
+        return f"the posterior median of every trough is at or above {target:g} mg/L"
+    return (f"at every trough at least {probability:.0%} of posterior draws are at or above "
+            f"{target:g} mg/L")
+
+
+def _message(choice: _Choice, history: _History, grid: _Grid, status: str,
+             reasons: list[str], settings: Settings, when: str) -> str:
+    criterion = _criterion(grid.target, grid.probability)
+    current = grid.option(grid.current_dose, grid.current_weeks)
+    if status == "refused":
+        text = ("No recommendation: " + "; ".join(reasons) + ". Check the data; the "
+                "regimen options are not shown as advice.")
+    elif choice.action == "unattainable":
+        closest = choice.closest
+        text = (f"Not attainable within limits: with doses up to {settings.max_mg_per_kg:g} "
+                f"mg/kg and intervals of {min(settings.intervals_weeks):g} weeks or more, "
+                f"no option meets the target ({criterion}). Closest: {closest.describe()} "
+                f"(lowest trough {closest.lowest_trough:.2f} mg/L).")
+    elif choice.action == "continue":
+        rec = choice.recommended
+        assert rec is not None
+        text = (f"Continue {rec.describe()}, next dose {when}: {choice.rule} ({criterion}; "
+                f"lowest {rec.lowest_trough:.2f} mg/L).")
+        less = [o.describe() for o in (choice.reduce_dose, choice.extend_interval) if o]
+        if less and settings.objective == "smallest_change":
+            text += (" Less drug would also meet it (reported apart): " + "; ".join(less)
+                     + ".")
+    else:
+        rec = choice.recommended
+        assert rec is not None
+        state = ("meets the target" if current.meets_target else
+                 f"misses the target (lowest {current.lowest_trough:.2f} mg/L)")
+        text = (f"Give {rec.describe()} from {when}: the current {current.describe()} "
+                f"{state}; {choice.rule} ({criterion}; lowest {rec.lowest_trough:.2f} mg/L; "
+                f"{rec.change_in_drug_per_week:+.0%} drug per week).")
+        others = [o for o in (choice.dose_only, choice.interval_only)
+                  if o is not None and o != rec]
+        if others and settings.objective == "smallest_change":
+            text += " The other single change: " + "; ".join(
+                f"{o.describe()} ({o.change_in_drug_per_week:+.0%})" for o in others) + "."
+    option = choice.recommended
+    if status != "refused" and option is not None and option.above_label:
+        text += " Above the label (more than its highest dose or more often than its interval)."
+    if status != "refused" and option is not None and option.below_label:
+        text += " Below the label dose per kg."
+    if history.notes:
+        text += " Assumed: " + "; ".join(history.notes) + "."
+    if status == "caution":
+        text += " Caution: " + "; ".join(reasons) + "."
+    return text
+
+
+# --------------------------------------------------------------------------- public API
 
 
 def _check(target: float, probability: float | None) -> None:
@@ -350,47 +936,98 @@ def _check(target: float, probability: float | None) -> None:
         raise ValueError(f"`probability` must be between 0 and 1 (or None); got {probability!r}")
 
 
+def _settings(model: PopulationModel, objective: str, probability: float | None,
+              intervals_weeks: tuple[float, ...], vial_mg: float | None | str,
+              **rest: Any) -> Settings:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {', '.join(OBJECTIVES)}; got "
+                         f"{objective!r}")
+    if rest["n_draws"] < 0:
+        raise ValueError(f"`n_draws` must be >= 0; got {rest['n_draws']}")
+    if vial_mg == "label":
+        vial_mg = model.label.vial_mg if model.label is not None else None
+    if vial_mg is not None and not float(vial_mg) > 0:  # type: ignore[arg-type]
+        raise ValueError(f"`vial_mg` must be positive or None; got {vial_mg!r}")
+    weeks = tuple(sorted({float(w) for w in intervals_weeks
+                          if w >= rest["min_interval_weeks"] - _TOL}))
+    if not weeks:
+        raise ValueError(f"no interval in {intervals_weeks} is at least "
+                         f"{rest['min_interval_weeks']} weeks")
+    return Settings(objective=objective,
+                    probability=None if rest["n_draws"] == 0 else probability,
+                    intervals_weeks=weeks,
+                    vial_mg=None if vial_mg is None else float(vial_mg),  # type: ignore[arg-type]
+                    **rest)
+
+
 def recommend_regimen(
     model: PopulationModel,
     data: pd.DataFrame,
     target: float = 6.0,
     *,
     probability: float | None = 0.5,
+    objective: str = "smallest_change",
     intervals_weeks: tuple[float, ...] = (4, 5, 6, 7, 8),
-    vial_mg: float | None = 100.0,
+    vial_mg: float | None | str = "label",
     dose_step_mg_per_kg: float | None = None,
     max_mg_per_kg: float = 20.0,
     min_interval_weeks: float = 4.0,
+    max_interval_weeks: float = 12.0,
     horizon_weeks: float = 52.0,
     n_draws: int = 1000,
     seed: int = 0,
     current_interval_weeks: float | None = None,
     next_dose_day: float | None = None,
+    next_dose_date: object | None = None,
+    lloq: float | None = None,
+    accept_outliers: bool = False,
+    min_ess: float = 200.0,
 ) -> Recommendation:
     """The smallest change expected to keep every coming trough at or above the target.
+
+    The rule (``objective="smallest_change"``): continue a regimen that meets the target;
+    otherwise the smaller single change (dose only or interval only, by the increase in
+    drug per week; ties to fewer infusions); both only when no single change gets there.
+    Each result has a status ("ok", "caution", "refused") with its reasons:
+
+    * refused: the fit failed; a measured value is more than 4 residual SDs from its
+      individual prediction (a unit slip, a mis-timed sample; unless ``accept_outliers``);
+      fewer than ``min_ess`` effective posterior draws;
+    * caution: no measured concentration (prior only); covariates outside the model's data
+      range; ETA shrinkage of clearance over 50 %; a sample inside an infusion or within
+      1 h after it; individual clearance more than 3 SD from typical.
 
     Parameters
     ----------
     model : PopulationModel
-        For example ``pkmodel.models.load("fasanmade2011")``.
+        For example ``pkmodel.models.load("fasanmade2011")``; its ``label`` gives the
+        induction schedule, vial size and label limits.
     data : DataFrame
-        One patient's history: doses, measured troughs (EVID 0, MDV 0, DV in mg/L) and
-        covariates (WT in kg is required). Without measured troughs the prior is used.
+        One patient's history: doses, measured concentrations (EVID 0, MDV 0, DV in mg/L)
+        and covariates (WT in kg is required). Without measured concentrations the prior
+        is used. A DATE column (see :func:`pkmodel.data.from_clinical`) gives dates to the
+        output; an ASSUMPTION column's sentences are repeated in the notes.
     target : float
         Target trough (mg/L); 6 by default (Kang 2026), a user's choice.
     probability : float or None
-        Required share of posterior draws at or above the target at every trough: 0.5 (the
-        posterior median, "expected to"); 0.8 for a stricter rule; None for the MAP only.
+        Required share of posterior draws at or above the target at every trough: 0.5
+        ("expected to"); 0.8 for a stricter rule; None for the MAP only.
+    objective : {"smallest_change", "least_drug", "fewest_infusions"}
+        The clinical rule above; the least drug per week among all options (ties to the
+        longer interval); or the longest interval that meets the target, at its least dose.
     intervals_weeks : tuple of float
-        Candidate intervals (weeks).
-    vial_mg : float or None
-        Doses in whole vials of this size (mg); None to use ``dose_step_mg_per_kg``.
+        Candidate intervals (weeks) for changes.
+    vial_mg : float, None or "label"
+        Doses in whole vials of this size (mg); "label": the model label's vial (100 mg
+        for infliximab); None: steps of ``dose_step_mg_per_kg``.
     dose_step_mg_per_kg : float, optional
-        Dose grid step (mg/kg) when ``vial_mg`` is None.
+        Dose grid step (mg/kg) when ``vial_mg`` is None (default 1).
     max_mg_per_kg : float
         Largest dose considered (mg/kg); 20 by default (pediatric literature).
     min_interval_weeks : float
         Shortest interval considered (weeks).
+    max_interval_weeks : float
+        Longest interval reported as a de-escalation (weeks).
     horizon_weeks : float
         Troughs are checked over this horizon after the next dose, plus the steady state.
     n_draws : int
@@ -398,9 +1035,19 @@ def recommend_regimen(
     seed : int
         Same seed, same draws, same recommendation.
     current_interval_weeks : float, optional
-        The current interval, when the history holds a single dose.
+        The interval the patient is on (default: the last gap between doses; after the
+        label's induction, its maintenance interval).
     next_dose_day : float, optional
-        When the changed regimen starts (day); default: last dose + current interval.
+        When the next dose is due (day); default: last dose + current interval.
+    next_dose_date : date-like, optional
+        The same as a calendar date, for data with a DATE column.
+    lloq : float, optional
+        Lower limit of quantification (mg/L) for measured values without an LLOQ: values
+        below it are censored (M3).
+    accept_outliers : bool
+        Use implausible measurements anyway (status "caution" instead of "refused").
+    min_ess : float
+        Fewest effective posterior draws accepted.
 
     Returns
     -------
@@ -415,93 +1062,63 @@ def recommend_regimen(
     >>> measured = (child.EVID == 0) & child.TIME.isin([98.0, 154.0])
     >>> child.loc[measured, ["MDV", "DV"]] = [[0, 1.1], [0, 0.8]]
     >>> rec = recommend_regimen(load("fasanmade2011"), child, n_draws=200)
-    >>> rec.recommended.dose_mg > 140, rec.recommended.meets_target
-    (True, True)
+    >>> rec.action, rec.status, rec.recommended.meets_target
+    ('change', 'ok', True)
     """
     _check(target, probability)
-    if n_draws < 0:
-        raise ValueError(f"`n_draws` must be >= 0; got {n_draws}")
-    history = _history(model, data, current_interval_weeks, next_dose_day)
-    weight = history.weight
-    eta, fit = _draws(model, history, n_draws, seed)
-    if n_draws == 0:
-        probability = None
-    weeks = sorted({float(w) for w in intervals_weeks if w >= min_interval_weeks - 1e-9})
-    if not weeks:
-        raise ValueError(f"no interval in {intervals_weeks} is at least {min_interval_weeks} "
-                         "weeks")
-    current_weeks = history.current_interval_days / DAYS_PER_WEEK
-    all_weeks = sorted(set(weeks) | {round(current_weeks, 9)})
+    settings = _settings(
+        model, objective, probability, intervals_weeks, vial_mg,
+        dose_step_mg_per_kg=dose_step_mg_per_kg, max_mg_per_kg=max_mg_per_kg,
+        min_interval_weeks=min_interval_weeks, max_interval_weeks=max_interval_weeks,
+        horizon_weeks=horizon_weeks, n_draws=n_draws, seed=seed,
+        accept_outliers=accept_outliers, min_ess=min_ess, lloq=lloq)
+    with warnings.catch_warnings():  # covariates outside the data range become reasons
+        warnings.simplefilter("ignore", CovariateWarning)
+        history = _history(model, data, current_interval_weeks=current_interval_weeks,
+                           next_dose_day=next_dose_day, next_dose_date=next_dose_date,
+                           lloq=lloq)
+        if not np.isfinite(history.current_interval_days):
+            raise DatasetError("one dose only: give the interval the patient is on "
+                               "(`current_interval_weeks`, --current-interval-weeks)")
+        eta, fit, sample = _draws(model, history, n_draws, seed, min_ess)
+    status, reasons, checks = _checks(model, history, fit, sample,
+                                      accept_outliers=accept_outliers, min_ess=min_ess)
+    current_weeks = round(history.current_interval_days / DAYS_PER_WEEK, 9)
+    longer = [float(w) for w in range(int(np.floor(current_weeks)) + 1,
+                                      int(np.floor(max_interval_weeks)) + 1)]
+    all_weeks = sorted(set(settings.intervals_weeks) | {current_weeks} | set(longer))
+    probability = settings.probability if sample is not None or fit is None else None
     forecast = _forecast(model, history, eta, np.array(all_weeks) * DAYS_PER_WEEK,
                          horizon_weeks * DAYS_PER_WEEK)
-    max_mg = max_mg_per_kg * weight
-    if vial_mg is not None:
-        grid = vial_mg * np.arange(1, int(np.floor(max_mg / vial_mg + 1e-9)) + 1)
-    else:
-        step = dose_step_mg_per_kg or 1.0
-        grid = step * weight * np.arange(1, int(np.floor(max_mg_per_kg / step + 1e-9)) + 1)
-    if grid.size == 0:
-        raise ValueError(f"no dose on the grid fits under {max_mg_per_kg} mg/kg "
-                         f"({max_mg:.0f} mg) with vials of {vial_mg} mg")
-
-    index_of = {w: all_weeks.index(w) for w in weeks}
-    options = [_option(forecast, index_of[w], d, weight, target, probability)
-               for w in weeks for d in grid]
-    table = pd.DataFrame([{
-        "DOSE_MG": o.dose_mg, "MG_PER_KG": o.mg_per_kg, "INTERVAL_WEEKS": o.interval_weeks,
-        "MG_PER_KG_PER_WEEK": o.mg_per_kg_per_week, "LOWEST_TROUGH": o.lowest_trough,
-        "LOWEST_TROUGH_MAP": o.lowest_trough_map, "PTA": o.pta,
-        "MEETS_TARGET": o.meets_target, "ABOVE_LABEL": o.above_label} for o in options])
-    table = table.sort_values(["MG_PER_KG_PER_WEEK", "INTERVAL_WEEKS"],
-                              ascending=[True, False], kind="stable").reset_index(drop=True)
-
-    feasible = [o for o in options if o.meets_target]
-    recommended = min(feasible, key=lambda o: (o.mg_per_kg_per_week, -o.interval_weeks,
-                                               o.dose_mg)) if feasible else None
-    closest = recommended or max(options, key=lambda o: (o.lowest_trough,
-                                                         -o.mg_per_kg_per_week))
-    current_i = all_weeks.index(round(current_weeks, 9))
-    current = _option(forecast, current_i, history.current_dose_mg, weight, target, probability)
-    same_interval = [o for o in feasible if abs(o.interval_weeks - current_weeks) < 1e-9]
-    dose_only = min(same_interval, key=lambda o: o.dose_mg) if same_interval else None
-    same_dose = [_option(forecast, index_of[w], history.current_dose_mg, weight,
-                         target, probability) for w in weeks]
-    same_dose = [o for o in same_dose if o.meets_target]
-    interval_only = max(same_dose, key=lambda o: o.interval_weeks) if same_dose else None
-
-    chosen_i = int(np.argmin(np.abs(np.array(all_weeks) - closest.interval_weeks)))
-    if probability is None:
-        criterion = f"every trough at the MAP estimate is at or above {target:g} mg/L"
-    elif probability == 0.5:
-        criterion = f"the posterior median of every trough is at or above {target:g} mg/L"
-    else:
-        criterion = (f"at every trough at least {probability:.0%} of posterior draws are at or "
-                     f"above {target:g} mg/L")
-    if recommended is None:
-        message = (f"Not attainable within limits: with doses up to {max_mg_per_kg:g} mg/kg and "
-                   f"intervals of {min(weeks):g} weeks or more, no option gets there "
-                   f"({criterion.replace(' is at', ' being at').replace(' are at', ' being at')}"
-                   f"). Closest: {closest.dose_mg:g} mg every {closest.interval_weeks:g} weeks "
-                   f"(lowest trough {closest.lowest_trough:.2f} mg/L).")
-    else:
-        message = (f"Give {recommended.dose_mg:g} mg ({recommended.mg_per_kg:.1f} mg/kg) every "
-                   f"{recommended.interval_weeks:g} weeks from day {history.next_dose_day:g}: "
-                   f"{criterion} (lowest {recommended.lowest_trough:.2f} mg/L"
-                   + ("" if probability is None else
-                      f"; every trough on target in {recommended.pta:.0%} of draws") + ").")
-        if recommended.above_label:
-            message += " Above the label (10 mg/kg, every 4 weeks)."
-    if fit is None:
-        message += " No measured trough: dosed from the population prior."
-    elif not fit.success:
-        message += f" Warning: the MAP fit did not converge ({fit.individuals.MESSAGE.iloc[0]})."
+    grid = _Grid(forecast, all_weeks, history.weight, float(target), probability,
+                 history.current_dose_mg, current_weeks, model.label)
+    doses = _dose_grid(history.weight, vial_mg=settings.vial_mg,
+                       step_mg_per_kg=dose_step_mg_per_kg, max_mg_per_kg=max_mg_per_kg)
+    options = [grid.option(d, w) for w in settings.intervals_weeks for d in doses]
+    current = grid.option(history.current_dose_mg, current_weeks)
+    choice = _choose(grid, objective, doses, list(settings.intervals_weeks), longer, options,
+                     current)
+    if status == "refused":
+        choice.action, choice.recommended = "refused", None
+    when = f"day {history.next_dose_day:g}"
+    date = None
+    if history.origin is not None:
+        stamp = history.origin + pd.Timedelta(days=history.next_dose_day)
+        date = stamp.isoformat(timespec="minutes")
+        when += f" ({stamp:%Y-%m-%d %H:%M})"
+    shown = current if status == "refused" else choice.recommended or choice.closest
     return Recommendation(
-        recommended=recommended, closest=closest, dose_only=dose_only,
-        interval_only=interval_only, current=current, next_dose_day=history.next_dose_day,
-        target=float(target), probability=probability, options=table,
-        troughs=_trough_table(forecast, chosen_i, closest.dose_mg, target),
-        current_troughs=_trough_table(forecast, current_i, history.current_dose_mg, target),
-        estimate=fit, message=message,
+        action=choice.action, status=status, reasons=tuple(reasons),
+        notes=tuple(history.notes), objective=objective, recommended=choice.recommended,
+        closest=choice.closest, dose_only=choice.dose_only,
+        interval_only=choice.interval_only, reduce_dose=choice.reduce_dose,
+        extend_interval=choice.extend_interval, current=current,
+        next_dose_day=history.next_dose_day, next_dose_date=date, weight_kg=history.weight,
+        target=float(target), probability=probability, options=_option_table(options),
+        troughs=grid.troughs(shown, history.origin),
+        current_troughs=grid.troughs(current, history.origin), estimate=fit, checks=checks,
+        settings=settings,
+        message=_message(choice, history, grid, status, reasons, settings, when),
     )
 
 
@@ -516,12 +1133,14 @@ def dose_for_target_trough(
     n_draws: int = 1000,
     seed: int = 0,
     next_dose_day: float | None = None,
+    current_interval_weeks: float | None = None,
 ) -> float:
     """The exact dose (mg, not rounded) that brings every coming trough to the target.
 
-    By linearity, each trough is ``C_history + D * C_unit``: the dose is the largest
-    ``(target - C_history) / C_unit`` over the troughs (at the MAP, or its quantile over
-    posterior draws at ``probability``).
+    By linearity, each trough is ``C_history + D * C_unit``: a draw reaches the target at
+    every trough when ``D`` is at least the largest ``(target - C_history) / C_unit`` over
+    its troughs; the dose is that value at the MAP, or, with ``probability``, the smallest
+    dose that a share ``probability`` of the draws reach at every trough.
 
     Examples
     --------
@@ -534,14 +1153,17 @@ def dose_for_target_trough(
     752
     """
     _check(target, probability)
-    history = _history(model, data, None, next_dose_day)
-    eta, _ = _draws(model, history, n_draws if probability is not None else 0, seed)
+    history = _history(model, data, next_dose_day=next_dose_day,
+                       current_interval_weeks=current_interval_weeks)
+    eta, _, _ = _draws(model, history, n_draws if probability is not None else 0, seed, 0.0)
     forecast = _forecast(model, history, eta, np.array([interval_weeks * DAYS_PER_WEEK]),
                          horizon_weeks * DAYS_PER_WEEK)
-    needed = (target - forecast.history[0]) / forecast.unit[0]  # (M, K + 1)
+    needed = ((target - forecast.history[0]) / forecast.unit[0]).max(axis=1)  # (M,)
     if probability is None or needed.shape[0] == 1:
-        return float(max(needed[0].max(), 0.0))
-    return float(max(np.quantile(needed[1:], probability, axis=0).max(), 0.0))
+        return float(max(needed[0], 0.0))
+    draws = needed[1:]
+    k = _required_count(draws.size, probability)
+    return float(max(np.partition(draws, k - 1)[k - 1], 0.0))
 
 
 def interval_for_target_trough(
@@ -555,6 +1177,7 @@ def interval_for_target_trough(
     n_draws: int = 1000,
     seed: int = 0,
     next_dose_day: float | None = None,
+    current_interval_weeks: float | None = None,
 ) -> float | None:
     """The longest interval (whole days, 7 to 84) keeping every trough at the target.
 
@@ -563,14 +1186,14 @@ def interval_for_target_trough(
     _check(target, probability)
     if not dose_mg > 0:
         raise ValueError(f"`dose_mg` must be positive; got {dose_mg!r}")
-    history = _history(model, data, None, next_dose_day)
-    eta, _ = _draws(model, history, n_draws if probability is not None else 0, seed)
+    history = _history(model, data, next_dose_day=next_dose_day,
+                       current_interval_weeks=current_interval_weeks)
+    eta, _, _ = _draws(model, history, n_draws if probability is not None else 0, seed, 0.0)
     days = np.arange(7.0, 85.0)
     forecast = _forecast(model, history, eta, days, horizon_weeks * DAYS_PER_WEEK)
     best = None
     for i, tau in enumerate(days):
-        troughs = forecast.history[i] + dose_mg * forecast.unit[i]
-        if _level(troughs, probability).min() >= target:
+        if _level(forecast.troughs(i, dose_mg), probability).min() >= target:
             best = float(tau)
     return best
 
@@ -597,9 +1220,9 @@ def time_to_trough(
         for ``max_days`` or is already below it.
     """
     _check(target, None)
-    history = _history(model, data, None, None)
+    history = _history(model, data, next_dose_day=float(validate(data)["TIME"].max()))
     if eta is None:
-        eta, _ = _draws(model, history, 0, 0)
+        eta, _, _ = _draws(model, history, 0, 0, 0.0)
     eta = np.atleast_2d(np.asarray(eta, dtype=float))
     start = float(history.table["TIME"].max())
     grid = start + np.arange(0.0, max_days + 0.01, 0.01)

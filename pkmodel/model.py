@@ -42,9 +42,11 @@ from pkmodel.errors import CovariateError, CovariateWarning
 
 __all__ = [
     "Covariate",
+    "DosingLabel",
     "PopulationModel",
     "ResidualError",
     "check_covariates",
+    "covariates_outside_range",
     "evaluate_parameters",
     "typical_covariates",
 ]
@@ -136,6 +138,47 @@ class ResidualError:
 
 
 @dataclass(frozen=True)
+class DosingLabel:
+    """How a drug is given according to its label: what dosing questions start from.
+
+    A model of a drug carries its label so that dosing verbs take their defaults (vial
+    size, infusion length, the induction schedule, the limits flagged) from the model,
+    never from constants of one drug.
+
+    Parameters
+    ----------
+    drug : str
+        Drug name.
+    dose_mg_per_kg : float
+        Label maintenance dose (mg/kg); lower doses are flagged as below the label.
+    max_mg_per_kg : float
+        Highest labelled dose (mg/kg); higher doses are flagged as above the label.
+    min_interval_weeks : float
+        Shortest labelled interval (weeks); shorter ones are flagged as above the label.
+    maintenance_interval_weeks : float
+        Planned maintenance interval (weeks) after induction.
+    induction_weeks : tuple of float
+        Induction dose times (weeks after the first dose); empty for none.
+    vial_mg : float or None
+        Vial size (mg); doses are rounded to whole vials.
+    infusion_hours : float or None
+        Infusion length (h) of a labelled dose; None for a bolus or an oral dose.
+    source : str
+        Where the numbers come from.
+    """
+
+    drug: str
+    dose_mg_per_kg: float
+    max_mg_per_kg: float
+    min_interval_weeks: float
+    maintenance_interval_weeks: float
+    induction_weeks: tuple[float, ...] = ()
+    vial_mg: float | None = None
+    infusion_hours: float | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class PopulationModel:
     """A population PK model: structure, equations, variability and residual error.
 
@@ -164,6 +207,8 @@ class PopulationModel:
         Where the model and its numbers come from.
     description : str
         Population and purpose.
+    label : DosingLabel, optional
+        The drug's labelled dosing (defaults and limits for dosing questions).
     """
 
     name: str
@@ -177,6 +222,7 @@ class PopulationModel:
     iov: Mapping[str, float] = field(default_factory=dict)
     citation: str = ""
     description: str = ""
+    label: DosingLabel | None = None
 
     def __post_init__(self) -> None:
         omega = np.atleast_2d(np.asarray(self.omega, dtype=float))
@@ -342,17 +388,39 @@ def check_covariates(model: PopulationModel, table: pd.DataFrame, *,
                 f"{cov.description} in {expected} for {model.name}; got "
                 f"{_plain(values[row])}.{hint}"
             )
-        if cov.observed is not None:
-            olo, ohi = cov.observed
-            outside = (values < olo) | (values > ohi)
-            if outside.any():
-                row = int(np.flatnonzero(outside)[0])
-                warnings.warn(
-                    f"column '{cov.name}', row {row} (ID {_plain(ids[row])}): "
-                    f"{_plain(values[row])} {cov.unit} is outside {olo:g}-{ohi:g}, the range "
-                    f"{model.name} was built on; predictions there are extrapolations",
-                    CovariateWarning, stacklevel=3,
-                )
+    for message in covariates_outside_range(model, table, names=wanted):
+        warnings.warn(message, CovariateWarning, stacklevel=3)
+
+
+def covariates_outside_range(model: PopulationModel, table: pd.DataFrame, *,
+                             names: Sequence[str] | None = None) -> list[str]:
+    """Sentences naming covariates outside the range of the population a model was built on.
+
+    One sentence per covariate (its first such row); covariates whose range the source
+    does not give are not checked. Predictions there are extrapolations.
+
+    Examples
+    --------
+    >>> from pkmodel.models import load
+    >>> table = pd.DataFrame({"ID": [1], "WT": [20.0], "ALB": [4.0], "ATI": [0], "IMM": [1]})
+    >>> print(covariates_outside_range(load("xu2012"), table)[0])
+    column 'WT', row 0 (ID 1): 20 kg is outside 35-110, the range xu2012 was built on; predictions there are extrapolations
+    """
+    ids = table["ID"].to_numpy() if "ID" in table.columns else np.zeros(len(table))
+    wanted = model.covariate_names if names is None else tuple(names)
+    out = []
+    for cov in model.covariates:
+        if cov.name not in wanted or cov.observed is None or cov.name not in table.columns:
+            continue
+        values = pd.to_numeric(table[cov.name], errors="coerce").to_numpy(dtype=float)
+        olo, ohi = cov.observed
+        outside = (values < olo) | (values > ohi)
+        if outside.any():
+            row = int(np.flatnonzero(outside)[0])
+            out.append(f"column '{cov.name}', row {row} (ID {_plain(ids[row])}): "
+                       f"{_plain(values[row])} {cov.unit} is outside {olo:g}-{ohi:g}, the range "
+                       f"{model.name} was built on; predictions there are extrapolations")
+    return out
 
 
 def _plain(value: Any) -> Any:

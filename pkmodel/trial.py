@@ -170,7 +170,9 @@ class BayesianDosing:
         doses, intervals = [], []
         for i, history in enumerate(visit.history):
             rec = recommend_regimen(self.model, history, self.target, n_draws=self.n_draws,
-                                    next_dose_day=float(visit.day[i]), **dict(self.options))
+                                    next_dose_day=float(visit.day[i]),
+                                    current_interval_weeks=float(visit.interval_weeks[i]),
+                                    **dict(self.options))
             doses.append(rec.closest.dose_mg)
             intervals.append(rec.closest.interval_weeks)
         return Decision(np.array(doses), np.array(intervals))
@@ -200,7 +202,8 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
                           intervals_weeks: tuple[float, ...] = (4, 5, 6, 7, 8),
                           vial_mg: float = 100.0, max_mg_per_kg: float = 20.0,
                           horizon_weeks: float = 52.0) -> Decision:
-    """``recommend_regimen`` defaults (MAP), for every child of a visit at once.
+    """``recommend_regimen`` defaults (MAP, the smallest-change rule), for every child of a
+    visit at once.
 
     Troughs are linear in the new dose: ``C_history + D * C_unit``; ``C_unit`` depends
     on time since the next dose only, so one shared schedule serves every child.
@@ -212,15 +215,17 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
     no_kappa = np.zeros((n, 1, len(model.iov)))
     params = evaluate_parameters(model, cov, eta)
     horizon = horizon_weeks * WEEK
-    weight = visit.weight
+    weight, d0, w0 = visit.weight, visit.dose_mg, visit.interval_weeks
     max_mg = np.floor(max_mg_per_kg * weight / vial_mg + 1e-9) * vial_mg
-    best_cost = np.full(n, np.inf)
-    best = (np.zeros(n), np.zeros(n))
-    closest_low = np.full(n, -np.inf)
+    grid = sorted({float(w) for w in intervals_weeks})
+    least = {}  # per interval: the least whole-vial dose meeting the target (inf: none)
+    keeps = {}  # per interval: whether the current dose meets it
+    current_meets = np.zeros(n, bool)
+    best_low = np.full(n, -np.inf)
     closest = (np.zeros(n), np.zeros(n))
-    for weeks in sorted(intervals_weeks):
+    for weeks in sorted(set(grid) | set(np.round(w0, 9).tolist())):
         tau = weeks * WEEK
-        k = np.arange(1, int(np.floor(horizon / tau + 1e-9)) + 1)
+        k = np.arange(1, max(1, int(np.floor(horizon / tau + 1e-9))) + 1)
         history = _true_concentration(model, cov, eta, no_kappa, visit.dose_days, visit.doses,
                                       visit.day[:, None] + tau * k[None, :])
         unit = _unit_troughs(model, params, tau, k)  # (n, K + 1), last: steady state
@@ -230,17 +235,49 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
         dose = np.maximum(np.ceil(needed / vial_mg - 1e-12), 1.0) * vial_mg
         short = np.min(history + dose[:, None] * unit, axis=1) < target  # rounding guard
         dose = np.where(short, dose + vial_mg, dose)
-        ok = dose <= max_mg + 1e-9
-        cost = dose / weight / weeks
-        better = ok & (cost <= best_cost + 1e-12)  # ties: the longer interval (later)
+        least[weeks] = np.where(dose <= max_mg + 1e-9, dose, np.inf)
+        keeps[weeks] = np.min(history + d0[:, None] * unit, axis=1) >= target
+        current_meets |= (np.abs(w0 - weeks) < 1e-9) & keeps[weeks]
+        if weeks in grid:
+            low = np.min(history + max_mg[:, None] * unit, axis=1)
+            nearer = low > best_low
+            best_low = np.where(nearer, low, best_low)
+            closest = (np.where(nearer, max_mg, closest[0]), np.where(nearer, weeks, closest[1]))
+    dose, interval = _smallest_change(least, keeps, grid, d0, w0, weight, vial_mg)
+    found = np.isfinite(dose)
+    return Decision(np.where(current_meets, d0, np.where(found, dose, closest[0])),
+                    np.where(current_meets, w0, np.where(found, interval, closest[1])))
+
+
+def _smallest_change(least: Mapping[float, np.ndarray], keeps: Mapping[float, np.ndarray],
+                     grid: list[float], d0: np.ndarray,
+                     w0: np.ndarray, weight: np.ndarray, vial_mg: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The rule of ``recommend_regimen`` for patients whose regimen misses the target: the
+    smaller single change (dose only, interval only) by the increase in drug per week,
+    ties to the dose; else the least drug per week, ties to the longer interval."""
+    n = d0.size
+    need_now = np.full(n, np.inf)
+    for weeks, dose in least.items():
+        need_now = np.where(np.abs(w0 - weeks) < 1e-9, dose, need_now)
+    more = np.maximum(need_now, (np.floor(d0 / vial_mg + 1e-9) + 1) * vial_mg)
+    dose_rise = np.where(np.isfinite(need_now), more / d0 - 1.0, np.inf)
+    shorter = np.full(n, np.nan)
+    for weeks in grid:  # ascending: the longest that works is kept
+        shorter = np.where((weeks < w0 - 1e-9) & keeps[weeks], weeks, shorter)
+    interval_rise = np.where(np.isfinite(shorter), w0 / shorter - 1.0, np.inf)
+    use_dose = np.isfinite(dose_rise) & (np.round(dose_rise, 9) <= np.round(interval_rise, 9))
+    use_interval = np.isfinite(interval_rise) & ~use_dose
+    best_cost = np.full(n, np.inf)
+    best = (np.full(n, np.inf), np.zeros(n))
+    for weeks in grid:  # ascending: ties go to the longer interval
+        cost = least[weeks] / weight / weeks
+        better = np.isfinite(cost) & (cost <= best_cost + 1e-12)
         best_cost = np.where(better, cost, best_cost)
-        best = (np.where(better, dose, best[0]), np.where(better, weeks, best[1]))
-        low = np.min(history + max_mg[:, None] * unit, axis=1)
-        nearer = low > closest_low
-        closest_low = np.where(nearer, low, closest_low)
-        closest = (np.where(nearer, max_mg, closest[0]), np.where(nearer, weeks, closest[1]))
-    found = np.isfinite(best_cost)
-    return Decision(np.where(found, best[0], closest[0]), np.where(found, best[1], closest[1]))
+        best = (np.where(better, least[weeks], best[0]), np.where(better, weeks, best[1]))
+    dose = np.where(use_dose, more, np.where(use_interval, d0, best[0]))
+    interval = np.where(use_dose, w0, np.where(use_interval, shorter, best[1]))
+    return dose, interval
 
 
 def _unit_troughs(model: PopulationModel, params: Mapping[str, np.ndarray], tau: float,
@@ -430,8 +467,8 @@ def _history_records(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.
 
 
 def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_seed: int,
-             target: float, residual: bool, antibodies: AntibodyFormation | None
-             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+             target: float, residual: bool, antibodies: AntibodyFormation | None,
+             lloq: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One arm of one replicate: visits and per-patient outcomes."""
     rng = np.random.default_rng(rng_seed)
     n = len(cohort)
@@ -470,13 +507,14 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
         sd = model.residual.sd(true)
         noisy = true * np.exp(sd * eps[:, visit]) if model.residual.log_scale else (
             true + sd * eps[:, visit] if residual else true)
+        noisy = np.where(noisy < lloq, 0.0, noisy)  # reported as below the assay's limit
         trough_day = np.concatenate([trough_day, next_day[:, None]], axis=1)
         measured = np.concatenate([measured, np.where(active, noisy, np.nan)[:, None]], axis=1)
         records = None
         if getattr(policy, "needs_records", False):
             names = tuple(dict.fromkeys(("WT", *model.covariate_names)))
             records = _history_records(cohort, names, dose_day, dose_mg, trough_day, measured,
-                                       active)
+                                       active).assign(LLOQ=lloq)
         act = np.flatnonzero(active)
         decision = policy(Visit(number=visit, day=next_day[act], trough=noisy[act],
                                 weight=weight[act], dose_mg=dose_mg[act, -1],
@@ -533,12 +571,12 @@ _OUTCOMES = {
 
 def _replicate(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One replicate trial (module level, so process and Dask executors can run it)."""
-    model, strategies, cohort, seed, target, residual, replicate, antibodies = args
+    model, strategies, cohort, seed, target, residual, replicate, antibodies, lloq = args
     visits, patients = [], []
     seeds = np.random.SeedSequence(seed).spawn(len(strategies))
     for (arm, policy), arm_seed in zip(strategies.items(), seeds):
         v, p = _run_arm(model, policy, cohort, int(arm_seed.generate_state(1)[0]), target,
-                        residual, antibodies)
+                        residual, antibodies, lloq)
         visits.append(v.assign(ARM=arm, REPLICATE=replicate))
         patients.append(p.assign(ARM=arm, REPLICATE=replicate))
     return pd.concat(visits, ignore_index=True), pd.concat(patients, ignore_index=True)
@@ -555,6 +593,7 @@ def run_trial(
     cohort: Callable[..., pd.DataFrame] | None = None,
     residual: bool = True,
     antibodies: AntibodyFormation | None = None,
+    lloq: float = 0.3,
     executor: Executor | None = None,
     progress: bool = False,
 ) -> TrialResult:
@@ -583,6 +622,10 @@ def run_trial(
         Assay error on the measured troughs.
     antibodies : AntibodyFormation, optional
         Antibody formation while concentrations are low (off by default).
+    lloq : float
+        The virtual assay's lower limit of quantification (mg/L; 0.3 is an assumption, of
+        the order of infliximab drug-level assays): a measured trough below it is reported
+        as below the limit (0 for the policies; censored, M3, in the model fits).
     executor : concurrent.futures.Executor, optional
         Where replicates run (``executor.map``); default: here, one after another.
     progress : bool
@@ -594,6 +637,9 @@ def run_trial(
     """
     if n < 1 or replicates < 1:
         raise ValueError(f"`n` and `replicates` must be at least 1; got {n}, {replicates}")
+    if not (np.isfinite(target) and target > 0) or not (np.isfinite(lloq) and lloq > 0):
+        raise ValueError(f"`target` and `lloq` must be positive (mg/L); got {target!r}, "
+                         f"{lloq!r}")
     if not strategies:
         raise ValueError("`strategies` must name at least one arm")
     make = cohort or kang_cohort
@@ -604,7 +650,7 @@ def run_trial(
         children = make(n, seed=cohort_seed)
         check_covariates(model, children)
         jobs.append((model, dict(strategies), children, arm_seed, target, residual, r,
-                     antibodies))
+                     antibodies, lloq))
     mapper = executor.map if executor is not None else map
     visits, patients = [], []
     for done, (v, p) in enumerate(mapper(_replicate, jobs), start=1):

@@ -7,17 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from pkmodel.cli import SCHEMA_RECOMMENDATION, main
+import pkmodel
+from pkmodel.cli import EXIT_REFUSED, SCHEMA_RECOMMENDATION, main
 
 CHILD = Path(__file__).resolve().parents[1] / "examples" / "child.csv"
 
 
-def test_recommend_prints_a_readable_table(capsys):
+def test_recommend_prints_the_status_first_then_a_readable_table(capsys):
     assert main(["recommend", str(CHILD), "--draws", "200"]) == 0
     out = capsys.readouterr().out
-    assert "Estimated parameters (MAP" in out
+    assert out.startswith("Status: OK\n")
+    assert "Estimated parameters (MAP" in out and "Action: change" in out
     assert "Recommended:" in out and "Next dose due: day 154" in out
     assert "Troughs (mg/L)" in out
 
@@ -25,16 +28,90 @@ def test_recommend_prints_a_readable_table(capsys):
 def test_recommend_json_document(capsys):
     assert main(["recommend", str(CHILD), "--json", "--draws", "200", "--target", "5"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == SCHEMA_RECOMMENDATION
+    assert doc["schema"] == SCHEMA_RECOMMENDATION == "pkmodel.recommendation/2"
     assert doc["target_mg_per_l"] == 5.0 and doc["model"] == "fasanmade2011"
-    assert doc["feasible"] is True
+    assert doc["pkmodel_version"] == pkmodel.__version__
+    assert doc["feasible"] is True and doc["status"] == "ok" and doc["reasons"] == []
+    assert doc["action"] == "change" and doc["objective"] == "smallest_change"
     rec = doc["recommended"]
     assert set(rec) == {"dose_mg", "interval_weeks", "mg_per_kg", "mg_per_kg_per_week",
-                        "lowest_trough", "lowest_trough_map", "pta", "meets_target",
-                        "above_label"}
+                        "change_in_drug_per_week", "lowest_trough", "lowest_trough_map", "pta",
+                        "meets_target", "above_label", "below_label"}
     assert rec["lowest_trough"] >= 5.0
     assert doc["troughs"][-1]["steady_state"] is True and doc["troughs"][-1]["week"] is None
     assert set(doc["estimate"]["parameters"]) == {"CL", "V1", "Q", "V2"}
+    assert doc["settings"]["n_draws"] == 200 and doc["settings"]["vial_mg"] == 100.0
+    assert set(doc["checks"]) == {"max_abs_iwres", "eta_cl_sd", "eta_cl_shrinkage", "ess"}
+
+
+def test_every_setting_has_a_flag(capsys):
+    assert main(["recommend", str(CHILD), "--json", "--draws", "50", "--seed", "4",
+                 "--objective", "least_drug", "--intervals", "4,6,8", "--vial-mg", "none",
+                 "--max-mg-per-kg", "15", "--horizon-weeks", "26", "--lloq", "0.3",
+                 "--probability", "0.8", "--next-dose-day", "160",
+                 "--current-interval-weeks", "8", "--accept-outliers"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    settings = doc["settings"]
+    assert settings == {"objective": "least_drug", "probability": 0.8,
+                        "intervals_weeks": [4.0, 6.0, 8.0], "vial_mg": None,
+                        "dose_step_mg_per_kg": None, "max_mg_per_kg": 15.0,
+                        "min_interval_weeks": 4.0, "max_interval_weeks": 12.0,
+                        "horizon_weeks": 26.0, "n_draws": 50, "seed": 4,
+                        "accept_outliers": True, "min_ess": 200.0, "lloq": 0.3}
+    assert doc["next_dose_day"] == 160.0
+    assert doc["closest"]["mg_per_kg"] == pytest.approx(
+        round(doc["closest"]["mg_per_kg"]))  # 1-mg/kg steps without vials
+    assert main(["recommend", str(CHILD), "--json", "--draws", "50",
+                 "--probability", "map"]) == 0
+    assert json.loads(capsys.readouterr().out)["probability"] is None
+
+
+def test_week14_visit_from_the_command_line(tmp_path, capsys):
+    """Induction at weeks 0, 2, 6 and the trough before the first maintenance dose."""
+    path = tmp_path / "week14.csv"
+    path.write_text("\n".join(CHILD.read_text().splitlines()[:5]) + "\n")
+    assert main(["recommend", str(path), "--draws", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "Next dose due: day 98 (week 14)" in out
+    assert "every 8 weeks" in out.split("Current regimen:")[1].splitlines()[0]
+    assert "after induction" in out
+
+
+def test_refused_recommendation_exits_3(tmp_path, capsys):
+    path = tmp_path / "absurd.csv"
+    path.write_text(CHILD.read_text().replace(",1.1\n", ",1000000000\n"))
+    assert main(["recommend", str(path), "--draws", "100"]) == EXIT_REFUSED == 3
+    out = capsys.readouterr().out
+    assert out.startswith("Status: REFUSED\n  - ")
+    assert "the measured 1e+09 mg/L on day 98 is implausible" in out
+    assert "Recommended:" not in out
+    assert main(["recommend", str(path), "--draws", "100", "--json"]) == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "refused" and doc["recommended"] is None and doc["reasons"]
+
+
+def test_clinical_tables_with_dates(tmp_path, capsys):
+    """Dosing and lab tables; the week-22 sample has a date only (pre-dose assumed)."""
+    doses = tmp_path / "doses.csv"
+    doses.write_text("DATE,TIME,DOSE_MG\n2026-01-05,09:00,140\n2026-01-19,09:00,140\n"
+                     "2026-02-16,09:30,140\n2026-04-13,10:00,140\n")
+    labs = tmp_path / "labs.csv"
+    labs.write_text("DATE,TIME,DV,WT,ALB,ATI,IMM\n2026-01-05,08:30,,27.5,3.3,0,1\n"
+                    "2026-04-13,09:15,1.1,28,3.3,0,1\n2026-06-08,,0.8,28.4,3.4,0,1\n")
+    assert main(["recommend", "--doses", str(doses), "--labs", str(labs), "--json",
+                 "--draws", "200"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    # 8 weeks after 2026-04-13 10:00; the sample that day had no time and was taken as
+    # 12:00, so the dose follows it at 12:00 (both assumptions are in the notes)
+    assert doc["next_dose_date"] == "2026-06-08T12:00"
+    assert doc["weight_kg"] == 28.4  # the weight at the visit
+    assert any("had no time" in note for note in doc["notes"])
+    assert any("new regimen starts at the last record" in note for note in doc["notes"])
+    first = doc["recommended"]["interval_weeks"] * 7
+    assert doc["troughs"][0]["date"] == str(
+        pd.Timestamp("2026-06-08 12:00") + pd.Timedelta(days=first))[:16].replace(" ", "T")
+    assert main(["recommend", str(CHILD), "--doses", str(doses)]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_recommend_plot(tmp_path, capsys):
@@ -55,6 +132,8 @@ def test_predict_with_and_without_measured_troughs(tmp_path, capsys):
 
 @pytest.mark.parametrize("content,words", [
     ("ID,TIME,AMT\n1,0,-5\n", "column 'AMT', row 0 (ID 1)"),
+    ("ID,TIME,AMT,DV,WT,ALB,ATI,IMM\n1,0,100,.,28,3.3,0,1\n1,56,0,-2,28,3.3,0,1\n",
+     "column 'DV', row 1 (ID 1): expected a measured concentration > 0"),
     ("ID,TIME,AMT,WT,ALB,ATI,IMM\n1,0,100,28,35,0,1\n", "column 'ALB'"),
 ])
 def test_input_errors_are_messages_not_tracebacks(tmp_path, capsys, content, words):
@@ -84,3 +163,7 @@ def test_trial_command_json_and_errors(capsys, tmp_path):
     assert figure.read_bytes()[:4] == b"\x89PNG"
     assert main(["trial", "--arms", "magic"]) == 2
     assert "unknown" in capsys.readouterr().err
+    for bad in ("nan", "-1"):
+        with pytest.raises(SystemExit) as stop:
+            main(["trial", "--target", bad])
+        assert stop.value.code == 2

@@ -13,9 +13,24 @@ from __future__ import annotations
 import sympy as sp
 
 from pkmodel.engine import Structure
-from pkmodel.model import Covariate, PopulationModel, ResidualError, as_omega
+from pkmodel.model import Covariate, DosingLabel, PopulationModel, ResidualError, as_omega
 
-__all__ = ["MODELS"]
+__all__ = ["INFLIXIMAB_LABEL", "MODELS"]
+
+#: Infliximab label (Remicade SmPC/USPI; shared/reference/dosing_and_targets.md): 5 mg/kg
+#: as 2-h IV infusions at weeks 0, 2 and 6, then every 8 weeks; 100-mg vials; escalation
+#: in practice up to 10 mg/kg or every 4 weeks (beyond that: above the label).
+INFLIXIMAB_LABEL = DosingLabel(
+    drug="infliximab",
+    dose_mg_per_kg=5.0,
+    max_mg_per_kg=10.0,
+    min_interval_weeks=4.0,
+    maintenance_interval_weeks=8.0,
+    induction_weeks=(0.0, 2.0, 6.0),
+    vial_mg=100.0,
+    infusion_hours=2.0,
+    source="Remicade label (SmPC/USPI); shared/reference/dosing_and_targets.md",
+)
 
 WT, ALB, ATI, IMM, FEMALE, MALE, CRP, CD, UC, AGE = sp.symbols(
     "WT ALB ATI IMM FEMALE MALE CRP CD UC AGE"
@@ -94,6 +109,7 @@ FASANMADE2011 = PopulationModel(
     description="Children and adults with Crohn's disease (REACH + ACCENT I, n = 692, "
                 "age 6-76 y, median 65 kg, median albumin 4.1 g/dL). pkmodel's default "
                 "infliximab model.",
+    label=INFLIXIMAB_LABEL,
 )
 
 # --------------------------------------------------------------------------------------
@@ -127,6 +143,7 @@ FASANMADE2011_PEDIATRIC = PopulationModel(
     citation=FASANMADE2011.citation,
     description="Children 6-17 y with Crohn's disease (REACH, n = 112, median 42 kg, "
                 "median albumin 3.8 g/dL, all on an immunomodulator).",
+    label=INFLIXIMAB_LABEL,
 )
 
 # --------------------------------------------------------------------------------------
@@ -167,6 +184,7 @@ XU2012 = PopulationModel(
     description="Pooled children and adults with Crohn's disease (112) and ulcerative "
                 "colitis (543), median 70 kg, albumin 4.0 g/dL. The model of the NONMEM "
                 "validation set.",
+    label=INFLIXIMAB_LABEL,
 )
 
 # --------------------------------------------------------------------------------------
@@ -200,6 +218,7 @@ DUBINSKY2017 = PopulationModel(
     citation="Dubinsky et al. AAPS J 2017;19:215 (pediatric IBD dosing dashboard)",
     description="Children with inflammatory bowel disease (n = 50, mean 41 kg), built for "
                 "a dosing dashboard.",
+    label=INFLIXIMAB_LABEL,
 )
 
 # --------------------------------------------------------------------------------------
@@ -235,6 +254,7 @@ FASANMADE2009 = PopulationModel(
     citation="Fasanmade AA et al. Eur J Clin Pharmacol 2009;65:1211 (ulcerative colitis)",
     description="Adults with ulcerative colitis (ACT 1 and 2, n = 482); reference subject "
                 "a 77-kg man with albumin 4.1 g/dL.",
+    label=INFLIXIMAB_LABEL,
 )
 
 # --------------------------------------------------------------------------------------
@@ -275,6 +295,7 @@ ZHAO2026 = PopulationModel(
     citation="Zhao et al. Clin Pharmacokinet 2026;65:79 (children 10 years or younger)",
     description="Children 10 years or younger (n = 104, median 25 kg), mostly trough data. "
                 "Albumin in g/L.",
+    label=INFLIXIMAB_LABEL,
 )
 
 # --------------------------------------------------------------------------------------
@@ -317,6 +338,7 @@ PASSOT2016 = PopulationModel(
     citation="Passot et al. MAbs 2016;8:1407 (one compartment, adult and pediatric)",
     description="One-compartment model across inflammatory diseases (adult and pediatric "
                 "variants; the pediatric factor on V applies below 15 years).",
+    label=INFLIXIMAB_LABEL,
 )
 
 MODELS = {

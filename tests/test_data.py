@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from pkmodel.data import (
+    check_concentrations,
     days_since,
     dose_amount,
     dosing_table,
+    from_clinical,
     infliximab_regimen,
     read_nonmem,
     validate,
@@ -252,3 +254,51 @@ def test_dosing_table_custom_doses_and_errors():
         dosing_table(100.0)
     with pytest.raises(ValueError, match="positive"):
         dosing_table([100.0, -1.0], times=[0.0, 7.0])
+
+
+# --------------------------------------------------------------------------- clinical tables
+
+
+def test_clinical_tables_become_one_event_table_in_time_order():
+    """Hand-written expectation: the first record, the lab at 2026-01-05 08:00, is day 0;
+    the doses follow at 09:00 (1/24) and 2026-01-19 10:30 (14 + 2.5/24); the 2026-03-02
+    sample has a date only and that day's dose is at 11:00, so the sample is its pre-dose
+    trough at day 56 + 3/24 (26 days of January, 28 of February, 2 of March), before the
+    dose in file order."""
+    doses = pd.DataFrame({"DATE": ["2026-01-05", "2026-01-19", "2026-03-02"],
+                          "TIME": ["09:00", "10:30", "11:00"], "DOSE_MG": [150, 150, 200]})
+    labs = pd.DataFrame({"DATE": ["2026-01-05", "2026-03-02"], "TIME": ["08:00", None],
+                         "DV": [None, 4.2], "WT": [30.0, 32.0], "ALB": [3.1, 3.6]})
+    table = from_clinical(doses, labs, infusion_hours=2.0)
+    assert table["TIME"].tolist() == pytest.approx(
+        [0.0, 1 / 24, 14 + 2.5 / 24, 56 + 3 / 24, 56 + 3 / 24])
+    assert table["EVID"].tolist() == [2, 1, 1, 0, 1]
+    assert table["AMT"].tolist() == [0, 150, 150, 0, 200]
+    assert table["RATE"].tolist() == [0, 1800, 1800, 0, 2400]  # mg over 2 h, per day
+    assert table["WT"].tolist() == [30, 30, 30, 32, 32]  # carried forward
+    assert table["ASSUMPTION"].iloc[3].startswith("sample on 2026-03-02 had no time")
+    assert table["DATE"].iloc[1] == pd.Timestamp("2026-01-05 09:00")
+    validated = validate(table, covariates=("WT", "ALB"))
+    assert len(validated) == len(table)
+
+
+@pytest.mark.parametrize("doses,labs,words", [
+    ({"DATE": ["2026-01-05"], "DOSE_MG": [0]}, {"DATE": ["2026-01-05"]},
+     "column 'DOSE_MG', row 0: expected a dose > 0"),
+    ({"DATE": ["05/13/2026x"], "DOSE_MG": [100]}, {"DATE": ["2026-01-05"]},
+     "doses table, column 'DATE'/'TIME', row 0"),
+    ({"DOSE_MG": [100]}, {"DATE": ["2026-01-05"]}, "column 'DATE' is missing"),
+])
+def test_clinical_table_errors_name_the_table_column_and_row(doses, labs, words):
+    with pytest.raises(DatasetError, match=words):
+        from_clinical(pd.DataFrame(doses), pd.DataFrame(labs))
+
+
+def test_non_positive_concentration_needs_an_lloq():
+    table = validate(pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 56.0], "AMT": [100.0, 0.0],
+                                   "DV": [None, 0.0]}))
+    with pytest.raises(DatasetError, match=r"column 'DV', row 1 \(ID 1\)"):
+        check_concentrations(table)
+    check_concentrations(table.assign(LLOQ=[np.nan, 0.3]))  # censored: no error
+    with pytest.raises(DatasetError, match="finite"):
+        check_concentrations(table.assign(DV=[np.nan, np.inf]))

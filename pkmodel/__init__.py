@@ -16,8 +16,9 @@ Examples
 1.19
 """
 
-from pkmodel.data import dosing_table, infliximab_regimen, read_nonmem, validate
+from pkmodel.data import dosing_table, from_clinical, infliximab_regimen, read_nonmem, validate
 from pkmodel.dosing import (
+    Recommendation,
     dose_for_target_trough,
     interval_for_target_trough,
     recommend_regimen,
@@ -51,10 +52,12 @@ __all__ = [
     "LabelDosing",
     "PKModelError",
     "PopulationModel",
+    "Recommendation",
     "available_models",
     "dose_for_target_trough",
     "dosing_table",
     "estimate_map",
+    "from_clinical",
     "infliximab_regimen",
     "interval_for_target_trough",
     "kang_cohort",

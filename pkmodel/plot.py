@@ -37,9 +37,11 @@ def plot_recommendation(recommendation: Recommendation, *,
         raise ImportError("plots need matplotlib: pip install 'pkmodel[plot]'") from err
     rec = recommendation
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    option = rec.closest
+    refused = rec.status == "refused"
+    option = rec.current if refused else rec.closest
     label = (f"{option.dose_mg:g} mg every {option.interval_weeks:g} wk"
-             + ("" if rec.feasible else " (closest; target not attainable)"))
+             + (" (current; recommendation refused)" if refused else
+                "" if rec.feasible else " (closest; target not attainable)"))
     for troughs, name, colour in ((rec.troughs, label, "tab:blue"),
                                   (rec.current_troughs, "current regimen", "tab:grey")):
         coming = troughs[~troughs["STEADY_STATE"]]
@@ -58,7 +60,9 @@ def plot_recommendation(recommendation: Recommendation, *,
     ax.set_ylabel("trough concentration (mg/L)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small", loc="upper left")
-    ax.set_title(rec.message.split(":")[0] if rec.feasible else "No option within limits")
+    title = ("Recommendation refused: check the data" if refused else
+             rec.message.split(":")[0] if rec.feasible else "No option within limits")
+    ax.set_title(title)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -85,7 +85,10 @@ def test_refused_recommendation_exits_3(tmp_path, capsys):
     assert out.startswith("Status: REFUSED\n  - ")
     assert "the measured 1e+09 mg/L on day 98 is implausible" in out
     assert "Recommended:" not in out
-    assert main(["recommend", str(path), "--draws", "100", "--json"]) == 3
+    figure = tmp_path / "refused.png"
+    assert main(["recommend", str(path), "--draws", "100", "--json", "--plot",
+                 str(figure)]) == 3
+    assert figure.read_bytes()[:4] == b"\x89PNG"
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] == "refused" and doc["recommended"] is None and doc["reasons"]
 

@@ -174,19 +174,25 @@ def test_45_kg_patient_gets_the_smaller_single_change(probability):
 
 def test_equal_single_changes_go_to_fewer_infusions():
     """Dose only 400 mg q8w and interval only 200 mg q4w both double the drug per week:
-    the tie goes to the dose change (half the infusions). The target is set between the
-    oracle's troughs so that exactly these two single changes meet it."""
+    the tie goes to the dose change (half the infusions). With 200-mg steps and intervals
+    of 4 or 8 weeks the target is set from the oracle's troughs so that these two options
+    meet it and the only cheaper one does not; least_drug then ties them too."""
     history = child((3.0, 2.5), weight=40.0)
     history.loc[history["EVID"] == 1, ["AMT", "RATE"]] = [200.0, 2400.0]
     eta = estimate_map(MODEL, history).individuals[list(MODEL.eta_names)].to_numpy()
+    cheaper = ((200.0, 8.0),)  # the only option under 50 mg/week with 200-mg steps
     low = {(d, w): oracle_troughs(history, eta, d, w, 154.0).min()
-           for d, w in ((300.0, 8.0), (400.0, 8.0), (200.0, 4.0))}
+           for d, w in ((400.0, 8.0), (200.0, 4.0), *cheaper)}
     target = min(low[(400.0, 8.0)], low[(200.0, 4.0)]) - 1e-6
-    assert low[(300.0, 8.0)] < target  # the set-up holds
-    rec = recommend_regimen(MODEL, history, target, n_draws=0, vial_mg=100.0,
+    assert max(low[c] for c in cheaper) < target  # the set-up holds
+    rec = recommend_regimen(MODEL, history, target, n_draws=0, vial_mg=200.0,
                             intervals_weeks=(4, 8))
     assert rec.dose_only.dose_mg == 400.0 and rec.interval_only.interval_weeks == 4.0
     assert (rec.recommended.dose_mg, rec.recommended.interval_weeks) == (400.0, 8.0)
+    # The least drug per week is 50 mg/week either way: the tie goes to the longer interval.
+    least = recommend_regimen(MODEL, history, target, n_draws=0, vial_mg=200.0,
+                              intervals_weeks=(4, 8), objective="least_drug")
+    assert (least.recommended.dose_mg, least.recommended.interval_weeks) == (400.0, 8.0)
 
 
 def test_combined_change_only_when_no_single_change_works():
@@ -276,6 +282,24 @@ def test_absurd_trough_is_refused():
     assert rec.status == "refused" and rec.action == "refused" and rec.recommended is None
     assert rec.message.startswith("No recommendation")
     assert rec.checks.max_abs_iwres > 4.0
+
+
+def test_failed_fit_is_refused_even_with_plausible_residuals(monkeypatch):
+    """A fit reported as not converged (here: the real fit, marked so) refuses on its own."""
+    import pkmodel.dosing as dosing
+
+    def failing(model, data, **kwargs):
+        fit = estimate_map(model, data, **kwargs)
+        fit.individuals["SUCCESS"] = False
+        fit.individuals["MESSAGE"] = "no convergence in 500 iterations"
+        return fit
+
+    monkeypatch.setattr(dosing, "estimate_map", failing)
+    rec = recommend_regimen(MODEL, child(), 6.0, n_draws=100)
+    assert rec.checks.max_abs_iwres < 4.0
+    assert rec.status == "refused" and rec.recommended is None
+    assert rec.reasons == ("the fit to the measured concentrations failed (no convergence in "
+                           "500 iterations)",)
 
 
 def test_trough_in_ng_per_ml_is_refused_with_the_likely_cause():

@@ -4,14 +4,16 @@ recovery, robustness."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
+import oracles
 import pandas as pd
 import pytest
 import sympy as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import integrate, optimize, stats
+from scipy import integrate, optimize
 
 from pkmodel import estimate as est
 from pkmodel.data import dosing_table, infliximab_regimen, read_nonmem
@@ -48,37 +50,52 @@ def observed(times, values, amount=100.0, **extra) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def wojciechowski(validation_dir):
-    """The 100-patient infliximab set, NONMEM 7.3 POSTHOC (Wojciechowski 2017 repository)."""
+    """The 100-patient infliximab set, NONMEM 7.3 POSTHOC (Wojciechowski 2017 repository).
+
+    NONMEM's own OFV at its ETAs comes from its .phi: OFV = OBJ - ln det OMEGA + ln det ETC
+    (OMEGA of the run, shared/validation/README.md section 1), so no comparison below uses
+    pkmodel's objective on both sides."""
     data = read_nonmem(validation_dir / "infliximab_wojciechowski_nonmem_map_data.csv")
     phi = pd.read_csv(validation_dir / "infliximab_wojciechowski_nonmem_map_phi.csv")
     model = load("xu2012")
     model = dataclasses.replace(model, parameters={**model.parameters, "D1": sp.Float(2) / 24})
     data = data.rename(columns={"ADA": "ATI"})
     fit = est.estimate_map(model, data)
-    problem, _ = est._build_problem(model, data, "nocb")
-    nonmem_eta = phi[["ETA1", "ETA2", "ETA3", "ETA4"]].to_numpy()
-    nonmem_ofv = est._Objective(problem).ofv(nonmem_eta[:, None, :], np.arange(100))[:, 0]
+    etc = np.zeros((len(phi), 4, 4))
+    for i in range(4):
+        for j in range(i + 1):
+            etc[:, i, j] = etc[:, j, i] = phi[f"ETC{i + 1}_{j + 1}"]
+    omega_logdet = np.log([0.106929, 0.0225, 1.21, 0.638401]).sum()
+    nonmem_ofv = phi["OBJ"].to_numpy() - omega_logdet + np.linalg.slogdet(etc)[1]
     return fit, phi, nonmem_ofv
 
 
+# NONMEM's OFV is known to about 2e-4 here: its ETC is printed to 6 significant digits and
+# its ODE solver ran at TOL=5; 5e-4 is the tolerance on it.
+NONMEM_OFV_TOL = 5e-4
+
+
 def test_infliximab_objective_never_worse_than_nonmem(wojciechowski):
-    """At every ID, our OFV <= OFV at NONMEM's ETAs + 1e-4 (ETA3/ETA4 are poorly
-    identified from troughs, so the objective is the fair comparison there)."""
+    """At every ID our OFV <= NONMEM's own OFV (from its .phi) + 5e-4, and at 90 or more
+    IDs equal to it within 5e-4 (the same optimum, and the same objective function; ETA3/
+    ETA4 are poorly identified from troughs, so the objective is the fair comparison)."""
     fit, _, nonmem_ofv = wojciechowski
+    ours = fit.individuals["OFV"].to_numpy()
     assert fit.success
-    assert np.all(fit.individuals["OFV"].to_numpy() <= nonmem_ofv + 1e-4)
+    assert np.all(ours <= nonmem_ofv + NONMEM_OFV_TOL)
+    assert np.sum(np.abs(ours - nonmem_ofv) < NONMEM_OFV_TOL) >= 90
 
 
 def test_infliximab_etas_obj_and_etc_match_nonmem(wojciechowski):
-    """Where the optimum is NONMEM's (OFV within 1e-4), ETA1 and ETA2 agree within 1e-3,
-    OBJ within 1e-3 and ETC within 1e-3 relative. Elsewhere the posterior has a second,
-    lower mode along ETA3/ETA4 that NONMEM's search from zero stopped short of: our OFV is
-    lower there, and the start that reached NONMEM's mode is named in MESSAGE."""
+    """Where the optimum is NONMEM's (OFV within 5e-4 of NONMEM's), ETA1 and ETA2 agree
+    within 1e-3, OBJ within 1e-3 and ETC within 1e-3 relative. Elsewhere the posterior has a
+    second, lower mode along ETA3/ETA4 that NONMEM's search from zero stopped short of: our
+    OFV is lower there, and the start that reached NONMEM's mode is named in MESSAGE."""
     fit, phi, nonmem_ofv = wojciechowski
     ind = fit.individuals
-    same = np.abs(ind["OFV"].to_numpy() - nonmem_ofv) < 1e-4
+    same = np.abs(ind["OFV"].to_numpy() - nonmem_ofv) < NONMEM_OFV_TOL
     assert same.sum() >= 90
-    assert np.all(ind["OFV"].to_numpy()[~same] < nonmem_ofv[~same] - 1e-4)
+    assert np.all(ind["OFV"].to_numpy()[~same] < nonmem_ofv[~same] - NONMEM_OFV_TOL)
     eta = ind[["ETA_CL", "ETA_V1"]].to_numpy()[same]
     np.testing.assert_allclose(eta, phi[["ETA1", "ETA2"]].to_numpy()[same], atol=1e-3)
     np.testing.assert_allclose(ind["OBJ"].to_numpy()[same], phi["OBJ"].to_numpy()[same],
@@ -168,56 +185,190 @@ def test_pkpdmap_correlated_omega_additive_error(validation_dir):
     np.testing.assert_allclose(fit.records["PRED"], data["NONMEM_PRED"], rtol=5e-3)
 
 
-# ------------------------------------------------------------------ brute-force checks
+# ------------------------------------------------------------------ independent oracles
+# The written-out objective, FOCE Hessian, ETC and OBJ are in tests/oracles.py (no pkmodel
+# code); concentrations there are the closed forms of the one_compartment() model:
+# C = 100 / 4 exp(-0.3 exp(ETA_CL) / 4 t) mg/L after the 100-mg bolus of observed().
+
+ERRORS = {
+    "additive": (ResidualError(additive=1.0), oracles.Error(additive=1.0)),
+    "proportional": (ResidualError(proportional=0.2), oracles.Error(proportional=0.2)),
+    "combined": (ResidualError(proportional=0.15, additive=0.5),
+                 oracles.Error(proportional=0.15, additive=0.5)),
+    "log-additive": (ResidualError(additive=0.25, log_scale=True),
+                     oracles.Error(additive=0.25, log_scale=True)),
+}
 
 
-def test_one_eta_map_equals_a_scalar_minimisation_of_the_written_out_objective():
-    model = one_compartment()
-    times, dv = np.array([2.0, 10.0]), np.array([18.0, 4.0])
-    fit = est.estimate_map(model, observed(times, dv))
+def one_eta_oracle(times, dv, lloq, error, omega=0.09):
+    """The one_compartment() model's OFV and FOCE Hessian at a scalar ETA_CL (oracles.py),
+    with ``df/deta = -k t f``, ``k = 0.3 exp(eta) / 4`` (analytic)."""
+    times, dv, lloq = (np.asarray(x, dtype=float) for x in (times, dv, lloq))
 
-    def ofv(eta):
-        f = 100.0 / 4.0 * np.exp(-0.3 * np.exp(eta) / 4.0 * times)
-        g = 0.2 * f
-        return np.sum(np.log(g**2) + (dv - f) ** 2 / g**2) + eta**2 / 0.09
+    def at(eta):
+        k = 0.3 * np.exp(eta) / 4.0
+        f = oracles.bolus_one_compartment(100.0, 0.3 * np.exp(eta), 4.0, times)
+        ofv, hess = oracles.objective(f, (-k * times * f)[:, None], dv, lloq, error,
+                                      np.array([eta]), np.array([[omega]]))
+        return float(ofv), hess
 
-    best = optimize.minimize_scalar(ofv, bounds=(-3, 3), method="bounded",
+    return at
+
+
+def check_against_oracle(fit, at, eta, omega=0.09):
+    """ETA within 1e-6 and OFV within 1e-8 (the objective is smooth: finite-difference and
+    convergence errors are below 1e-8 in ETA); ETC within 1e-6 relative and OBJ within 1e-6
+    (estimate_map differentiates predictions by central differences, step 1e-4, error
+    ~1e-8 relative)."""
+    ind = fit.individuals.iloc[0]
+    ofv, hess = at(eta)
+    etc, obj = oracles.etc_and_obj(ofv, hess, np.array([[omega]]))
+    assert fit.success
+    assert ind["ETA_CL"] == pytest.approx(eta, abs=1e-6)
+    assert ind["OFV"] == pytest.approx(ofv, abs=1e-8)
+    assert ind["ETC_1_1"] == pytest.approx(etc[0, 0], rel=1e-6)
+    assert ind["OBJ"] == pytest.approx(obj, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(ERRORS))
+def test_one_eta_map_matches_the_written_out_nonmem_objective(kind):
+    """ETA, OFV, OBJ and ETC against oracles.py: the objective minimised by a bounded scalar
+    search (xatol 1e-12), OBJ = OFV + ln OMEGA - ln ETC and ETC = inv(H_foce / 2) with the
+    interaction term of the proportional and combined errors."""
+    residual, error = ERRORS[kind]
+    times, dv = np.array([2.0, 10.0, 20.0]), np.array([18.0, 4.0, 1.5])
+    fit = est.estimate_map(one_compartment(residual=residual), observed(times, dv))
+    at = one_eta_oracle(times, dv, np.full(3, np.nan), error)
+    best = optimize.minimize_scalar(lambda e: at(e)[0], bounds=(-3, 3), method="bounded",
                                     options={"xatol": 1e-12})
+    check_against_oracle(fit, at, best.x)
+
+
+def exact_log_density(eta, times, dv, lloq, error, omega=0.09):
+    """ln p(normal DVs, censored DVs < LLOQ, ETA_CL = eta) of the one_compartment() model by
+    direct integration: each censored record's probability is the integral of its residual
+    density (written out below) from far below to LLOQ in mg/L (scipy quad; the lognormal
+    density for log-additive error, so no log is taken of LLOQ); other records contribute
+    their density at DV."""
+    f = oracles.bolus_one_compartment(100.0, 0.3 * np.exp(eta), 4.0, times)
+    total = -0.5 * eta**2 / omega - 0.5 * math.log(2 * math.pi * omega)
+    for fi, yi, li in zip(f, dv, lloq):
+        if error.log_scale:
+            s = error.additive
+
+            def density(y, fi=fi, s=s):  # lognormal: ln Y ~ N(ln f, s^2)
+                if y <= 0:
+                    return 0.0
+                return math.exp(-0.5 * (math.log(y / fi) / s) ** 2) / (
+                    y * s * math.sqrt(2 * math.pi))
+
+            low = 0.0
+        else:
+            g = math.hypot(error.additive, error.proportional * fi)
+
+            def density(y, fi=fi, g=g):  # normal: Y ~ N(f, g^2)
+                return math.exp(-0.5 * ((y - fi) / g) ** 2) / (g * math.sqrt(2 * math.pi))
+
+            low = fi - 40.0 * g
+        if yi < li:
+            inside = [fi] if low < fi < li else None
+            prob = integrate.quad(density, low, li, points=inside, epsabs=0.0, epsrel=1e-13,
+                                  limit=200)[0] if low < li else 0.0
+            total += math.log(prob) if prob > 0 else -math.inf
+        else:
+            total += math.log(density(yi))
+    return total
+
+
+@pytest.mark.parametrize("kind", ["additive", "proportional", "log-additive"])
+def test_m3_mode_is_the_maximum_of_the_posterior_integrated_directly(kind):
+    """Two of three samples below LLOQ = 2 mg/L (M3). Against direct integration: the MAP
+    is the maximiser of exact_log_density (grid of step 0.02, then a bounded scalar search),
+    and OFV = -2 ln p - (n_normal + 1) ln(2 pi) - ln OMEGA (- 2 sum ln DV of the normal
+    records for log-additive: the lognormal density's Jacobian). ETC and OBJ against
+    oracles.py, whose M3 term 2 m (m + z) dz^2 is 9 % (additive) to 86 % (proportional) of
+    the FOCE Hessian here, so a wrong M3 weight, slope or limit moves ETC far beyond 1e-6."""
+    residual, error = ERRORS[kind]
+    error = dataclasses.replace(error, additive={"additive": 0.5, "proportional": 0.0,
+                                                 "log-additive": 0.3}[kind])
+    residual = dataclasses.replace(residual, additive=error.additive)
+    times, dv, lloq = np.array([1.0, 30.0, 40.0]), np.array([22.0, 1.0, 0.5]), np.full(3, 2.0)
+    fit = est.estimate_map(one_compartment(residual=residual), observed(times, dv, LLOQ=lloq))
+
+    def minus_two_log_density(eta):
+        return -2.0 * exact_log_density(eta, times, dv, lloq, error)
+
+    grid = np.arange(-2.0, 2.0, 0.02)
+    centre = grid[np.argmin([minus_two_log_density(e) for e in grid])]
+    best = optimize.minimize_scalar(minus_two_log_density, bounds=(centre - 0.02,
+                                                                   centre + 0.02),
+                                    method="bounded", options={"xatol": 1e-10})
+    constant = 2 * np.log(2 * np.pi) + np.log(0.09)
+    if error.log_scale:
+        constant += 2 * np.log(dv[0])
     assert fit.individuals["ETA_CL"].iloc[0] == pytest.approx(best.x, abs=1e-6)
-    assert fit.individuals["OFV"].iloc[0] == pytest.approx(best.fun, abs=1e-8)
+    assert fit.individuals["OFV"].iloc[0] == pytest.approx(best.fun - constant, abs=1e-7)
+    check_against_oracle(fit, one_eta_oracle(times, dv, lloq, error), best.x)
 
 
-def test_below_lloq_uses_m3():
-    """One sample below LLOQ: its term is -2 ln Phi((LLOQ - f) / g) (M3), and the estimate
-    minimises that objective (scalar minimisation of the written-out objective)."""
-    model = one_compartment(residual=ResidualError(additive=0.5))
-    times = np.array([1.0, 30.0])
-    table = observed(times, [22.0, 0.1], LLOQ=[1.0, 1.0])
-    fit = est.estimate_map(model, table)
+def two_eta_oracle(times, dv, omega_cl):
+    """one_compartment(eta_v=True) in oracles.py: CL = 0.3 exp(ETA_CL), V = 4 exp(ETA_V),
+    OMEGA diag(omega_cl, 0.04), proportional SD 0.2; ``df/dETA_CL = -k t f`` and
+    ``df/dETA_V = (k t - 1) f`` (analytic)."""
+    omega = np.diag([omega_cl, 0.04])
+    error = oracles.Error(proportional=0.2)
 
-    def ofv(eta):
-        f = 25.0 * np.exp(-0.075 * np.exp(eta) * times)
-        normal = np.log(0.25) + (22.0 - f[0]) ** 2 / 0.25
-        censored = -2 * stats.norm.logcdf((1.0 - f[1]) / 0.5)
-        return normal + censored + eta**2 / 0.09
+    def at(eta, hessian=False):
+        eta = np.asarray(eta, dtype=float)
+        cl, v = 0.3 * np.exp(eta[..., :1]), 4.0 * np.exp(eta[..., 1:])
+        f = oracles.bolus_one_compartment(100.0, cl, v, times)
+        kt = cl / v * times
+        df = np.stack([-kt * f, (kt - 1.0) * f], axis=-1) if hessian else None
+        return oracles.objective(f, df, dv, np.full(len(times), np.nan), error, eta, omega)
 
-    best = optimize.minimize_scalar(ofv, bounds=(-3, 3), method="bounded",
-                                    options={"xatol": 1e-12})
-    assert fit.individuals["ETA_CL"].iloc[0] == pytest.approx(best.x, abs=1e-6)
-    assert fit.individuals["OFV"].iloc[0] == pytest.approx(best.fun, abs=1e-8)
+    return at, omega
 
 
 @settings(max_examples=20)
 @given(dv=st.lists(st.floats(0.5, 40.0), min_size=1, max_size=4),
        omega=st.floats(0.01, 1.0))
-def test_map_objective_at_optimum_is_at_most_that_at_zero(dv, omega):
-    model = one_compartment(omega_cl=omega, eta_v=True)
-    times = np.arange(1, len(dv) + 1) * 3.0
-    fit = est.estimate_map(model, observed(times, dv))
-    problem, _ = est._build_problem(model, observed(times, dv), "nocb")
-    at_zero = est._Objective(problem).ofv(np.zeros((1, 1, 2)), np.arange(1))[0, 0]
+def test_map_is_the_minimum_of_an_independent_brute_force_search(dv, omega):
+    """Two ETAs. The reported OFV is the oracles.py objective at the reported ETAs (1e-9
+    relative), no higher than the best of three Nelder-Mead searches of that objective
+    (1e-8), and so no higher than at ETA = 0 (DESIGN.md's property, measured independently);
+    the full 2x2 ETC matches inv(H_foce / 2) (1e-6 relative)."""
+    times, dv = np.arange(1, len(dv) + 1) * 3.0, np.array(dv)
+    fit = est.estimate_map(one_compartment(omega_cl=omega, eta_v=True), observed(times, dv))
+    at, omega_matrix = two_eta_oracle(times, dv, omega)
+    brute = min(optimize.minimize(lambda e: at(e)[0], x0, method="Nelder-Mead",
+                                  options={"xatol": 1e-9, "fatol": 1e-12}).fun
+                for x0 in ([0.0, 0.0], [-1.0, 0.3], [1.0, -0.3]))
+    eta = fit.individuals[["ETA_CL", "ETA_V"]].iloc[0].to_numpy(dtype=float)
+    ofv, hess = at(eta, hessian=True)
+    etc, obj = oracles.etc_and_obj(ofv, hess, omega_matrix)
+    reported = fit.individuals["OFV"].iloc[0]
     assert fit.success
-    assert fit.individuals["OFV"].iloc[0] <= at_zero + 1e-9
+    assert reported == pytest.approx(ofv, rel=1e-9, abs=1e-9)
+    assert reported <= brute + 1e-8
+    assert ofv <= at(np.zeros(2))[0]
+    np.testing.assert_allclose(fit.etc(1), etc, rtol=1e-6, atol=1e-12)
+    assert fit.individuals["OBJ"].iloc[0] == pytest.approx(obj, abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="estimate_map bug: every start lies within 1.5 prior "
+                   "SD, a lower mode 4.4 SD out is missed and the fit reports success")
+def test_map_finds_the_lower_of_two_modes():
+    """Found by the search above with random examples. DV 3.44 and 3.23 mg/L at days 3 and
+    6, OMEGA_CL 0.1: a dense grid (step 0.01 over [-3, 3]^2) of the oracles.py objective
+    has two local minima, near (0.54, 0.26) with OFV 34.758 and near (1.38, -0.16) with OFV
+    31.782. The grid minimum bounds the true minimum from above, so the MAP's OFV must not
+    exceed it (DESIGN.md: never a silent local minimum)."""
+    times, dv = np.array([3.0, 6.0]), np.array([3.44, 3.23])
+    at, _ = two_eta_oracle(times, dv, 0.1)
+    grid = np.arange(-3.0, 3.0, 0.01)
+    lowest = at(np.stack(np.meshgrid(grid, grid, indexing="ij"), axis=-1))[0].min()
+    fit = est.estimate_map(one_compartment(omega_cl=0.1, eta_v=True), observed(times, dv))
+    assert fit.individuals["OFV"].iloc[0] <= lowest
 
 
 def test_recovers_known_etas_from_rich_data():
@@ -318,26 +469,47 @@ def test_posterior_sample_is_seeded_and_reports_diagnostics():
     assert 0.1 < c.diagnostics["ACCEPTANCE"].iloc[0] < 0.9
 
 
+def xu2012_oracle(troughs):
+    """The xu2012 model (shared/validation/README.md, section 1) for a 60-kg patient, ALB
+    3.5 g/dL, ATI 0, in oracles.py: 300-mg 2-h infusions at days 0, 14, 42 and 98, troughs
+    at days 98 (before the dose) and 154; proportional SD 0.419, OMEGA diag(0.106929,
+    0.0225, 1.21, 0.638401)."""
+    rel = 60.0 / 70.0
+    typical = np.array([0.294 * rel**0.614 * (3.5 / 4.0) ** -1.17, 3.33 * rel**0.691,
+                        0.0719 * rel**1.10, 1.14 * rel**0.59])  # CL, V1, Q, V2
+    doses = [(day, 300.0, 2.0 / 24.0) for day in (0.0, 14.0, 42.0, 98.0)]
+    omega = np.diag([0.106929, 0.0225, 1.21, 0.638401])
+    times, y = np.array([98.0, 154.0]), np.array(troughs)
+
+    def ofv(eta):
+        cl, v1, q, v2 = (typical * np.exp(np.asarray(eta, dtype=float)))[None, :].T
+        f = oracles.infusions_two_compartment(doses, cl, v1, q, v2, times)[0]
+        return float(oracles.objective(f, None, y, np.full(2, np.nan),
+                                       oracles.Error(proportional=0.419), np.asarray(eta),
+                                       omega)[0])
+
+    return ofv
+
+
 @pytest.mark.parametrize("troughs", [(1e-4, 1e-4), (200.0, 150.0), (0.2, 30.0)],
                          ids=["near-zero", "very-high", "contradictory"])
 def test_hard_cases_reach_the_optimum_of_a_brute_force_search(troughs):
-    """Extreme troughs (xu2012, proportional error): converged, and OFV no worse than the
-    best of several Nelder-Mead runs on the same objective."""
+    """Extreme troughs (xu2012, proportional error): converged; the reported OFV is the
+    independent objective (closed-form two-compartment infusions, oracles.py) at the
+    reported ETAs (1e-8 relative), and no higher than the best of five Nelder-Mead searches
+    of that objective (1e-6)."""
     model = load("xu2012")
     table = infliximab_regimen(60.0, until_week=22, covariates={"ALB": 3.5, "ATI": 0})
     for value, week in zip(troughs, (14, 22)):
         sample = (table["EVID"] == 0) & (table["TIME"] == week * 7.0)
         table.loc[sample, ["MDV", "DV"]] = [0, value]
     fit = est.estimate_map(model, table)
-    problem, _ = est._build_problem(model, table, "nocb")
-    objective = est._Objective(problem)
-
-    def ofv(eta):
-        return objective.ofv(np.asarray(eta)[None, None, :], np.arange(1))[0, 0]
-
-    starts = np.random.default_rng(0).normal(0.0, 1.0, (4, 4))
+    ofv = xu2012_oracle(troughs)
+    starts = np.vstack([np.zeros(4), np.random.default_rng(0).normal(0.0, 1.0, (4, 4))])
     brute = min(optimize.minimize(ofv, x0, method="Nelder-Mead",
                                   options={"xatol": 1e-8, "fatol": 1e-10, "maxfev": 40000}).fun
                 for x0 in starts)
+    reported = fit.individuals["OFV"].iloc[0]
     assert fit.success
-    assert fit.individuals["OFV"].iloc[0] <= brute + 1e-6
+    assert reported == pytest.approx(ofv(fit.eta.iloc[0].to_numpy(dtype=float)), rel=1e-8)
+    assert reported <= brute + 1e-6

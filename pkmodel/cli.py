@@ -18,7 +18,7 @@ import pandas as pd
 
 from pkmodel import __version__
 from pkmodel.data import from_clinical, plain_json, read_nonmem, validate
-from pkmodel.dosing import OBJECTIVES, Option, Recommendation, recommend_regimen
+from pkmodel.dosing import OBJECTIVES, Option, Recommendation, level_name, recommend_regimen
 from pkmodel.errors import PKModelError
 from pkmodel.estimate import estimate_map
 from pkmodel.models import DEFAULT, available, load
@@ -154,13 +154,15 @@ def recommendation_document(rec: Recommendation, model_name: str) -> dict[str, A
     return plain_json(document)
 
 
-def _describe(option: Option | None, none: str) -> str:
+def _describe(option: Option | None, none: str, probability: float | None) -> str:
     if option is None:
         return none
     flags = (" [above label]" if option.above_label else "") + (
         " [below label]" if option.below_label else "")
-    return (f"{option.describe()}; lowest trough {option.lowest_trough:.2f} mg/L, "
-            f"all troughs on target in {option.pta:.0%} of draws{flags}")
+    share = ("" if probability is None else
+             f", all troughs on target in {option.pta:.0%} of draws")
+    return (f"{option.describe()}; lowest {level_name(probability)} trough "
+            f"{option.lowest_trough:.2f} mg/L{share}{flags}")
 
 
 def _print_recommendation(rec: Recommendation, model_name: str, pid: Any) -> None:
@@ -182,28 +184,31 @@ def _print_recommendation(rec: Recommendation, model_name: str, pid: Any) -> Non
     date = f", {rec.next_dose_date}" if rec.next_dose_date else ""
     out.write(f"Next dose due: day {rec.next_dose_day:g} (week {rec.next_dose_day / 7:g}"
               f"{date})\n")
-    out.write(f"Current regimen: {_describe(rec.current, '-')}\n")
+    p = rec.probability
+    out.write(f"Current regimen: {_describe(rec.current, '-', p)}\n")
     if rec.status != "refused":
         out.write(f"Action: {rec.action}\n")
-        out.write(f"Recommended:     {_describe(rec.recommended, 'none within limits')}\n")
-        if rec.action == "continue":
-            out.write(f"Lower dose (reported apart):      {_describe(rec.reduce_dose, '-')}\n")
-            out.write(f"Longer interval (reported apart): "
-                      f"{_describe(rec.extend_interval, '-')}\n")
-        else:
-            out.write(f"Dose change only:     {_describe(rec.dose_only, 'none within limits')}"
+        out.write(f"Recommended:     {_describe(rec.recommended, 'none within limits', p)}\n")
+        if rec.current.meets_target:
+            out.write(f"Lower dose (reported apart):      {_describe(rec.reduce_dose, '-', p)}"
                       "\n")
+            out.write(f"Longer interval (reported apart): "
+                      f"{_describe(rec.extend_interval, '-', p)}\n")
+        else:
+            out.write(f"Dose change only:     "
+                      f"{_describe(rec.dose_only, 'none within limits', p)}\n")
             out.write(f"Interval change only: "
-                      f"{_describe(rec.interval_only, 'none within limits')}\n")
+                      f"{_describe(rec.interval_only, 'none within limits', p)}\n")
     out.write("\n" + rec.message + "\n\n")
     table = rec.troughs.copy()
     table["WEEK"] = table["WEEK"].map(lambda w: "SS" if pd.isna(w) else f"{w:g}")
-    columns = ["WEEK", *(["DATE"] if "DATE" in table else []), "MAP", "P10", "P50", "P90",
-               "PTA"]
+    columns = ["WEEK", *(["DATE"] if "DATE" in table else []), "MAP", "LEVEL", "P10", "P50",
+               "P90", "PTA"]
     shown = table[columns].round(2)
     option = rec.current if rec.status == "refused" else rec.closest
     out.write(f"Troughs (mg/L) on {option.dose_mg:g} mg every {option.interval_weeks:g} weeks "
-              "(P10-P90: 80 % band; PTA: share of draws on target):\n")
+              f"(LEVEL: the {level_name(rec.probability)} trough, checked against the target; "
+              "P10-P90: 80 % band; PTA: share of draws on target):\n")
     out.write(shown.to_string(index=False) + "\n")
 
 

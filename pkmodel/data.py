@@ -505,6 +505,9 @@ def infliximab_regimen(
 #: Columns of the clinical tables that are not covariates.
 _CLINICAL_DOSE_COLUMNS = ("ID", "DATE", "TIME", "DOSE_MG", "INFUSION_HOURS")
 _CLINICAL_SAMPLE_COLUMNS = ("ID", "DATE", "TIME", "DV", "LLOQ")
+#: Calendar dates must be ISO 8601 (no day/month ambiguity); clock times HH:MM[:SS].
+_ISO_DATE = r"\d{4}-\d{2}-\d{2}([ T]\d{1,2}:\d{2}(:\d{2})?)?"
+_CLOCK = r"\d{1,2}:\d{2}(:\d{2})?"
 #: Clock time given to a record that has a date only and nothing on that day to anchor it.
 _MIDDAY = pd.Timedelta(hours=12)
 
@@ -552,6 +555,15 @@ def _stamps(table: pd.DataFrame, what: str) -> tuple[pd.Series, np.ndarray]:
     dates = table["DATE"].astype(str).str.strip()
     times = (table["TIME"].fillna("").astype(str).str.strip() if "TIME" in table.columns
              else pd.Series([""] * len(table), index=table.index))
+    bad_date = ~dates.str.fullmatch(_ISO_DATE).to_numpy()
+    bad_time = ~(times.str.fullmatch(_CLOCK) | (times == "")).to_numpy()
+    for column, bad, value in (("DATE", bad_date, dates), ("TIME", bad_time, times)):
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            expected = ("a date YYYY-MM-DD (optionally with HH:MM)" if column == "DATE"
+                        else "a clock time HH:MM, or blank")
+            raise DatasetError(f"{what} table, column '{column}', row {row}: expected "
+                               f"{expected}; got {value.iloc[row]!r}")
     has_time = (times != "").to_numpy() | dates.str.contains(":").to_numpy()
     text = np.where(times != "", dates + " " + times, dates)
     stamps = pd.Series([_parse_stamp(t) for t in text], dtype="datetime64[ns]")
@@ -570,9 +582,25 @@ def _parse_stamp(text: str) -> pd.Timestamp:
         return pd.NaT
 
 
+def _clinical_number(table: pd.DataFrame, column: str, what: str, expected: str
+                     ) -> np.ndarray:
+    """A numeric column of a clinical table; blank is missing, anything else must be a
+    number (``<0.4`` or ``0,8`` is an error naming the row, never a silent blank)."""
+    raw = table[column]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    text = raw.astype(str).str.strip()
+    bad = np.isnan(values) & raw.notna().to_numpy() & ~text.isin(["", ".", "nan"]).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{what} table, column '{column}', row {row}: expected {expected}; "
+                           f"got {raw.iloc[row]!r}")
+    return values
+
+
 def _anchor_times(dose_at: pd.Series, dose_timed: np.ndarray, sample_at: pd.Series,
                   sample_timed: np.ndarray, notes_dose: list[str],
-                  notes_sample: list[str]) -> tuple[pd.Series, pd.Series]:
+                  notes_sample: list[str], measured: np.ndarray
+                  ) -> tuple[pd.Series, pd.Series]:
     """Clock times for records with a date only (each assumption noted on its record).
 
     A dose without a time follows that day's timed sample, else starts at 12:00; a sample
@@ -593,13 +621,14 @@ def _anchor_times(dose_at: pd.Series, dose_timed: np.ndarray, sample_at: pd.Seri
     for j in np.flatnonzero(~sample_timed):
         day = sample_at[j].normalize()
         same = [dose_at[i] for i in range(len(dose_at)) if dose_at[i].normalize() == day]
+        what = "sample" if measured[j] else "lab values"
         if same:
             sample_at[j] = min(same)
-            notes_sample[j] = (f"sample on {day.date()} had no time: taken as the pre-dose "
-                               "trough, drawn before that day's dose")
+            notes_sample[j] = (f"{what} on {day.date()} had no time: taken before that "
+                               "day's dose" + (" (the pre-dose trough)" if measured[j] else ""))
         else:
             sample_at[j] = day + _MIDDAY
-            notes_sample[j] = f"sample on {day.date()} had no time: taken as 12:00"
+            notes_sample[j] = f"{what} on {day.date()} had no time: taken as 12:00"
     return dose_at, sample_at
 
 
@@ -648,7 +677,7 @@ def from_clinical(
     >>> print(table["ASSUMPTION"].iloc[1])
     dose on 2026-01-05 had no time: taken as given right after the sample at 09:00
     >>> print(table["ASSUMPTION"].iloc[2])
-    sample on 2026-01-19 had no time: taken as the pre-dose trough, drawn before that day's dose
+    sample on 2026-01-19 had no time: taken before that day's dose (the pre-dose trough)
     """
     for name, table in (("doses", doses), ("samples", samples)):
         if not isinstance(table, pd.DataFrame):
@@ -659,13 +688,13 @@ def from_clinical(
         raise DatasetError("doses table: column 'DOSE_MG' is missing (dose in mg)")
     dose_at, dose_timed = _stamps(doses, "doses")
     sample_at, sample_timed = _stamps(samples, "samples")
-    amount = pd.to_numeric(doses["DOSE_MG"], errors="coerce").to_numpy(dtype=float)
+    amount = _clinical_number(doses, "DOSE_MG", "doses", "a dose in mg")
     bad = ~(amount > 0) | ~np.isfinite(amount)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DatasetError(f"doses table, column 'DOSE_MG', row {row}: expected a dose > 0 "
                            f"(mg); got {doses['DOSE_MG'].iloc[row]!r}")
-    hours = (pd.to_numeric(doses["INFUSION_HOURS"], errors="coerce").to_numpy(dtype=float)
+    hours = (_clinical_number(doses, "INFUSION_HOURS", "doses", "a length in hours")
              if "INFUSION_HOURS" in doses.columns else np.full(len(doses), np.nan))
     hours = np.where(np.isnan(hours), np.nan if infusion_hours is None else infusion_hours,
                      hours)
@@ -675,8 +704,10 @@ def from_clinical(
         raise DatasetError(f"doses table, column 'INFUSION_HOURS', row {row}: expected a "
                            f"length > 0 (h), or blank for a bolus; got {hours[row]!r}")
     notes_dose, notes_sample = [""] * len(doses), [""] * len(samples)
+    measured = (samples["DV"].notna().to_numpy() if "DV" in samples.columns
+                else np.zeros(len(samples), bool))
     dose_at, sample_at = _anchor_times(dose_at, dose_timed, sample_at, sample_timed,
-                                       notes_dose, notes_sample)
+                                       notes_dose, notes_sample, measured)
     return _clinical_records(doses, samples, dose_at, sample_at, amount, hours,
                              notes_dose + notes_sample, id)
 
@@ -686,7 +717,9 @@ def _clinical_records(doses: pd.DataFrame, samples: pd.DataFrame, dose_at: pd.Se
                       notes: list[str], ident: object) -> pd.DataFrame:
     """Merge doses and samples in time order; carry covariates forward."""
     n_dose, n_sample = len(doses), len(samples)
-    dv = (pd.to_numeric(samples["DV"], errors="coerce").to_numpy(dtype=float)
+    dv = (_clinical_number(samples, "DV", "samples",
+                           "a concentration in mg/L, or blank (below the assay's limit: "
+                           "DV 0 with the LLOQ in column LLOQ)")
           if "DV" in samples.columns else np.full(n_sample, np.nan))
     stamp = pd.concat([dose_at, sample_at], ignore_index=True)
     is_dose = np.r_[np.ones(n_dose, bool), np.zeros(n_sample, bool)]
@@ -708,7 +741,7 @@ def _clinical_records(doses: pd.DataFrame, samples: pd.DataFrame, dose_at: pd.Se
     if "LLOQ" in samples.columns:
         extra = ["LLOQ", *extra]
     for name in extra:
-        values = pd.to_numeric(samples[name], errors="coerce").to_numpy(dtype=float)
+        values = _clinical_number(samples, name, "samples", "a number, or blank")
         column = np.r_[np.full(n_dose, np.nan), values][order]
         if name == "LLOQ":
             frame[name] = column

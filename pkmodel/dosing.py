@@ -58,6 +58,7 @@ __all__ = [
     "Settings",
     "dose_for_target_trough",
     "interval_for_target_trough",
+    "level_name",
     "recommend_regimen",
     "time_to_trough",
 ]
@@ -221,8 +222,10 @@ class Recommendation:
         MG_PER_KG_PER_WEEK, CHANGE_IN_DRUG_PER_WEEK, LOWEST_TROUGH, LOWEST_TROUGH_MAP, PTA,
         MEETS_TARGET, ABOVE_LABEL, BELOW_LABEL.
     troughs : DataFrame
-        The recommended (or closest) regimen's troughs: DAY, WEEK, STEADY_STATE, MAP, P10,
-        P50, P90 (mg/L), PTA per trough, and DATE when the data has dates.
+        The recommended (or closest; when refused, the current) regimen's troughs: DAY,
+        WEEK, STEADY_STATE, MAP, LEVEL (the value a share ``probability`` of draws reach,
+        which the target is checked against), P10, P50, P90 (mg/L), PTA per trough, and
+        DATE when the data has dates.
     current_troughs : DataFrame
         The same for the current regimen.
     estimate : MAPEstimate or None
@@ -293,6 +296,15 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 @dataclass
+class _Notes:
+    """What reading the history found: assumptions, and reasons for caution or refusal."""
+
+    notes: list[str] = field(default_factory=list)
+    caution: list[str] = field(default_factory=list)
+    refuse: list[str] = field(default_factory=list)
+
+
+@dataclass
 class _History:
     """The patient's records and what the regimen so far implies."""
 
@@ -304,7 +316,11 @@ class _History:
     dose_cmt: float
     next_dose_day: float
     origin: pd.Timestamp | None
-    notes: list[str] = field(default_factory=list)
+    said: _Notes
+
+    @property
+    def notes(self) -> list[str]:
+        return self.said.notes
 
 
 def _dose_times(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -336,14 +352,24 @@ def _origin(table: pd.DataFrame) -> pd.Timestamp | None:
     return origins.iloc[0]
 
 
-def _after_induction(model: PopulationModel, dose_times: np.ndarray) -> bool:
-    """Whether the doses so far are exactly the label's induction (within 3 days each)."""
+#: Induction doses may be given up to this many days off their planned day.
+INDUCTION_TOLERANCE_DAYS = 7.0
+
+
+def _induction_prefix(model: PopulationModel, dose_times: np.ndarray) -> int:
+    """How many of the first doses follow the label's induction schedule (each within
+    INDUCTION_TOLERANCE_DAYS of its planned day); 0 without a labelled induction."""
     label = model.label
     if label is None or not label.induction_weeks:
-        return False
+        return 0
     planned = np.asarray(label.induction_weeks) * DAYS_PER_WEEK
     given = np.unique(dose_times) - dose_times.min()
-    return given.size == planned.size and bool(np.all(np.abs(given - planned) <= 3.0))
+    count = 0
+    for day, plan in zip(given, planned):
+        if abs(day - plan) > INDUCTION_TOLERANCE_DAYS:
+            break
+        count += 1
+    return count
 
 
 def _history(model: PopulationModel, data: pd.DataFrame, *,
@@ -366,55 +392,77 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
     if not ((table["EVID"] == 1) | (table["EVID"] == 4)).any():
         raise DatasetError("the history has no dose (EVID 1 or 4): nothing to continue from")
     origin = _origin(table)
-    notes: list[str] = []
+    said = _Notes()
     if next_dose_date is not None:
         if origin is None:
             raise DatasetError("`next_dose_date` needs dates in the data (a DATE column)")
         next_dose_day = (pd.Timestamp(next_dose_date) - origin) / pd.Timedelta(days=1)
+    if next_dose_day is not None and not np.isfinite(next_dose_day):
+        raise ValueError(f"`next_dose_day` must be a finite day; got {next_dose_day!r}")
     times, rows = _dose_times(table)
     last_record = float(table["TIME"].max())
     past = times[times < last_record] if next_dose_day is None else times[times < next_dose_day]
     explicit = table.loc[(table["EVID"] == 1) | (table["EVID"] == 4), "TIME"].to_numpy()
     past = np.unique(np.concatenate([past, explicit[explicit <= last_record]]))
-    interval = _current_interval(model, past, current_interval_weeks, notes,
+    interval = _current_interval(model, past, current_interval_weeks, said,
                                  required=next_dose_day is None)
     due = float(past[-1] + interval) if next_dose_day is None else float(next_dose_day)
     if due < last_record - _TOL:
         if next_dose_day is not None:
             raise DatasetError(f"the next dose (day {due:g}) would come before the last "
                                f"record (day {last_record:g})")
-        notes.append(f"the next dose was due on day {due:g}, before the last record: the "
-                     f"new regimen starts at the last record, day {last_record:g}")
+        said.notes.append(f"the next dose was due on day {due:g}, before the last record: "
+                          f"the new regimen starts at the last record, day {last_record:g}")
+        if last_record - due > interval:
+            said.caution.append(f"the last record (day {last_record:g}) comes more than one "
+                                f"interval after the dose that was due on day {due:g}: are "
+                                "doses missing from the history, or is a time wrong?")
         due = last_record
-    table = _drop_implied_after(table, times, rows, due, notes)
+    table = _drop_implied_after(table, times, rows, due, said.notes)
     last_dose = table.loc[rows[times <= max(past[-1], 0.0)].max()] if past.size else None
     last = last_dose if last_dose is not None else table.iloc[-1]
     dose_days = (float(last["AMT"] / last["RATE"]) if last["RATE"] > 0
                  else float(last["DUR"]) if last["DUR"] > 0 else 0.0)
     for note in table["ASSUMPTION"].dropna().unique() if "ASSUMPTION" in table else ():
         if str(note).strip():
-            notes.append(str(note))
+            said.notes.append(str(note))
     at_visit = table[table["TIME"] <= due + _TOL].iloc[-1]
     return _History(table, float(at_visit["WT"]), float(last["AMT"]), interval, dose_days,
-                    float(last["CMT"]), due, origin, notes)
+                    float(last["CMT"]), due, origin, said)
 
 
 def _current_interval(model: PopulationModel, past: np.ndarray,
-                      current_interval_weeks: float | None, notes: list[str], *,
+                      current_interval_weeks: float | None, said: _Notes, *,
                       required: bool) -> float:
     """The interval the patient is on (day); NaN when unknown and not ``required``."""
     if current_interval_weeks is not None:
-        if not current_interval_weeks > 0:
-            raise ValueError("`current_interval_weeks` must be positive; got "
-                             f"{current_interval_weeks!r}")
+        if not (np.isfinite(current_interval_weeks) and current_interval_weeks >= 1 / 7):
+            raise ValueError("`current_interval_weeks` must be at least one day (1/7 week); "
+                             f"got {current_interval_weeks!r}")
         return float(current_interval_weeks) * DAYS_PER_WEEK
-    if _after_induction(model, past):
-        weeks = model.label.maintenance_interval_weeks  # type: ignore[union-attr]
-        notes.append(f"after induction (doses at weeks {_weeks_text(past)}): the current "
-                     f"interval is the planned maintenance interval, {weeks:g} weeks")
+    label = model.label
+    induction = _induction_prefix(model, past)
+    if label is not None and induction == np.unique(past).size:
+        weeks = label.maintenance_interval_weeks
+        if induction < len(label.induction_weeks):
+            said.refuse.append(
+                f"the history is within induction (doses at weeks {_weeks_text(past)} of the "
+                f"label's {_weeks_text(np.asarray(label.induction_weeks) * 7.0)}): complete "
+                "induction, or give the interval the patient is on "
+                "(current_interval_weeks, --current-interval-weeks)")
+        else:
+            said.notes.append(f"after induction (doses at weeks {_weeks_text(past)}): the "
+                              "current interval is the planned maintenance interval, "
+                              f"{weeks:g} weeks")
         return weeks * DAYS_PER_WEEK
     if past.size >= 2:
-        return float(past[-1] - past[-2])
+        gaps = np.diff(past)[max(induction - 1, 0):]  # induction gaps are not the regimen
+        if gaps.size >= 2 and abs(gaps[-1] - gaps[-2]) > 0.5:
+            said.caution.append(
+                f"the last two gaps between doses differ ({gaps[-2] / 7:.3g} and "
+                f"{gaps[-1] / 7:.3g} weeks): the current interval is taken as the last one; "
+                "give the planned interval if it is another (current_interval_weeks)")
+        return float(gaps[-1])
     if not required:
         return float("nan")
     raise DatasetError("one dose only: give the interval the patient is on "
@@ -511,16 +559,13 @@ def _concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta: np.
     cov = {c: frame[c].to_numpy(dtype=float) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])
     params = {k: np.broadcast_to(v, (eta.shape[0], len(frame))) for k, v in params.items()}
-    conc = _profile_concentrations(model, events, params)  # (B, M, R)
-    out = []
-    for b, size in enumerate(t.shape[0] for t in tables):
+    conc = _profile_concentrations(model, events, params)  # (B, M, R), one profile per ID
+    values = np.full((eta.shape[0], len(frame)), np.nan)
+    for b in range(events.shape[0]):
         keep = events.source_row[b] >= 0
-        rows = events.source_row[b, keep]
-        values = np.empty((eta.shape[0], len(frame)))
-        values[:, rows] = conc[b][:, keep]
-        lo = sum(t.shape[0] for t in tables[:b])
-        out.append(values[:, lo:lo + size])
-    return out
+        values[:, events.source_row[b, keep]] = conc[b][:, keep]
+    bounds = np.cumsum([0] + [t.shape[0] for t in tables])
+    return [values[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass
@@ -648,13 +693,14 @@ class _Grid:
             "WEEK": np.where(finite, days / DAYS_PER_WEEK, np.nan),
             "STEADY_STATE": ~finite,
             "MAP": troughs[0],
+            "LEVEL": _level(troughs, self.probability),
             "P10": np.quantile(draws, 0.1, axis=0),
             "P50": np.quantile(draws, 0.5, axis=0),
             "P90": np.quantile(draws, 0.9, axis=0),
             "PTA": np.mean(draws >= self.target, axis=0),
         })
         if origin is not None:
-            table.insert(2, "DATE", [(origin + pd.Timedelta(days=d)).isoformat(
+            table.insert(2, "DATE", [(origin + pd.Timedelta(days=d)).round("min").isoformat(
                 timespec="minutes") if np.isfinite(d) else None for d in days])
         return table
 
@@ -751,8 +797,8 @@ def _dose_grid(weight: float, *, vial_mg: float | None, step_mg_per_kg: float | 
     if grid.size == 0:
         raise ValueError(f"no dose on the grid fits under {max_mg_per_kg:g} mg/kg "
                          f"({max_mg:.0f} mg at {weight:g} kg) with vials of {vial_mg:g} mg; "
-                         "raise `max_mg_per_kg` or give `dose_step_mg_per_kg` with "
-                         "`vial_mg=None`")
+                         "raise `max_mg_per_kg` (--max-mg-per-kg) or dose in mg/kg steps "
+                         "(`vial_mg=None`, --vial-mg none)")
     return grid
 
 
@@ -777,7 +823,7 @@ def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[
     rec = rec[used]
     if rec.empty:
         return float("nan"), []
-    dv, ipred = rec["DV"].to_numpy(float), rec["IPRED"].to_numpy(float)
+    dv, ipred = rec["DV"].to_numpy(float), rec["IPRED_OCC"].to_numpy(float)
     pred = rec["PRED"].to_numpy(float)
     score = np.abs(rec["IWRES"].to_numpy(float))
     if not model.residual.log_scale and model.residual.proportional > 0:
@@ -791,7 +837,9 @@ def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[
     for i in np.flatnonzero(score > IWRES_LIMIT):
         ratio = dv[i] / ipred[i] if ipred[i] > 0 else np.inf
         typical = dv[i] / pred[i] if pred[i] > 0 else np.inf
-        cause = ("it is over 100 times the typical prediction "
+        cause = ("it was taken where the model predicts no drug (before any dose?): is its "
+                 "time right?" if pred[i] <= 0 else
+                 "it is over 100 times the typical prediction "
                  f"({pred[i]:.3g} mg/L): is DV in ng/mL (ug/L)? pkmodel expects mg/L "
                  "(ug/mL), 1000 times smaller" if typical > 100 else
                  "it is far above the prediction: a unit slip, or a sample drawn during or "
@@ -861,6 +909,8 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
         if ess < min_ess:
             refuse.append(f"too few effective posterior draws (ESS {ess:.0f} < {min_ess:g}): "
                           "the uncertainty of the forecast cannot be trusted")
+    refuse += history.said.refuse
+    caution += history.said.caution
     caution += covariates_outside_range(model, history.table)
     caution += _sample_timing(history)
     status = "refused" if refuse else "caution" if caution else "ok"
@@ -879,9 +929,26 @@ def _criterion(target: float, probability: float | None) -> str:
             f"{target:g} mg/L")
 
 
+def level_name(probability: float | None) -> str:
+    """What "lowest trough" means at a required probability: ``"median"`` at 0.5,
+    ``"20th-percentile"`` at 0.8, ``"MAP"`` without draws.
+
+    Examples
+    --------
+    >>> level_name(0.5), level_name(0.8), level_name(None)
+    ('median', '20th-percentile', 'MAP')
+    """
+    if probability is None:
+        return "MAP"
+    if probability == 0.5:
+        return "median"
+    return f"{(1.0 - probability) * 100:.3g}th-percentile"
+
+
 def _message(choice: _Choice, history: _History, grid: _Grid, status: str,
              reasons: list[str], settings: Settings, when: str) -> str:
     criterion = _criterion(grid.target, grid.probability)
+    level = "lowest " + level_name(grid.probability)
     current = grid.option(grid.current_dose, grid.current_weeks)
     if status == "refused":
         text = ("No recommendation: " + "; ".join(reasons) + ". Check the data; the "
@@ -891,12 +958,12 @@ def _message(choice: _Choice, history: _History, grid: _Grid, status: str,
         text = (f"Not attainable within limits: with doses up to {settings.max_mg_per_kg:g} "
                 f"mg/kg and intervals of {min(settings.intervals_weeks):g} weeks or more, "
                 f"no option meets the target ({criterion}). Closest: {closest.describe()} "
-                f"(lowest trough {closest.lowest_trough:.2f} mg/L).")
+                f"({level} trough {closest.lowest_trough:.2f} mg/L).")
     elif choice.action == "continue":
         rec = choice.recommended
         assert rec is not None
         text = (f"Continue {rec.describe()}, next dose {when}: {choice.rule} ({criterion}; "
-                f"lowest {rec.lowest_trough:.2f} mg/L).")
+                f"{level} trough {rec.lowest_trough:.2f} mg/L).")
         less = [o.describe() for o in (choice.reduce_dose, choice.extend_interval) if o]
         if less and settings.objective == "smallest_change":
             text += (" Less drug would also meet it (reported apart): " + "; ".join(less)
@@ -905,10 +972,11 @@ def _message(choice: _Choice, history: _History, grid: _Grid, status: str,
         rec = choice.recommended
         assert rec is not None
         state = ("meets the target" if current.meets_target else
-                 f"misses the target (lowest {current.lowest_trough:.2f} mg/L)")
+                 f"misses the target ({level} trough {current.lowest_trough:.2f} mg/L)")
         text = (f"Give {rec.describe()} from {when}: the current {current.describe()} "
-                f"{state}; {choice.rule} ({criterion}; lowest {rec.lowest_trough:.2f} mg/L; "
-                f"{rec.change_in_drug_per_week:+.0%} drug per week).")
+                f"{state}; {choice.rule} ({criterion}; {level} trough "
+                f"{rec.lowest_trough:.2f} mg/L; {rec.change_in_drug_per_week:+.0%} drug per "
+                "week).")
         others = [o for o in (choice.dose_only, choice.interval_only)
                   if o is not None and o != rec]
         if others and settings.objective == "smallest_change":
@@ -1098,12 +1166,18 @@ def recommend_regimen(
     current = grid.option(history.current_dose_mg, current_weeks)
     choice = _choose(grid, objective, doses, list(settings.intervals_weeks), longer, options,
                      current)
-    if status == "refused":
-        choice.action, choice.recommended = "refused", None
+    if status == "refused":  # nothing is offered as advice, to people or programs
+        choice = _Choice("refused", None, current)
+    elif choice.recommended is not None and probability is not None \
+            and choice.recommended.lowest_trough_map < target:
+        reasons.append(f"borderline: the MAP forecast of this regimen falls to "
+                       f"{choice.recommended.lowest_trough_map:.2f} mg/L, below the target, "
+                       f"although {_criterion(target, probability)}")
+        status = "caution"
     when = f"day {history.next_dose_day:g}"
     date = None
     if history.origin is not None:
-        stamp = history.origin + pd.Timedelta(days=history.next_dose_day)
+        stamp = (history.origin + pd.Timedelta(days=history.next_dose_day)).round("min")
         date = stamp.isoformat(timespec="minutes")
         when += f" ({stamp:%Y-%m-%d %H:%M})"
     shown = current if status == "refused" else choice.recommended or choice.closest

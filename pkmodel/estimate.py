@@ -456,8 +456,11 @@ class MAPEstimate:
         OBJ), N_OBS, SUCCESS, ITERATIONS, MESSAGE, and ETC as lower-triangle columns
         ``ETC_i_j`` (1-based, NONMEM's order).
     records : DataFrame
-        Every record of the input with PRED, IPRED (mg/L), IWRES and the individual
-        parameters at the estimated ETAs (KAPPAs set to 0, as for forecasting).
+        Every record of the input with PRED, IPRED (mg/L) and the individual parameters at
+        the estimated ETAs (KAPPAs set to 0, as for forecasting); on observations also
+        IPRED_OCC, the fitted prediction with the occasion's estimated KAPPAs (equal to
+        IPRED without IOV), and IWRES, ``(DV - IPRED_OCC) / SD`` as NONMEM computes it at the
+        conditional estimates (on the log scale for a log-additive error).
     model : PopulationModel
         The model the estimates belong to.
     names : tuple of str
@@ -596,12 +599,18 @@ def estimate_map(
 
     records = _predict_table(model, full, to_events(full, model.structure, covariates=covariates),
                              individuals[["ID", *model.eta_names]])
+    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
+    # The fitted prediction of each observation, with its occasion's KAPPAs (the
+    # observations of the problem are those of the table, ID by ID, in file order).
+    fitted = obj.predictions(eta[:, None, :], take)[:, 0, :]
+    records["IPRED_OCC"] = np.nan
+    records.loc[used, "IPRED_OCC"] = fitted[problem.obs_mask]
     with np.errstate(divide="ignore", invalid="ignore"):
+        f = records["IPRED_OCC"]
         if model.residual.log_scale:
-            iwres = (np.log(records["DV"]) - np.log(records["IPRED"])) / model.residual.additive
+            iwres = (np.log(records["DV"]) - np.log(f)) / model.residual.additive
         else:
-            iwres = (records["DV"] - records["IPRED"]) / model.residual.sd(records["IPRED"])
-    used = (records["EVID"] == 0) & (records["MDV"] == 0)
+            iwres = (records["DV"] - f) / model.residual.sd(f)
     records["IWRES"] = np.where(used, iwres, np.nan)
     return MAPEstimate(individuals=individuals, records=records, model=model,
                        names=tuple(names), _problem=(problem, covariates))

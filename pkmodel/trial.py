@@ -150,7 +150,9 @@ class BayesianDosing:
 
     Fits the patient's history with ``model`` (MAP by default: ``n_draws=0``) and gives the
     recommended dose (whole vials) and interval; when no option reaches the target, the
-    closest one. With the defaults (MAP, 100-mg vials up to 20 mg/kg, every 4 to 8 weeks,
+    closest one; when the recommendation is refused (the fit failed), the current regimen.
+    The virtual troughs come from the model itself, so its residual tails are accepted
+    (``accept_outliers``). With the defaults (MAP, 100-mg vials up to 20 mg/kg, every 4 to 8 weeks,
     52-week horizon) every child of a visit is handled at once: one ``estimate_map`` call
     and one forecast for all of them, the same choice as ``recommend_regimen`` makes
     child by child (the tests compare the two); with ``n_draws`` or ``options`` set, each
@@ -172,7 +174,7 @@ class BayesianDosing:
             rec = recommend_regimen(self.model, history, self.target, n_draws=self.n_draws,
                                     next_dose_day=float(visit.day[i]),
                                     current_interval_weeks=float(visit.interval_weeks[i]),
-                                    **dict(self.options))
+                                    **{"accept_outliers": True, **dict(self.options)})
             doses.append(rec.closest.dose_mg)
             intervals.append(rec.closest.interval_weeks)
         return Decision(np.array(doses), np.array(intervals))
@@ -245,8 +247,10 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
             closest = (np.where(nearer, max_mg, closest[0]), np.where(nearer, weeks, closest[1]))
     dose, interval = _smallest_change(least, keeps, grid, d0, w0, weight, vial_mg)
     found = np.isfinite(dose)
-    return Decision(np.where(current_meets, d0, np.where(found, dose, closest[0])),
-                    np.where(current_meets, w0, np.where(found, interval, closest[1])))
+    # A fit that failed refuses the recommendation: the child stays on the current regimen.
+    keep = current_meets | ~fit.individuals["SUCCESS"].to_numpy(dtype=bool)
+    return Decision(np.where(keep, d0, np.where(found, dose, closest[0])),
+                    np.where(keep, w0, np.where(found, interval, closest[1])))
 
 
 def _smallest_change(least: Mapping[float, np.ndarray], keeps: Mapping[float, np.ndarray],

@@ -285,8 +285,14 @@ def test_clinical_tables_become_one_event_table_in_time_order():
 @pytest.mark.parametrize("doses,labs,words", [
     ({"DATE": ["2026-01-05"], "DOSE_MG": [0]}, {"DATE": ["2026-01-05"]},
      "column 'DOSE_MG', row 0: expected a dose > 0"),
-    ({"DATE": ["05/13/2026x"], "DOSE_MG": [100]}, {"DATE": ["2026-01-05"]},
-     "doses table, column 'DATE'/'TIME', row 0"),
+    ({"DATE": ["13/05/2026"], "DOSE_MG": [100]}, {"DATE": ["2026-01-05"]},
+     "doses table, column 'DATE', row 0: expected a date YYYY-MM-DD"),
+    ({"DATE": ["2026-01-05"], "TIME": ["9h30"], "DOSE_MG": [100]}, {"DATE": ["2026-01-05"]},
+     "doses table, column 'TIME', row 0: expected a clock time HH:MM"),
+    ({"DATE": ["2026-01-05"], "DOSE_MG": [100]}, {"DATE": ["2026-01-05"], "DV": ["<0.4"]},
+     "samples table, column 'DV', row 0: expected a concentration in mg/L"),
+    ({"DATE": ["2026-01-05"], "DOSE_MG": [100]}, {"DATE": ["2026-01-05"], "WT": ["28,5"]},
+     "samples table, column 'WT', row 0: expected a number"),
     ({"DOSE_MG": [100]}, {"DATE": ["2026-01-05"]}, "column 'DATE' is missing"),
 ])
 def test_clinical_table_errors_name_the_table_column_and_row(doses, labs, words):

@@ -229,6 +229,21 @@ def test_criterion_uses_the_share_of_draws_at_every_trough():
     assert chosen.mg_per_kg_per_week > median.mg_per_kg_per_week
 
 
+def test_every_option_and_steady_state_match_the_oracle():
+    """Each interval's forecast (troughs over the horizon and at steady state) at the MAP
+    equals predict() on explicit doses, for every candidate interval and the current one."""
+    history = child()
+    rec = recommend_regimen(MODEL, history, 6.0, n_draws=0)
+    eta = rec.estimate.individuals[list(MODEL.eta_names)].to_numpy()
+    table = rec.options[rec.options["DOSE_MG"] == 300.0]
+    assert sorted(table["INTERVAL_WEEKS"]) == [4.0, 5.0, 6.0, 7.0, 8.0]
+    for weeks, low in zip(table["INTERVAL_WEEKS"], table["LOWEST_TROUGH_MAP"]):
+        assert low == pytest.approx(oracle_troughs(history, eta, 300.0, weeks, 154.0).min(),
+                                    rel=1e-6)
+    expected = oracle_troughs(history, eta, 140.0, 8.0, 154.0)[0]
+    assert rec.current_troughs["MAP"].to_numpy() == pytest.approx(expected, rel=1e-6)
+
+
 def test_dose_only_and_interval_only_are_changes_never_the_current_regimen():
     rec = recommend_regimen(MODEL, child((3.5, 3.0), weight=40.0), 6.0, n_draws=0)
     for option in (rec.dose_only, rec.interval_only):
@@ -386,6 +401,58 @@ def test_week14_visit_plans_the_first_maintenance_dose():
     assert other.current.interval_weeks == 6.0 and other.next_dose_day == 84.0 + 14.0
 
 
+def test_within_induction_is_refused_and_a_late_induction_dose_is_still_induction():
+    """Doses at weeks 0 and 2 and a trough at week 6: induction is not complete, so no
+    maintenance regimen is advised. A week-2 dose given 4 days late (day 18) is still the
+    label's induction (tolerance 7 days): the current interval is the planned 8 weeks."""
+    table = week14_history()
+    early = table[table["TIME"] <= 14.0].copy()
+    sample = table[table["EVID"] == 0].assign(TIME=42.0, DV=12.0)
+    rec = recommend_regimen(MODEL, pd.concat([early, sample], ignore_index=True), 6.0,
+                            n_draws=0)
+    assert rec.status == "refused" and any("within induction" in r for r in rec.reasons)
+    late = table.copy()
+    late.loc[(late["EVID"] == 1) & (late["TIME"] == 14.0), "TIME"] = 18.0
+    rec = recommend_regimen(MODEL, late, 6.0, n_draws=0)
+    assert rec.current.interval_weeks == 8.0 and rec.next_dose_day == 98.0
+
+
+def test_irregular_or_overdue_history_is_a_caution():
+    """Maintenance every 8 weeks but the last gap 10 weeks: the interval is taken as the
+    last gap and said so; a sample more than an interval after the due dose: doses may be
+    missing."""
+    table = infliximab_regimen(28.0, until_week=40, covariates=COVARIATES)
+    table.loc[(table["EVID"] == 1) & (table["TIME"] == 266.0), "TIME"] = 280.0
+    table.loc[(table["EVID"] == 0) & (table["TIME"] == 266.0), "TIME"] = 280.0
+    table.loc[table.index[-1], ["MDV", "DV"]] = [0, 2.0]
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=0)
+    assert rec.current.interval_weeks == 10.0
+    assert any("last two gaps between doses differ (8 and 10 weeks)" in r for r in rec.reasons)
+    late = child((1.1, 0.8), days=(98.0, 154.0))
+    late.loc[late.index[-1], "TIME"] = 154.0 + 70.0
+    rec = recommend_regimen(MODEL, late, 6.0, n_draws=0)
+    assert rec.next_dose_day == 224.0
+    assert any("more than one interval after" in r for r in rec.reasons)
+
+
+def test_refused_offers_no_regimen_to_programs_either():
+    rec = recommend_regimen(MODEL, child((5400.0, 0.8)), 6.0, n_draws=0)
+    doc = rec.to_dict()
+    assert doc["status"] == "refused" and doc["recommended"] is None
+    assert doc["closest"] == doc["current"]
+    assert doc["dose_only"] is doc["interval_only"] is None
+
+
+def test_sample_before_any_dose_is_named_so():
+    table = child((1.1, 0.8))
+    before = table.iloc[[0]].assign(TIME=0.0, EVID=0, AMT=0.0, RATE=0.0, MDV=0, DV=5.0)
+    table = pd.concat([before, table], ignore_index=True)
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=0)
+    assert rec.status == "refused"
+    assert any("before any dose" in r for r in rec.reasons)
+    assert not any("ng/mL" in r for r in rec.reasons)
+
+
 def test_addl_history_gives_the_same_recommendation_as_explicit_doses():
     explicit = child()
     written = explicit[~((explicit["EVID"] == 1) & (explicit["TIME"] == 98.0))].assign(
@@ -466,6 +533,8 @@ def test_time_to_trough_matches_a_fine_grid():
     ({"probability": 1.5}, "`probability`"),
     ({"intervals_weeks": (2, 3)}, "no interval"),
     ({"objective": "cheapest"}, "`objective` must be one of"),
+    ({"next_dose_day": float("nan")}, "`next_dose_day` must be a finite day"),
+    ({"current_interval_weeks": 0.01}, "at least one day"),
 ])
 def test_bad_arguments_are_named(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -405,6 +405,30 @@ def test_iov_kappas_are_estimated_per_occasion_and_zero_in_forecasts():
     np.testing.assert_allclose(fit.records["IPRED"], no_kappa["IPRED"], rtol=1e-14)
 
 
+def test_iwres_uses_the_fitted_prediction_with_the_occasion_kappas():
+    """IPRED_OCC and IWRES add up to the reported OFV: with the combined error of Fasanmade
+    2011 (SD = sqrt(0.371^2 + (0.292 f)^2)) the objective written out is
+    sum[ln SD^2 + IWRES^2] + eta' inv(OMEGA) eta + sum kappa^2 / 0.0335 (its IOV variance)."""
+    model = load("fasanmade2011")
+    table = infliximab_regimen(30.0, until_week=22, covariates={"ALB": 3.5, "ATI": 0,
+                                                                 "IMM": 1})
+    samples = table.index[table["EVID"] == 0]
+    table.loc[samples, ["MDV", "DV"]] = [[0, v] for v in (15.0, 8.0, 1.0, 2.5)]
+    fit = est.estimate_map(model, table)
+    rows = fit.records.loc[samples]
+    sd = np.sqrt(0.371**2 + (0.292 * rows["IPRED_OCC"]) ** 2)
+    np.testing.assert_allclose(rows["IWRES"], (rows["DV"] - rows["IPRED_OCC"]) / sd,
+                               rtol=1e-12)
+    ind = fit.individuals.iloc[0]
+    eta = ind[list(model.eta_names)].to_numpy(dtype=float)
+    kappa = ind[[c for c in fit.individuals.columns if c.startswith("KAPPA_CL_OCC")]]
+    ofv = (np.sum(np.log(sd**2) + rows["IWRES"] ** 2)
+           + eta @ np.linalg.solve(model.omega, eta)
+           + np.sum(kappa.to_numpy(dtype=float) ** 2) / 0.0335)
+    assert ofv == pytest.approx(ind["OFV"], rel=1e-10)
+    assert not np.allclose(rows["IPRED_OCC"], rows["IPRED"])  # the KAPPAs matter here
+
+
 def test_locf_option_changes_the_fit_when_covariates_change():
     model = load("fasanmade2011")
     table = infliximab_regimen(30.0, until_week=22, covariates={"ATI": 0, "IMM": 1})

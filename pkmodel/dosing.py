@@ -863,9 +863,11 @@ def _sample_timing(history: _History) -> list[str]:
     ends = times + length + POST_INFUSION_HOURS / HOURS_PER_DAY
     out = []
     measured = table[(table["EVID"] == 0) & (table["MDV"] == 0)]
+    implied = np.r_[False, rows[1:] == rows[:-1]]  # ADDL doses
     for row, t in zip(measured.index, measured["TIME"].to_numpy()):
-        # A sample recorded before a dose at the same time is its pre-dose trough.
-        starts_before = (times < t) | ((times == t) & (rows < row))
+        # A sample recorded before a dose at the same time is its pre-dose trough, and so
+        # is a sample at the time of an implied (ADDL) dose, as the engine orders them.
+        starts_before = (times < t) | ((times == t) & (rows < row) & ~implied)
         if np.any(starts_before & (t < ends + _TOL)):
             out.append(f"the sample on day {t:g} lies inside an infusion or less than "
                        f"{POST_INFUSION_HOURS:g} h after one ends: probably not a trough "
@@ -915,6 +917,25 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
     caution += _sample_timing(history)
     status = "refused" if refuse else "caution" if caution else "ok"
     return status, refuse + caution, Checks(worst, eta_sd, shrinkage, ess)
+
+
+def _second_look(choice: _Choice, fit: MAPEstimate | None, target: float,
+                 probability: float | None) -> list[str]:
+    """Reasons to look again at an advised regimen that meets the criterion narrowly."""
+    out = []
+    if choice.action == "continue" and fit is not None:
+        seen = fit.records[(fit.records["EVID"] == 0) & (fit.records["MDV"] == 0)]
+        last = seen.iloc[-1]
+        if last["DV"] < target:
+            out.append(f"the last measured trough ({last['DV']:.3g} mg/L on day "
+                       f"{last['TIME']:g}) is below the target, yet the forecast of the "
+                       "current regimen meets it: look again before continuing")
+    option = choice.recommended
+    if option is not None and probability is not None and option.lowest_trough_map < target:
+        out.append(f"borderline: the MAP forecast of this regimen falls to "
+                   f"{option.lowest_trough_map:.2f} mg/L, below the target, although "
+                   f"{_criterion(target, probability)}")
+    return out
 
 
 # --------------------------------------------------------------------------- messages
@@ -1168,12 +1189,10 @@ def recommend_regimen(
                      current)
     if status == "refused":  # nothing is offered as advice, to people or programs
         choice = _Choice("refused", None, current)
-    elif choice.recommended is not None and probability is not None \
-            and choice.recommended.lowest_trough_map < target:
-        reasons.append(f"borderline: the MAP forecast of this regimen falls to "
-                       f"{choice.recommended.lowest_trough_map:.2f} mg/L, below the target, "
-                       f"although {_criterion(target, probability)}")
-        status = "caution"
+    else:
+        second = _second_look(choice, fit, float(target), probability)
+        reasons += second
+        status = "caution" if second else status
     when = f"day {history.next_dose_day:g}"
     date = None
     if history.origin is not None:

@@ -9,13 +9,15 @@ probability") and the rule are checked outside the code that applies them.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pkmodel.data import infliximab_regimen
+from pkmodel.data import infliximab_regimen, read_nonmem
 from pkmodel.dosing import (
     dose_for_target_trough,
     interval_for_target_trough,
@@ -451,6 +453,42 @@ def test_sample_before_any_dose_is_named_so():
     assert rec.status == "refused"
     assert any("before any dose" in r for r in rec.reasons)
     assert not any("ng/mL" in r for r in rec.reasons)
+
+
+def table_from(text: str) -> pd.DataFrame:
+    return read_nonmem(io.StringIO(text))
+
+
+def test_continuing_after_a_low_last_trough_is_a_caution():
+    """A 30-kg child escalated to 300 mg every 6 weeks, troughs 5.5 and 5.2 mg/L: the
+    posterior median forecast reaches 6 mg/L, so the rule continues, but the last measured
+    trough is below the target and the MAP forecast too: both are said."""
+    rows = ["1,0,1,150,1800,0,1", "1,14,1,150,1800,0,1", "1,42,1,150,1800,0,1",
+            "1,98,1,150,1800,0,1", "1,154,1,150,1800,0,1", "1,196,1,300,3600,0,1",
+            "1,238,0,0,0,5.5,0", "1,238,1,300,3600,0,1", "1,280,0,0,0,5.2,0",
+            "1,280,1,300,3600,0,1"]
+    text = "ID,TIME,EVID,AMT,RATE,DV,MDV\n" + "\n".join(rows) + "\n"
+    table = table_from(text).assign(WT=30.0, ALB=4.0, ATI=0, IMM=1)
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=300)
+    assert rec.action == "continue" and rec.status == "caution"
+    assert rec.current.lowest_trough >= 6.0 > rec.current.lowest_trough_map
+    assert any("last measured trough (5.2 mg/L" in r for r in rec.reasons)
+    assert any(r.startswith("borderline: the MAP forecast") for r in rec.reasons)
+
+
+def test_sample_at_an_implied_addl_dose_is_its_pre_dose_trough():
+    """ADDL doses every 8 weeks from day 98; troughs at days 210 and 266, the times of
+    implied doses: pre-dose samples, as the engine orders them, so no timing caution."""
+    table = child(None)
+    table = table[table["EVID"] == 1].copy()
+    table = table[table["TIME"] <= 98.0].assign(II=0.0, ADDL=0)
+    table.loc[table["TIME"] == 98.0, ["II", "ADDL"]] = [56.0, 10]
+    samples = table.iloc[[0, 0]].assign(TIME=[210.0, 266.0], EVID=0, AMT=0.0, RATE=0.0,
+                                        MDV=0, DV=[1.0, 0.9], II=0.0, ADDL=0)
+    table = pd.concat([table, samples], ignore_index=True)
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=0)
+    assert not any("inside an infusion" in r for r in rec.reasons)
+    assert rec.next_dose_day == 266.0
 
 
 def test_addl_history_gives_the_same_recommendation_as_explicit_doses():

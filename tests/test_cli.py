@@ -39,6 +39,9 @@ def test_recommend_json_document(capsys):
                         "meets_target", "above_label", "below_label"}
     assert rec["lowest_trough"] >= 5.0
     assert doc["troughs"][-1]["steady_state"] is True and doc["troughs"][-1]["week"] is None
+    current = doc["current_troughs"]
+    assert [t["day"] for t in current[:2]] == [154.0 + 56.0, 154.0 + 112.0]
+    assert min(t["level"] for t in current) == pytest.approx(doc["current"]["lowest_trough"])
     assert set(doc["estimate"]["parameters"]) == {"CL", "V1", "Q", "V2"}
     assert doc["settings"]["n_draws"] == 200 and doc["settings"]["vial_mg"] == 100.0
     assert set(doc["checks"]) == {"max_abs_iwres", "eta_cl_sd", "eta_cl_shrinkage", "ess"}

@@ -9,6 +9,7 @@ probability") and the rule are checked outside the code that applies them.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -417,6 +418,35 @@ def test_within_induction_is_refused_and_a_late_induction_dose_is_still_inductio
     late.loc[(late["EVID"] == 1) & (late["TIME"] == 14.0), "TIME"] = 18.0
     rec = recommend_regimen(MODEL, late, 6.0, n_draws=0)
     assert rec.current.interval_weeks == 8.0 and rec.next_dose_day == 98.0
+
+
+def test_induction_is_read_from_the_first_dose_on_and_only_with_a_label():
+    """The same week-14 history shifted by 10 days is still after induction; a model
+    without a label has no induction, no label flags and no vials: the current interval is
+    the last gap (4 weeks) and doses go in 1-mg/kg steps."""
+    shifted = week14_history().assign(TIME=lambda t: t["TIME"] + 10.0)
+    rec = recommend_regimen(MODEL, shifted, 6.0, n_draws=0)
+    assert rec.current.interval_weeks == 8.0 and rec.next_dose_day == 108.0
+    plain = dataclasses.replace(MODEL, label=None)
+    rec = recommend_regimen(plain, week14_history(), 6.0, n_draws=0, max_mg_per_kg=10.0)
+    assert rec.current.interval_weeks == 4.0
+    assert rec.next_dose_day == 98.0  # due on day 70, before the trough: given at the visit
+    assert rec.settings.vial_mg is None
+    assert not any(rec.options["ABOVE_LABEL"]) and not any(rec.options["BELOW_LABEL"])
+    assert np.allclose(rec.options["MG_PER_KG"], np.round(rec.options["MG_PER_KG"]))
+
+
+def test_maintenance_after_an_irregular_start_uses_maintenance_gaps():
+    """Doses at days 0, 14, 70, 126 (the third dose is not the label's week 6): only the
+    first two follow induction; the maintenance gaps (8 weeks) agree, so no caution."""
+    table = child(None)
+    table = table[table["EVID"] == 1].iloc[:2]
+    later = table.iloc[[0, 0]].assign(TIME=[70.0, 126.0])
+    sample = table.iloc[[0]].assign(TIME=182.0, EVID=0, AMT=0.0, RATE=0.0, MDV=0, DV=2.0)
+    table = pd.concat([table, later, sample], ignore_index=True)
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=0)
+    assert rec.current.interval_weeks == 8.0 and rec.next_dose_day == 182.0
+    assert not any("gaps" in r for r in rec.reasons) and not rec.notes
 
 
 def test_irregular_or_overdue_history_is_a_caution():

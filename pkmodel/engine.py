@@ -240,7 +240,7 @@ def expand_records(
         stop = t[later_resets[0]] if later_resets.size else np.inf
         for m in range(1, n_addl[i] + 1):
             tm = t[i] + m * cols["ii"][i]
-            if tm >= stop:
+            if tm > stop:  # one at the reset's time comes before it: given, then reset
                 break  # a reset cancels additional doses not yet given
             keys.append((tm, 0, i + m / (n_addl[i] + 1.0)))
             origin.append(i)

@@ -11,7 +11,9 @@ import sympy as sp
 from scipy import stats
 
 from pkmodel.data import infliximab_regimen, read_nonmem
+from pkmodel.engine import Structure
 from pkmodel.errors import CovariateError, DatasetError
+from pkmodel.model import Covariate, PopulationModel, ResidualError
 from pkmodel.models import load
 from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
 
@@ -224,3 +226,82 @@ def test_records_at_the_same_time_follow_file_order():
     out = predict(model, rows)
     before, after = out["PRED"].iloc[1], out["PRED"].iloc[3]
     np.testing.assert_allclose(after - before, 140.0 / out["V1"].iloc[3], rtol=1e-12)
+
+
+# ------------------------------------------- ADDL doses and time-varying covariates
+
+# A one-compartment test model: CL = 1.2 / ALB L/day (ALB in g/dL), V = 5 L, so the
+# elimination rate constant is k(ALB) = 0.24 / ALB per day.
+ALB_SYMBOL, ETA_CL = sp.symbols("ALB ETA_CL")
+ONE_CMT_ALB = PopulationModel(
+    name="one_cmt_alb",
+    structure=Structure(1),
+    theta={"TVCL": 1.2, "TVV": 5.0},
+    parameters={"CL": sp.Symbol("TVCL") / ALB_SYMBOL * sp.exp(ETA_CL), "V1": sp.Symbol("TVV")},
+    omega=[[0.1]],
+    eta_names=("ETA_CL",),
+    residual=ResidualError(proportional=0.2),
+    covariates=(Covariate("ALB", "g/dL", "serum albumin", plausible=(1.0, 6.5)),),
+    citation="Test model: its closed forms are derived in the tests.",
+)
+
+
+def k_alb(alb: float) -> float:
+    return 0.24 / alb
+
+
+def addl_table(albumin: tuple[float, float, float]) -> pd.DataFrame:
+    """100 mg at day 0 with II 10 and ADDL 2 (doses at days 10 and 20), samples at days 15
+    and 30; ALB on the three records."""
+    return pd.DataFrame({"ID": 1, "TIME": [0.0, 15.0, 30.0], "EVID": [1, 0, 0],
+                         "AMT": [100.0, 0.0, 0.0], "II": [10.0, 0.0, 0.0], "ADDL": [2, 0, 0],
+                         "ALB": list(albumin)})
+
+
+def test_additional_doses_take_the_next_records_covariates_under_nocb():
+    """NONMEM's rule (docs/data.md): parameters over (t[i-1], t[i]] come from record i, and
+    an implied ADDL dose is not a record, so the interval up to it uses the next record in
+    file order. ALB 4, 2, 3 on the records at days 0, 15, 30: (0, 15] runs at k(2) (the
+    day-10 dose included), (15, 30] at k(3) (the day-20 dose included):
+    C15 = 100 (exp(-15 k2) + exp(-5 k2)) / 5, C30 = C15 exp(-15 k3) + 100 exp(-10 k3) / 5.
+    Taking the previous record's covariates for the day-10 dose instead (a mutation that no
+    test caught) makes C15 = 100 (exp(-10 k4 - 5 k2) + exp(-5 k2)) / 5, 19 % higher."""
+    k2, k3 = k_alb(2.0), k_alb(3.0)
+    c15 = 100.0 * (np.exp(-15 * k2) + np.exp(-5 * k2)) / 5.0
+    c30 = c15 * np.exp(-15 * k3) + 100.0 * np.exp(-10 * k3) / 5.0
+    out = predict(ONE_CMT_ALB, addl_table((4.0, 2.0, 3.0)))
+    np.testing.assert_allclose(out["PRED"].iloc[1:], [c15, c30], rtol=1e-12)
+    # The same doses written out, each carrying the covariates of the next record.
+    explicit = pd.DataFrame({"ID": 1, "TIME": [0.0, 10.0, 15.0, 20.0, 30.0],
+                             "EVID": [1, 1, 0, 1, 0], "AMT": [100.0, 100.0, 0, 100.0, 0],
+                             "ALB": [4.0, 2.0, 2.0, 3.0, 3.0]})
+    np.testing.assert_allclose(predict(ONE_CMT_ALB, explicit)["PRED"].iloc[[2, 4]],
+                               [c15, c30], rtol=1e-12)
+
+
+def test_additional_doses_take_the_previous_records_covariates_under_locf():
+    """With covariates="locf" the interval (t[i-1], t[i]] uses the last record at or
+    before t[i-1]: ALB 4 until day 15, then 2: C15 = 100 (exp(-15 k4) + exp(-5 k4)) / 5,
+    C30 = C15 exp(-15 k2) + 100 exp(-10 k2) / 5."""
+    k4, k2 = k_alb(4.0), k_alb(2.0)
+    c15 = 100.0 * (np.exp(-15 * k4) + np.exp(-5 * k4)) / 5.0
+    c30 = c15 * np.exp(-15 * k2) + 100.0 * np.exp(-10 * k2) / 5.0
+    out = predict(ONE_CMT_ALB, addl_table((4.0, 2.0, 3.0)), covariates="locf")
+    np.testing.assert_allclose(out["PRED"].iloc[1:], [c15, c30], rtol=1e-12)
+
+
+def test_a_later_steady_state_dose_does_not_change_an_earlier_sample():
+    """The issue's reproducer (xu2012): 100 mg at day 0 with II 7, ADDL 1; a sample at day
+    7; an SS=1 dose at day 7 after it. The ADDL dose of day 7 comes before every record at
+    day 7 (docs/data.md), so the sample is the same with or without the SS row (it was
+    14.44 mg/L with it and 44.47 without), and equals the sample after explicit doses at
+    days 0 and 7 placed before it."""
+    rows = pd.DataFrame({"ID": 1, "TIME": [0.0, 7.0, 7.0], "EVID": [1, 0, 1],
+                         "AMT": [100.0, 0.0, 100.0], "II": [7.0, 0.0, 7.0],
+                         "ADDL": [1, 0, 0], "SS": [0, 0, 1], "WT": 70.0, "ALB": 4.0, "ATI": 0})
+    model = load("xu2012")
+    with_ss = predict(model, rows)["PRED"].iloc[1]
+    without = predict(model, rows.iloc[:2])["PRED"].iloc[1]
+    explicit = rows.iloc[[0, 0, 1]].assign(TIME=[0.0, 7.0, 7.0], ADDL=0, II=0.0, SS=0)
+    np.testing.assert_allclose(with_ss, without, rtol=1e-13)
+    np.testing.assert_allclose(with_ss, predict(model, explicit)["PRED"].iloc[2], rtol=1e-13)

@@ -1,7 +1,8 @@
 """The ``pkmodel`` command: ``recommend data.csv``, ``predict data.csv`` and ``trial``.
 
 Errors in the input are reported as one message on standard error (exit status 2), never
-as a traceback; a refused recommendation exits with status 3. ``--json`` prints a stable document for programs (schema in docs/cli.md).
+as a traceback; a refused recommendation exits with status 3. ``--json`` prints a stable
+document for programs (schema in docs/cli.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import sys
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pkmodel import __version__
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PKModelError, ValueError, OSError) as err:
         sys.stderr.write(f"pkmodel: error: {err}\n")
         return EXIT_INPUT
-    except Exception as err:  # noqa: BLE001 - the command never shows a traceback
+    except Exception as err:  # the command never shows a traceback
         if os.environ.get("PKMODEL_DEBUG"):
             raise
         sys.stderr.write(f"pkmodel: internal error ({type(err).__name__}: {err}); please "

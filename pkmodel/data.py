@@ -103,8 +103,10 @@ def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
     return f"row {first} (ID {ident}){more}"
 
 
-def _fail(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
-          values: np.ndarray | None = None) -> None:
+def fail_where(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
+               values: np.ndarray | None = None) -> None:
+    """Raise a DatasetError naming ``column``, the first row where ``bad`` holds, its ID,
+    what was ``expected`` and the value found; nothing when no row is bad."""
     if not np.any(bad):
         return
     got = ""
@@ -117,8 +119,8 @@ def _fail(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
 def _numeric(data: pd.DataFrame, column: str) -> np.ndarray:
     raw = data[column]
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
-    _fail(data, column, np.isnan(values) & raw.notna().to_numpy(), "a number",
-          raw.to_numpy())
+    fail_where(data, column, np.isnan(values) & raw.notna().to_numpy(), "a number",
+               raw.to_numpy())
     return values
 
 
@@ -180,7 +182,7 @@ def validate(
     if lower:
         raise DatasetError(f"column {lower[0]!r} must be written in uppercase "
                            f"({str(lower[0]).upper()!r}), as NONMEM's columns are")
-    _fail(out, "ID", out["ID"].isna().to_numpy(), "an ID on every row", out["ID"].to_numpy())
+    fail_where(out, "ID", out["ID"].isna().to_numpy(), "an ID on every row", out["ID"].to_numpy())
 
     ids = out["ID"].to_numpy()
     starts = np.r_[True, ids[1:] != ids[:-1]]
@@ -201,12 +203,12 @@ def validate(
             values[column] = _numeric(out, column)
     n = len(out)
     time = values["TIME"]
-    _fail(out, "TIME", ~np.isfinite(time), "a finite time (day)", time)
+    fail_where(out, "TIME", ~np.isfinite(time), "a finite time (day)", time)
     for column in _DEFAULT_ZERO:
         if column not in values:
             values[column] = np.zeros(n)
-        _fail(out, column, ~np.isfinite(values[column]), "a finite number (not missing)",
-              values[column])
+        fail_where(out, column, ~np.isfinite(values[column]), "a finite number (not missing)",
+                   values[column])
     has_dv = "DV" in values
     if not has_dv:
         values["DV"] = np.full(n, np.nan)
@@ -221,52 +223,53 @@ def validate(
         values["MDV"] = np.where(observed, 0.0, 1.0)
     for column in _INTEGER:
         v = values[column]
-        _fail(out, column, ~np.isfinite(v) | (v != np.round(v)), "a whole number", v)
+        fail_where(out, column, ~np.isfinite(v) | (v != np.round(v)), "a whole number", v)
 
     evid, amt, rate, dur = values["EVID"], values["AMT"], values["RATE"], values["DUR"]
     ii, addl, ss, cmt, mdv = (values[c] for c in ("II", "ADDL", "SS", "CMT", "MDV"))
     dose = (evid == 1) | (evid == 4)
     constant = dose & (ss == 1) & (amt == 0) & (rate > 0)
-    _fail(out, "EVID", ~np.isin(evid, [0, 1, 2, 3, 4]),
-          "0 (observation), 1 (dose), 2 (other), 3 (reset) or 4 (reset and dose)", evid)
-    _fail(out, "MDV", ~np.isin(mdv, [0, 1]), "0 or 1", mdv)
-    _fail(out, "MDV", (evid != 0) & (mdv != 1), "MDV = 1 on non-observation records", mdv)
-    _fail(out, "AMT", amt < 0, "a non-negative amount (mg)", amt)
-    _fail(out, "AMT", dose & (amt <= 0) & ~constant,
-          "AMT > 0 on dose records (EVID 1 or 4), except SS=1 constant infusions "
-          "(AMT=0, RATE>0)", amt)
-    _fail(out, "AMT", ~dose & (amt != 0), "AMT = 0 on records that are not doses", amt)
-    _fail(out, "RATE", (rate < 0) & (rate != -1) & (rate != -2),
-          "a rate > 0 (mg/day), 0 (bolus), -1 (modelled rate) or -2 (modelled duration)",
-          rate)
-    _fail(out, "RATE", ~dose & (rate != 0), "RATE = 0 on records that are not doses", rate)
-    _fail(out, "DUR", dur < 0, "a non-negative duration (day)", dur)
-    _fail(out, "DUR", (dur > 0) & (rate != 0), "DUR = 0 where RATE is given (one or the other)",
-          dur)
-    _fail(out, "DUR", ~dose & (dur != 0), "DUR = 0 on records that are not doses", dur)
-    _fail(out, "II", ii < 0, "a non-negative dosing interval (day)", ii)
-    _fail(out, "ADDL", addl < 0, "a non-negative number of additional doses", addl)
-    _fail(out, "ADDL", (addl > 0) & ~dose, "ADDL = 0 on records that are not doses", addl)
-    _fail(out, "II", (addl > 0) & (ii <= 0), "II > 0 where ADDL > 0", ii)
-    _fail(out, "SS", ~np.isin(ss, [0, 1, 2]), "0, 1 or 2", ss)
-    _fail(out, "SS", (ss > 0) & ~dose, "SS = 0 on records that are not doses", ss)
-    _fail(out, "II", (ss > 0) & (ii <= 0) & ~constant,
-          "II > 0 on steady-state doses (SS 1 or 2)", ii)
-    _fail(out, "II", constant & (ii != 0), "II = 0 on a steady-state constant infusion", ii)
-    _fail(out, "SS", (ss == 2) & (amt == 0), "SS=2 only with AMT > 0", ss)
-    _fail(out, "CMT", cmt < 0, "a compartment number >= 0", cmt)
-    _fail(out, "DV", has_dv & (evid == 0) & (mdv == 0) & np.isnan(values["DV"]),
-          "a DV on observation records (EVID 0, MDV 0); give it or set MDV = 1",
-          values["DV"])
+    fail_where(out, "EVID", ~np.isin(evid, [0, 1, 2, 3, 4]),
+               "0 (observation), 1 (dose), 2 (other), 3 (reset) or 4 (reset and dose)", evid)
+    fail_where(out, "MDV", ~np.isin(mdv, [0, 1]), "0 or 1", mdv)
+    fail_where(out, "MDV", (evid != 0) & (mdv != 1), "MDV = 1 on non-observation records", mdv)
+    fail_where(out, "AMT", amt < 0, "a non-negative amount (mg)", amt)
+    fail_where(out, "AMT", dose & (amt <= 0) & ~constant,
+               "AMT > 0 on dose records (EVID 1 or 4), except SS=1 constant infusions "
+               "(AMT=0, RATE>0)", amt)
+    fail_where(out, "AMT", ~dose & (amt != 0), "AMT = 0 on records that are not doses", amt)
+    fail_where(out, "RATE", (rate < 0) & (rate != -1) & (rate != -2),
+               "a rate > 0 (mg/day), 0 (bolus), -1 (modelled rate) or -2 (modelled duration)",
+               rate)
+    fail_where(out, "RATE", ~dose & (rate != 0), "RATE = 0 on records that are not doses", rate)
+    fail_where(out, "DUR", dur < 0, "a non-negative duration (day)", dur)
+    fail_where(out, "DUR", (dur > 0) & (rate != 0),
+               "DUR = 0 where RATE is given (one or the other)",
+               dur)
+    fail_where(out, "DUR", ~dose & (dur != 0), "DUR = 0 on records that are not doses", dur)
+    fail_where(out, "II", ii < 0, "a non-negative dosing interval (day)", ii)
+    fail_where(out, "ADDL", addl < 0, "a non-negative number of additional doses", addl)
+    fail_where(out, "ADDL", (addl > 0) & ~dose, "ADDL = 0 on records that are not doses", addl)
+    fail_where(out, "II", (addl > 0) & (ii <= 0), "II > 0 where ADDL > 0", ii)
+    fail_where(out, "SS", ~np.isin(ss, [0, 1, 2]), "0, 1 or 2", ss)
+    fail_where(out, "SS", (ss > 0) & ~dose, "SS = 0 on records that are not doses", ss)
+    fail_where(out, "II", (ss > 0) & (ii <= 0) & ~constant,
+               "II > 0 on steady-state doses (SS 1 or 2)", ii)
+    fail_where(out, "II", constant & (ii != 0), "II = 0 on a steady-state constant infusion", ii)
+    fail_where(out, "SS", (ss == 2) & (amt == 0), "SS=2 only with AMT > 0", ss)
+    fail_where(out, "CMT", cmt < 0, "a compartment number >= 0", cmt)
+    fail_where(out, "DV", has_dv & (evid == 0) & (mdv == 0) & np.isnan(values["DV"]),
+               "a DV on observation records (EVID 0, MDV 0); give it or set MDV = 1",
+               values["DV"])
     if "LLOQ" in values:
-        _fail(out, "LLOQ", (mdv == 0) & ~(values["LLOQ"] > 0) & ~np.isnan(values["LLOQ"]),
-              "a positive LLOQ (mg/L) or missing", values["LLOQ"])
+        fail_where(out, "LLOQ", (mdv == 0) & ~(values["LLOQ"] > 0) & ~np.isnan(values["LLOQ"]),
+                   "a positive LLOQ (mg/L) or missing", values["LLOQ"])
 
     ids_per_row = out["ID"].to_numpy()
     same_id = np.r_[False, ids_per_row[1:] == ids_per_row[:-1]]
     back = np.r_[False, time[1:] < time[:-1]] & same_id
-    _fail(out, "TIME", back,
-          "TIME non-decreasing within an ID (records are processed in file order)", time)
+    fail_where(out, "TIME", back,
+               "TIME non-decreasing within an ID (records are processed in file order)", time)
 
     for name in covariates:
         if name not in out.columns:
@@ -539,13 +542,13 @@ def check_concentrations(table: pd.DataFrame) -> None:
     """
     measured = (table["EVID"].to_numpy() == 0) & (table["MDV"].to_numpy() == 0)
     dv = table["DV"].to_numpy(dtype=float)
-    _fail(table, "DV", measured & ~np.isfinite(dv), "a finite measured concentration (mg/L)",
-          dv)
+    fail_where(table, "DV", measured & ~np.isfinite(dv), "a finite measured concentration (mg/L)",
+               dv)
     lloq = (table["LLOQ"].to_numpy(dtype=float) if "LLOQ" in table.columns
             else np.full(len(table), np.nan))
-    _fail(table, "DV", measured & (dv <= 0) & ~(lloq > 0),
-          "a measured concentration > 0 (mg/L); a sample below the assay's limit needs its "
-          "LLOQ (column LLOQ)", dv)
+    fail_where(table, "DV", measured & (dv <= 0) & ~(lloq > 0),
+               "a measured concentration > 0 (mg/L); a sample below the assay's limit needs its "
+               "LLOQ (column LLOQ)", dv)
 
 
 def _stamps(table: pd.DataFrame, what: str) -> tuple[pd.Series, np.ndarray]:

@@ -31,6 +31,7 @@ draws never produce a regimen.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -48,7 +49,7 @@ from pkmodel.model import (
     covariates_outside_range,
     evaluate_parameters,
 )
-from pkmodel.predict import _profile_concentrations, to_events
+from pkmodel.predict import profile_concentrations, to_events
 
 __all__ = [
     "OBJECTIVES",
@@ -559,13 +560,13 @@ def _concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta: np.
     cov = {c: frame[c].to_numpy(dtype=float) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])
     params = {k: np.broadcast_to(v, (eta.shape[0], len(frame))) for k, v in params.items()}
-    conc = _profile_concentrations(model, events, params)  # (B, M, R), one profile per ID
+    conc = profile_concentrations(model, events, params)  # (B, M, R), one profile per ID
     values = np.full((eta.shape[0], len(frame)), np.nan)
     for b in range(events.shape[0]):
         keep = events.source_row[b] >= 0
         values[:, events.source_row[b, keep]] = conc[b][:, keep]
     bounds = np.cumsum([0] + [t.shape[0] for t in tables])
-    return [values[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [values[:, lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
 @dataclass
@@ -624,7 +625,7 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
 
 def _required_count(n: int, probability: float) -> int:
     """Draws that must reach the target for a share of at least ``probability``."""
-    return max(1, int(math.ceil(probability * n - _TOL)))
+    return max(1, math.ceil(probability * n - _TOL))
 
 
 def _level(troughs: np.ndarray, probability: float | None) -> np.ndarray:

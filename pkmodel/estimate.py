@@ -36,7 +36,12 @@ from scipy.special import log_ndtr
 from pkmodel.data import validate
 from pkmodel.engine import Events, stack_events
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
-from pkmodel.predict import _occasions, _predict_table, _profile_concentrations, to_events
+from pkmodel.predict import (
+    dosing_occasions,
+    predict_validated,
+    profile_concentrations,
+    to_events,
+)
 
 __all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
 
@@ -172,7 +177,7 @@ def _occasions_by_id(table: pd.DataFrame) -> np.ndarray:
     ids = table["ID"].to_numpy()
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(table)]):
-        out[lo:hi] = _occasions(table.iloc[lo:hi])
+        out[lo:hi] = dosing_occasions(table.iloc[lo:hi])
     return out
 
 
@@ -233,7 +238,7 @@ class _Objective:
             kappa_rows = np.swapaxes(kappas[position, :, p.row_occasion[rows], :], 0, 1)
         covariates = {k: v[rows] for k, v in p.covariates.items()}
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
-        conc = _profile_concentrations(model, events, params)
+        conc = profile_concentrations(model, events, params)
         where = np.repeat(p.obs_record[ids][:, None, :], m_count, axis=1)
         return np.take_along_axis(conc, where, axis=2)
 
@@ -597,8 +602,9 @@ def estimate_map(
     individuals = pd.DataFrame(rows).set_index("ID", drop=False)
     individuals.index.name = None
 
-    records = _predict_table(model, full, to_events(full, model.structure, covariates=covariates),
-                             individuals[["ID", *model.eta_names]])
+    records = predict_validated(model, full,
+                                to_events(full, model.structure, covariates=covariates),
+                                individuals[["ID", *model.eta_names]])
     used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
     # The fitted prediction of each observation, with its occasion's KAPPAs (the
     # observations of the problem are those of the table, ID by ID, in file order).

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import _fail, validate
+from pkmodel.data import fail_where, validate
 from pkmodel.engine import Events, Structure, at_rows, expand_records, solve, stack_events
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
@@ -62,11 +62,11 @@ def to_events(
     cmt = data["CMT"].to_numpy()
     evid = data["EVID"].to_numpy()
     dose = (evid == 1) | (evid == 4)
-    _fail(data, "CMT", dose & (cmt > structure.n_states),
-          f"a dose compartment between 1 and {structure.n_states} for this model", cmt)
-    _fail(data, "CMT", (evid == 0) & (cmt != 0) & (cmt != structure.central_cmt),
-          f"0 or {structure.central_cmt} (the central compartment) on observation records",
-          cmt)
+    fail_where(data, "CMT", dose & (cmt > structure.n_states),
+               f"a dose compartment between 1 and {structure.n_states} for this model", cmt)
+    fail_where(data, "CMT", (evid == 0) & (cmt != 0) & (cmt != structure.central_cmt),
+               f"0 or {structure.central_cmt} (the central compartment) on observation records",
+               cmt)
     ids = data["ID"].to_numpy()
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     stops = np.r_[starts[1:], len(data)]
@@ -147,13 +147,13 @@ def _central_concentration(model: PopulationModel, events: Events,
                            before_events: bool = False) -> np.ndarray:
     """Central concentration (mg/L) per record, ``(S, R)``: one profile with ``S`` parameter
     sets per row, or ``S`` profiles with one set each."""
-    conc = _profile_concentrations(model, events, row_params, before_events=before_events)
+    conc = profile_concentrations(model, events, row_params, before_events=before_events)
     return conc.reshape(-1, events.shape[1])
 
 
-def _profile_concentrations(model: PopulationModel, events: Events,
-                            row_params: Mapping[str, np.ndarray], *,
-                            before_events: bool = False) -> np.ndarray:
+def profile_concentrations(model: PopulationModel, events: Events,
+                           row_params: Mapping[str, np.ndarray], *,
+                           before_events: bool = False) -> np.ndarray:
     """Central concentrations (mg/L), ``(B, M, R)``: every record of ``B`` profiles for
     ``M`` parameter sets each, from parameters per table row ``(M, N)``."""
     b_count, n_rec = events.shape
@@ -206,11 +206,11 @@ def predict(
     1.557
     """
     table, events = _prepare(model, data, covariates)
-    return _predict_table(model, table, events, eta)
+    return predict_validated(model, table, events, eta)
 
 
-def _predict_table(model: PopulationModel, table: pd.DataFrame, events: Events,
-                   eta: pd.DataFrame | np.ndarray | None) -> pd.DataFrame:
+def predict_validated(model: PopulationModel, table: pd.DataFrame, events: Events,
+                      eta: pd.DataFrame | np.ndarray | None) -> pd.DataFrame:
     """:func:`predict` on a table already validated and converted to ``events``."""
     population, individual = _parameters(model, table, eta)
     out = table.copy()
@@ -317,7 +317,7 @@ def make_cohort(
     return pd.DataFrame(columns)
 
 
-def _occasions(table: pd.DataFrame) -> np.ndarray:
+def dosing_occasions(table: pd.DataFrame) -> np.ndarray:
     """Occasion index (0-based) of each row: OCC if given, else the dosing interval."""
     if "OCC" in table.columns:
         _, index = np.unique(table["OCC"].to_numpy(), return_inverse=True)
@@ -441,7 +441,7 @@ def _simulate_id(
     eta = rng.multivariate_normal(np.zeros(n_eta), model.omega, size=n_pat, method="eigh")
     kappa = None
     if iov and model.iov:
-        occ = _occasions(table)
+        occ = dosing_occasions(table)
         sd = np.sqrt(np.array(list(model.iov.values())))
         draws = rng.standard_normal((n_pat, occ.max() + 1, len(sd))) * sd
         kappa = draws[:, occ]

@@ -304,7 +304,7 @@ def test_absurd_trough_is_refused():
 
 def test_failed_fit_is_refused_even_with_plausible_residuals(monkeypatch):
     """A fit reported as not converged (here: the real fit, marked so) refuses on its own."""
-    import pkmodel.dosing as dosing
+    from pkmodel import dosing
 
     def failing(model, data, **kwargs):
         fit = estimate_map(model, data, **kwargs)
@@ -316,8 +316,9 @@ def test_failed_fit_is_refused_even_with_plausible_residuals(monkeypatch):
     rec = recommend_regimen(MODEL, child(), 6.0, n_draws=100)
     assert rec.checks.max_abs_iwres < 4.0
     assert rec.status == "refused" and rec.recommended is None
-    assert rec.reasons == ("the fit to the measured concentrations failed (no convergence in "
-                           "500 iterations)",)
+    reason = ("the fit to the measured concentrations failed (no convergence in 500 "
+              "iterations)")
+    assert rec.reasons == (reason,)
 
 
 def test_trough_in_ng_per_ml_is_refused_with_the_likely_cause():

@@ -614,7 +614,7 @@ def test_parameter_sets_solved_together_equal_one_at_a_time(n_cmt, depot, data):
     ev, changing = case_events(structure, first)
     constant = {n: np.full_like(v, v[0, 0]) if n in structure.parameter_names else v
                 for n, v in changing.items()}
-    both = {n: np.concatenate([constant[n], changing[n]]) if n in structure.parameter_names
+    both = {n: np.concatenate([constant[n], v]) if n in structure.parameter_names
             else v for n, v in changing.items()}
     together = solve(structure, ev, both)
     for i, alone in enumerate((constant, changing)):

@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"recommend": _recommend, "predict": _predict, "trial": _trial}
     try:
         return commands[args.command](args)
+    except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): nothing to say
+        sys.stderr.close()
+        return 0
     except (PKModelError, ValueError, OSError) as err:
         sys.stderr.write(f"pkmodel: error: {err}\n")
         return EXIT_INPUT

@@ -59,6 +59,12 @@ def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:
         The records in file order, unvalidated; pass it to :func:`validate` or to any
         public function.
 
+    Raises
+    ------
+    DatasetError
+        For an empty file, a file that is not UTF-8 text or not a table, and a column
+        name given twice.
+
     Examples
     --------
     >>> import io
@@ -67,7 +73,24 @@ def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:
     0   1     0  100  NaN
     1   1     1    0  4.2
     """
-    return pd.read_csv(path, na_values=["."], skipinitialspace=True)
+    try:
+        table = pd.read_csv(path, na_values=["."], skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DatasetError(f"{path}: the file is empty (expected a header line of column "
+                           "names, then one row per record)") from None
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: byte {err.start} is not UTF-8 text; save the file as "
+                           "UTF-8 (plain CSV)") from None
+    except pd.errors.ParserError as err:
+        raise DatasetError(f"{path}: not a comma-separated table ({err})") from None
+    names = [str(c) for c in table.columns]
+    duplicated = [c for c in names if "." in c and c.rsplit(".", 1)[0] in names
+                  and c.rsplit(".", 1)[1].isdigit()]
+    if duplicated:
+        original = duplicated[0].rsplit(".", 1)[0]
+        raise DatasetError(f"column '{original}' appears more than once in the header; keep "
+                           "one (pkmodel never guesses which)")
+    return table
 
 
 def plain_json(value: Any) -> Any:
@@ -207,7 +230,9 @@ def validate(
     for column in _DEFAULT_ZERO:
         if column not in values:
             values[column] = np.zeros(n)
-        fail_where(out, column, ~np.isfinite(values[column]), "a finite number (not missing)",
+        # NONMEM reads '.' (missing) as 0 in these columns.
+        values[column] = np.where(np.isnan(values[column]), 0.0, values[column])
+        fail_where(out, column, ~np.isfinite(values[column]), "a finite number",
                    values[column])
     has_dv = "DV" in values
     if not has_dv:
@@ -260,6 +285,8 @@ def validate(
     fail_where(out, "CMT", cmt < 0, "a compartment number >= 0", cmt)
     fail_where(out, "DV", has_dv & (evid == 0) & (mdv == 0) & np.isnan(values["DV"]),
                "a DV on observation records (EVID 0, MDV 0); give it or set MDV = 1",
+               values["DV"])
+    fail_where(out, "DV", np.isinf(values["DV"]), "a finite DV (mg/L) or missing",
                values["DV"])
     if "LLOQ" in values:
         fail_where(out, "LLOQ", (mdv == 0) & ~(values["LLOQ"] > 0) & ~np.isnan(values["LLOQ"]),

@@ -308,3 +308,30 @@ def test_non_positive_concentration_needs_an_lloq():
     check_concentrations(table.assign(LLOQ=[np.nan, 0.3]))  # censored: no error
     with pytest.raises(DatasetError, match="finite"):
         check_concentrations(table.assign(DV=[np.nan, np.inf]))
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"", "the file is empty"),
+    ("ID,TIME,AMT\n1,0,100\n1,1,\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"ID,TIME,WT,WT\n1,0,28,62\n", "column 'WT' appears more than once"),
+])
+def test_unreadable_files_are_named_errors(tmp_path, content, words):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=words):
+        read_nonmem(path)
+
+
+def test_missing_amt_and_rate_on_observation_rows_read_as_zero_as_in_nonmem():
+    """NONMEM reads '.' as 0 in AMT, RATE and the other dose columns."""
+    table = read_nonmem(io.StringIO("ID,TIME,AMT,RATE,DV\n1,0,100,50,.\n1,7,.,.,1.2\n"))
+    checked = validate(table)
+    assert checked["AMT"].tolist() == [100.0, 0.0] and checked["RATE"].tolist() == [50.0, 0.0]
+    assert checked["EVID"].tolist() == [1.0, 0.0]
+
+
+def test_infinite_dv_is_refused():
+    table = pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 1.0], "AMT": [100.0, 0.0],
+                          "DV": [np.nan, np.inf]})
+    with pytest.raises(DatasetError, match=r"column 'DV', row 1 \(ID 1\): expected a finite DV"):
+        validate(table)

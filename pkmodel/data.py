@@ -43,6 +43,9 @@ NONMEM_COLUMNS = ("ID", "TIME", "AMT", "RATE", "DUR", "II", "ADDL", "SS", "EVID"
 _OPTIONAL = ("LLOQ", "OCC")
 _DEFAULT_ZERO = ("AMT", "RATE", "DUR", "II", "ADDL", "SS", "CMT")
 _INTEGER = ("EVID", "MDV", "ADDL", "SS", "CMT")
+#: Longest steady-state infusion, in dosing intervals: its overlapping past doses are
+#: superposed one by one, so memory and time grow with this number.
+MAX_SS_SPAN = 1000.0
 
 
 def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -282,6 +285,12 @@ def validate(
                "II > 0 on steady-state doses (SS 1 or 2)", ii)
     fail_where(out, "II", constant & (ii != 0), "II = 0 on a steady-state constant infusion", ii)
     fail_where(out, "SS", (ss == 2) & (amt == 0), "SS=2 only with AMT > 0", ss)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        length = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), dur)
+        spans = np.where((ss > 0) & (ii > 0), length / np.where(ii > 0, ii, 1.0), 0.0)
+    fail_where(out, "RATE" if "RATE" in data.columns else "DUR", ~(spans <= MAX_SS_SPAN),
+               f"a steady-state infusion lasting at most {MAX_SS_SPAN:g} dosing intervals "
+               "(AMT/RATE or DUR over II); longer ones overlap without bound", length)
     fail_where(out, "CMT", cmt < 0, "a compartment number >= 0", cmt)
     fail_where(out, "DV", has_dv & (evid == 0) & (mdv == 0) & np.isnan(values["DV"]),
                "a DV on observation records (EVID 0, MDV 0); give it or set MDV = 1",

@@ -54,6 +54,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pkmodel.errors import DatasetError
+
+#: Longest steady-state input (lag plus infusion), in dosing intervals, that is superposed
+#: dose by dose (bounded memory and time; pkmodel.data.validate names the row).
+MAX_SS_SPAN = 1000.0
+
 __all__ = [
     "DOSE_MODIFIERS",
     "Events",
@@ -755,7 +761,12 @@ def _build_inputs(
             continue
         tau = np.where(ss_mask & ~constant[:, c], ii[:, c], 1.0)
         reach = lag[:, c] + duration[:, c]
-        n_past = int(np.max(np.where(ss_mask, np.ceil(reach / tau), 0.0)))
+        span = np.max(np.where(ss_mask, reach / tau, 0.0))
+        if not span <= MAX_SS_SPAN:
+            raise DatasetError(f"a steady-state dose (record {k}) keeps arriving for {span:.3g} "
+                               f"dosing intervals (lag plus infusion over II); at most "
+                               f"{MAX_SS_SPAN:g} are superposed")
+        n_past = int(np.ceil(span))
         ss_specs[k] = _SteadyState(ss_mask, tau, lag[:, c], bolus_vec[:, c], rate_vec[:, c],
                                    duration[:, c], constant[:, c], n_past)
         for m in range(1, n_past + 1):  # past doses still arriving after the record

@@ -335,3 +335,14 @@ def test_infinite_dv_is_refused():
                           "DV": [np.nan, np.inf]})
     with pytest.raises(DatasetError, match=r"column 'DV', row 1 \(ID 1\): expected a finite DV"):
         validate(table)
+
+
+def test_steady_state_infusion_longer_than_1000_intervals_is_refused_not_run():
+    """An SS=1 infusion at RATE 1e-300 would last 1e302 days: superposing its overlapping
+    past doses one by one would need unbounded memory, so validation names the row."""
+    table = pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 1.0], "AMT": [100.0, 0.0],
+                          "RATE": [1e-300, 0.0], "II": [7.0, 0.0], "SS": [1, 0]})
+    with pytest.raises(DatasetError, match=r"column 'RATE', row 0 \(ID 1\): expected a "
+                                           "steady-state infusion lasting at most 1000"):
+        validate(table)
+    validate(table.assign(RATE=[100.0 / 70.0, 0.0]))  # 10 intervals: fine

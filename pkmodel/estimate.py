@@ -568,8 +568,7 @@ def estimate_map(
     eta = fit.eta[take, best]
     final_ofv, _, fisher, hess = _with_hessian(
         _derivatives(obj, eta, take, newton=n <= _NEWTON_MAX))
-    etc = np.linalg.inv(fisher / 2.0)  # NONMEM's ETC: from the FOCE Hessian
-    pd_ok = np.linalg.eigvalsh(hess).min(axis=1) > 0
+    etc, pd_ok = _etc(fisher, hess)
 
     rows = []
     names = problem.names
@@ -588,7 +587,8 @@ def estimate_map(
         if success and others.size > 1 and np.ptp(others) > 1e-4:
             message += (f"; {starts} starts reached objectives {np.round(np.sort(others), 4)}"
                         " (best kept)")
-        sign, logdet = np.linalg.slogdet(etc[b])
+        sign, logdet = (np.linalg.slogdet(etc[b]) if np.isfinite(etc[b]).all()
+                        else (0.0, np.nan))
         row: dict[str, Any] = {"ID": problem.ids[b]}
         row.update(dict(zip(names, eta[b])))
         row.update(OFV=final_ofv[b],
@@ -620,6 +620,23 @@ def estimate_map(
     records["IWRES"] = np.where(used, iwres, np.nan)
     return MAPEstimate(individuals=individuals, records=records, model=model,
                        names=tuple(names), _problem=(problem, covariates))
+
+
+def _etc(fisher: np.ndarray, hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NONMEM's ETC (inverse of half the FOCE Hessian) per ID, and whether the Hessian of
+    OFV is positive definite there. An ID whose derivatives are not finite (a prediction
+    of 0 under a proportional error, say) gets NaN and False, never an error for all."""
+    finite = np.isfinite(fisher).all(axis=(1, 2)) & np.isfinite(hess).all(axis=(1, 2))
+    eye = np.eye(fisher.shape[-1])
+    etc = np.full(fisher.shape, np.nan)
+    pd_ok = np.zeros(fisher.shape[0], dtype=bool)
+    for b in np.flatnonzero(finite):
+        try:
+            etc[b] = np.linalg.inv(fisher[b] / 2.0)
+            pd_ok[b] = np.linalg.eigvalsh(hess[b]).min() > 0
+        except np.linalg.LinAlgError:
+            etc[b] = np.nan * eye
+    return etc, pd_ok
 
 
 @dataclass(frozen=True)
@@ -695,7 +712,10 @@ def sample_posterior(
     names = problem.names
     mode = fit.individuals[names].to_numpy(dtype=float)
     etcs = np.stack([fit.etc(i) for i in fit.individuals.index])
-    chol = np.linalg.cholesky(etcs)
+    # An ID without a usable mode or ETC gets NaN draws and SUCCESS False; the others run.
+    usable = np.isfinite(etcs).all(axis=(1, 2)) & np.isfinite(mode).all(axis=1)
+    mode = np.where(usable[:, None], mode, 0.0)
+    chol = np.linalg.cholesky(np.where(usable[:, None, None], etcs, np.eye(p)))
     rng = np.random.default_rng(seed)
     frames, diags = [], []
     if method == "importance":
@@ -708,6 +728,8 @@ def sample_posterior(
         maha = np.einsum("bmi,bmi->bm", z, z) * scale[..., 0] ** 2
         log_q = -0.5 * (df + p) * np.log1p(maha / df)
         log_w = -0.5 * ofv - log_q
+        usable &= np.isfinite(log_w.max(axis=1))
+        log_w = np.where(usable[:, None], log_w, 0.0)  # placeholders, replaced by NaN below
         log_w -= log_w.max(axis=1, keepdims=True)
         w = np.exp(log_w)
         w /= w.sum(axis=1, keepdims=True)
@@ -744,6 +766,9 @@ def sample_posterior(
             diags.append({"ID": problem.ids[b], "METHOD": "mcmc", "ESS": ess,
                           "MAX_WEIGHT": np.nan, "ACCEPTANCE": accepted[b] / (n * thin),
                           "SUCCESS": bool(ess >= min_ess)})
+    for b in np.flatnonzero(~usable):
+        frames[b][names] = np.nan
+        diags[b].update(ESS=0.0, SUCCESS=False)
     return PosteriorSample(draws=pd.concat(frames, ignore_index=True),
                            diagnostics=pd.DataFrame(diags))
 

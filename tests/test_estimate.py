@@ -537,3 +537,28 @@ def test_hard_cases_reach_the_optimum_of_a_brute_force_search(troughs):
     assert fit.success
     assert reported == pytest.approx(ofv(fit.eta.iloc[0].to_numpy(dtype=float)), rel=1e-8)
     assert reported <= brute + 1e-6
+
+
+def test_one_bad_id_never_fails_the_batch():
+    """ID 1 has a measured 0-time pre-dose sample: its prediction is 0 and xu2012's
+    proportional error gives it no likelihood. It gets its own status; ID 2's fit, ETC and
+    posterior are those of ID 2 fitted alone."""
+    model = load("xu2012")
+    table = pd.DataFrame({
+        "ID": [1, 1, 1, 2, 2, 2], "TIME": [0, 0, 56, 0, 0, 56], "EVID": [0, 1, 0, 0, 1, 0],
+        "AMT": [0, 350, 0, 0, 350, 0], "RATE": [0, 4200, 0, 0, 4200, 0],
+        "MDV": [0, 1, 0, 1, 1, 0], "DV": [0.5, np.nan, 3.0, np.nan, np.nan, 3.0],
+        "WT": 70.0, "ALB": 4.0, "ATI": 0})
+    fit = est.estimate_map(model, table)
+    ind = fit.individuals.set_index("ID")
+    assert not ind.loc[1, "SUCCESS"] and "not finite" in ind.loc[1, "MESSAGE"]
+    assert np.isnan(fit.etc(1)).all()
+    alone = est.estimate_map(model, table[table["ID"] == 2])
+    assert ind.loc[2, "SUCCESS"]
+    assert ind.loc[2, "OFV"] == pytest.approx(alone.individuals["OFV"].iloc[0], rel=1e-12)
+    np.testing.assert_allclose(fit.etc(2), alone.etc(2), rtol=1e-10)
+    post = est.sample_posterior(model, table, n=50, estimate=fit)
+    diag = post.diagnostics.set_index("ID")
+    assert not diag.loc[1, "SUCCESS"] and diag.loc[2, "SUCCESS"]
+    draws = post.draws.set_index("ID")
+    assert draws.loc[1, "ETA_CL"].isna().all() and draws.loc[2, "ETA_CL"].notna().all()

@@ -788,18 +788,23 @@ def _choose(grid: _Grid, objective: str, doses: np.ndarray, candidates: list[flo
 
 
 def _dose_grid(weight: float, *, vial_mg: float | None, step_mg_per_kg: float | None,
-               max_mg_per_kg: float) -> np.ndarray:
+               max_mg_per_kg: float, notes: list[str]) -> np.ndarray:
+    """Candidate doses (mg): whole vials up to the maximum, else mg/kg steps. A patient so
+    small that one vial exceeds the maximum is dosed in mg/kg steps (part of a vial), as
+    a note says."""
     max_mg = max_mg_per_kg * weight
     if vial_mg is not None:
         grid = vial_mg * np.arange(1, int(np.floor(max_mg / vial_mg + 1e-9)) + 1)
-    else:
-        step = step_mg_per_kg or 1.0
-        grid = step * weight * np.arange(1, int(np.floor(max_mg_per_kg / step + 1e-9)) + 1)
+        if grid.size:
+            return grid
+        notes.append(f"one {vial_mg:g}-mg vial is more than {max_mg_per_kg:g} mg/kg at "
+                     f"{weight:g} kg: doses are in steps of {step_mg_per_kg or 1.0:g} mg/kg "
+                     "(part of a vial)")
+    step = step_mg_per_kg or 1.0
+    grid = step * weight * np.arange(1, int(np.floor(max_mg_per_kg / step + 1e-9)) + 1)
     if grid.size == 0:
-        raise ValueError(f"no dose on the grid fits under {max_mg_per_kg:g} mg/kg "
-                         f"({max_mg:.0f} mg at {weight:g} kg) with vials of {vial_mg:g} mg; "
-                         "raise `max_mg_per_kg` (--max-mg-per-kg) or dose in mg/kg steps "
-                         "(`vial_mg=None`, --vial-mg none)")
+        raise ValueError(f"`dose_step_mg_per_kg` ({step:g}) is larger than `max_mg_per_kg` "
+                         f"({max_mg_per_kg:g}): no dose to consider")
     return grid
 
 
@@ -1183,7 +1188,8 @@ def recommend_regimen(
     grid = _Grid(forecast, all_weeks, history.weight, float(target), probability,
                  history.current_dose_mg, current_weeks, model.label)
     doses = _dose_grid(history.weight, vial_mg=settings.vial_mg,
-                       step_mg_per_kg=dose_step_mg_per_kg, max_mg_per_kg=max_mg_per_kg)
+                       step_mg_per_kg=dose_step_mg_per_kg, max_mg_per_kg=max_mg_per_kg,
+                       notes=history.notes)
     options = [grid.option(d, w) for w in settings.intervals_weeks for d in doses]
     current = grid.option(history.current_dose_mg, current_weeks)
     choice = _choose(grid, objective, doses, list(settings.intervals_weeks), longer, options,

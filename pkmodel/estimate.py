@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import log_ndtr
 
-from pkmodel.data import validate
+from pkmodel.data import fail_where, validate
 from pkmodel.engine import Events, stack_events
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 from pkmodel.predict import (
@@ -107,6 +107,14 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
         _Problem, pd.DataFrame]:
     table = validate(data, covariates=model.covariate_names)
     check_covariates(model, table)
+    if model.residual.log_scale:
+        dv = table["DV"].to_numpy(dtype=float)
+        limit = (table["LLOQ"].to_numpy(dtype=float) if "LLOQ" in table.columns
+                 else np.full(len(table), np.nan))
+        measured = (table["EVID"].to_numpy() == 0) & (table["MDV"].to_numpy() == 0)
+        fail_where(table, "DV", measured & ~(dv < limit) & ~(dv > 0),
+                   f"DV > 0 (mg/L): {model.name}'s log-additive error takes its logarithm "
+                   "(a value below the assay's limit needs its LLOQ)", dv)
     full = table
     table = table.assign(_OCC=_occasions_by_id(table))
     table = table[_essential_rows(table, model.covariate_names, covariates)]
@@ -148,12 +156,6 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
         obs_record[b, j], obs_mask[b, j], y[b, j], lloq[b, j] = k, True, dv[r], lloq_col[r]
         fill[b] += 1
     blq = obs_mask & np.isfinite(lloq) & (y < lloq)
-    if model.residual.log_scale:
-        bad = obs_mask & ~blq & ~(y > 0)
-        if bad.any():
-            b = int(np.flatnonzero(bad.any(axis=1))[0])
-            raise ValueError(f"ID {unique_ids[b]}: a log-additive error model needs DV > 0 "
-                             "(mg/L) on every observation that is not below LLOQ")
 
     n_occ = int(table["_OCC"].max()) + 1 if model.iov else 0
     omega = model.omega

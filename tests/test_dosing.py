@@ -614,3 +614,12 @@ def test_one_patient_at_a_time():
     two = pd.concat([child(), child().assign(ID=2)], ignore_index=True)
     with pytest.raises(ValueError, match="one patient"):
         recommend_regimen(MODEL, two)
+
+
+def test_an_infant_below_one_vial_is_dosed_in_mg_per_kg_steps():
+    """4 kg: one 100-mg vial is 25 mg/kg, above the 20 mg/kg considered; doses go in
+    1-mg/kg steps (4 mg), as a note says, instead of an error."""
+    rec = recommend_regimen(MODEL, child((1.1, 0.8), weight=4.0), 6.0, n_draws=0)
+    assert any("part of a vial" in note for note in rec.notes)
+    doses = np.unique(rec.options["DOSE_MG"])
+    np.testing.assert_allclose(doses, 4.0 * np.arange(1, 21))

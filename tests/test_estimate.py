@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, optimize
 
+from pkmodel import errors as est_errors
 from pkmodel import estimate as est
 from pkmodel.data import dosing_table, infliximab_regimen, read_nonmem
 from pkmodel.engine import Structure
@@ -443,7 +444,8 @@ def test_locf_option_changes_the_fit_when_covariates_change():
 def test_estimation_input_errors():
     with pytest.raises(ValueError, match="positive definite"):
         est.estimate_map(one_compartment(omega_cl=0.0), observed([2.0], [10.0]))
-    with pytest.raises(ValueError, match="DV > 0"):
+    with pytest.raises(est_errors.DatasetError,
+                       match=r"column 'DV', row \d+ \(ID 1\): expected DV > 0 \(mg/L\)"):
         est.estimate_map(one_compartment(residual=ResidualError(additive=0.1, log_scale=True)),
                          observed([2.0], [0.0]))
     with pytest.raises(ValueError, match="starts"):

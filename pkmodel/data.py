@@ -158,8 +158,9 @@ def validate(
     """Check a NONMEM-style event table and return a standardised copy.
 
     Missing optional columns get NONMEM's defaults: AMT, RATE, DUR, II, ADDL, SS and CMT
-    zero (CMT 0 is the default compartment); EVID 1 where AMT > 0, else 2 where MDV = 1,
-    else 0; MDV 1 on non-observation records and where there is no DV column.
+    zero (CMT 0 is the default compartment), and a missing value (``.``) in them reads as
+    0, as NONMEM reads it; EVID 1 where AMT > 0, else 2 where MDV = 1, else 0; MDV 1 on
+    non-observation records and where there is no DV column.
 
     Parameters
     ----------

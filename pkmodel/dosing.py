@@ -266,8 +266,9 @@ class Recommendation:
 
     @property
     def feasible(self) -> bool:
-        """Whether some option within the limits meets the target (refused or not)."""
-        return self.closest.meets_target
+        """Whether some option within the limits meets the target (False when refused:
+        nothing is offered then)."""
+        return self.status != "refused" and self.closest.meets_target
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (NaN and infinities as None); tables as lists of records."""

@@ -472,7 +472,7 @@ def test_refused_offers_no_regimen_to_programs_either():
     rec = recommend_regimen(MODEL, child((5400.0, 0.8)), 6.0, n_draws=0)
     doc = rec.to_dict()
     assert doc["status"] == "refused" and doc["recommended"] is None
-    assert doc["closest"] == doc["current"]
+    assert doc["closest"] == doc["current"] and doc["feasible"] is False
     assert doc["dose_only"] is doc["interval_only"] is None
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -314,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"recommend": _recommend, "predict": _predict, "trial": _trial}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = commands[args.command](args)
+        for item in caught:  # one plain line each, never a file path and line number
+            sys.stderr.write(f"pkmodel: warning: {item.message}\n")
+        return code
     except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): nothing to say
         sys.stderr.close()
         return 0

@@ -41,8 +41,14 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import check_concentrations, plain_json, validate
-from pkmodel.errors import CovariateWarning, DatasetError
-from pkmodel.estimate import MAPEstimate, PosteriorSample, estimate_map, sample_posterior
+from pkmodel.errors import CovariateWarning, DatasetError, PlausibilityWarning
+from pkmodel.estimate import (
+    PLAUSIBLE_SD,
+    MAPEstimate,
+    PosteriorSample,
+    estimate_map,
+    sample_posterior,
+)
 from pkmodel.model import (
     PopulationModel,
     check_covariates,
@@ -69,7 +75,7 @@ HOURS_PER_DAY = 24.0
 #: How the recommended option is chosen among those that meet the target.
 OBJECTIVES = ("smallest_change", "least_drug", "fewest_infusions")
 #: Safety limits (module docstring of each check in :func:`recommend_regimen`).
-IWRES_LIMIT = 4.0  # |IWRES| above this at the MAP: implausible for the model
+IWRES_LIMIT = PLAUSIBLE_SD  # residual SDs above this at the MAP: implausible
 SHRINKAGE_LIMIT = 0.5  # ETA_CL shrinkage above this: the data hardly inform clearance
 CL_SD_LIMIT = 3.0  # individual CL further than this many SD from typical
 POST_INFUSION_HOURS = 1.0  # a sample this soon after a dose ends is probably not a trough
@@ -822,25 +828,15 @@ def _clearance_eta(model: PopulationModel) -> int | None:
 
 
 def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[str]]:
-    """The largest |residual| (in SDs) of a measured value, and a sentence per outlier."""
-    rec = fit.records
-    used = (rec["EVID"] == 0) & (rec["MDV"] == 0)
-    if "LLOQ" in rec.columns:
-        used &= ~(rec["DV"] < rec["LLOQ"])
-    rec = rec[used]
+    """The largest residual (in SDs) of a measured value, and a sentence per outlier or
+    per ETA beyond PLAUSIBLE_SD."""
+    rec = fit.records[fit.records["OUTLIER_SD"].notna()]
+    sentences = _far_etas(model, fit)
     if rec.empty:
-        return float("nan"), []
+        return float("nan"), sentences
     dv, ipred = rec["DV"].to_numpy(float), rec["IPRED_OCC"].to_numpy(float)
     pred = rec["PRED"].to_numpy(float)
-    score = np.abs(rec["IWRES"].to_numpy(float))
-    if not model.residual.log_scale and model.residual.proportional > 0:
-        # A proportional error bounds IWRES below by -1/b for any DV < IPRED: measure the
-        # ratio on the log scale too (its SD there is about the CV at the prediction).
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cv = model.residual.sd(ipred) / ipred
-            score = np.fmax(score, np.abs(np.log(dv / ipred)) / cv)
-    score = np.where(np.isfinite(score), score, np.inf)
-    sentences = []
+    score = rec["OUTLIER_SD"].to_numpy(float)
     for i in np.flatnonzero(score > IWRES_LIMIT):
         ratio = dv[i] / ipred[i] if ipred[i] > 0 else np.inf
         typical = dv[i] / pred[i] if pred[i] > 0 else np.inf
@@ -856,6 +852,19 @@ def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[
                          f"implausible for {model.name} ({score[i]:.1f} residual SDs from "
                          f"the individual prediction {ipred[i]:.3g} mg/L): {cause}")
     return float(score.max()), sentences
+
+
+def _far_etas(model: PopulationModel, fit: MAPEstimate) -> list[str]:
+    """A sentence per ETA further than PLAUSIBLE_SD prior SDs from 0."""
+    ind = fit.individuals.iloc[0]
+    out = []
+    for name, variance in zip(model.eta_names, np.diag(model.omega)):
+        z = float(ind[name]) / np.sqrt(variance) if variance > 0 else 0.0
+        if abs(z) > PLAUSIBLE_SD:
+            out.append(f"{name} is {abs(z):.1f} SD {'above' if z > 0 else 'below'} the "
+                       f"typical value for these covariates, beyond what {model.name} "
+                       "expects: check units, doses, dates and antibodies")
+    return out
 
 
 def _sample_timing(history: _History) -> list[str]:
@@ -909,7 +918,7 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
                 caution.append(f"the measured concentrations say little about this "
                                f"patient's clearance (ETA shrinkage {shrinkage:.0%}): the "
                                "forecast leans on the population")
-            if abs(eta_sd) > CL_SD_LIMIT:
+            if CL_SD_LIMIT < abs(eta_sd) <= PLAUSIBLE_SD:  # beyond: refused (_far_etas)
                 caution.append(f"this patient's clearance is {abs(eta_sd):.1f} SD "
                                f"{'above' if eta_sd > 0 else 'below'} the typical value for "
                                "these covariates: check doses, dates and antibodies")
@@ -1168,8 +1177,9 @@ def recommend_regimen(
         min_interval_weeks=min_interval_weeks, max_interval_weeks=max_interval_weeks,
         horizon_weeks=horizon_weeks, n_draws=n_draws, seed=seed,
         accept_outliers=accept_outliers, min_ess=min_ess, lloq=lloq)
-    with warnings.catch_warnings():  # covariates outside the data range become reasons
+    with warnings.catch_warnings():  # what these warnings say becomes reasons
         warnings.simplefilter("ignore", CovariateWarning)
+        warnings.simplefilter("ignore", PlausibilityWarning)
         history = _history(model, data, current_interval_weeks=current_interval_weeks,
                            next_dose_day=next_dose_day, next_dose_date=next_dose_date,
                            lloq=lloq)

@@ -13,6 +13,7 @@ __all__ = [
     "CovariateError",
     "DatasetError",
     "PKModelError",
+    "PlausibilityWarning",
 ]
 
 
@@ -38,6 +39,10 @@ class ConvergenceError(PKModelError, RuntimeError):
 
 class ConvergenceWarning(UserWarning):
     """A numerical method finished but its result deserves a second look."""
+
+
+class PlausibilityWarning(UserWarning):
+    """A fit needed a measured value or an ETA far from what the model expects."""
 
 
 class CovariateWarning(UserWarning):

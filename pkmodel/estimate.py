@@ -26,6 +26,7 @@ included; the full Hessian does not reproduce NONMEM's ETC); both are reported s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from scipy.special import log_ndtr
 
 from pkmodel.data import fail_where, validate
 from pkmodel.engine import Events, stack_events
+from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 from pkmodel.predict import (
     dosing_occasions,
@@ -43,7 +45,12 @@ from pkmodel.predict import (
     to_events,
 )
 
-__all__ = ["MAPEstimate", "PosteriorSample", "estimate_map", "sample_posterior"]
+__all__ = ["PLAUSIBLE_SD", "MAPEstimate", "PosteriorSample", "estimate_map", "outlier_sd",
+           "sample_posterior"]
+
+#: A measured value or an ETA further than this many SDs from the model's expectation
+#: marks the fit as implausible (PLAUSIBLE False, a PlausibilityWarning).
+PLAUSIBLE_SD = 4.0
 
 _STEP = 1e-4  # finite-difference step in ETA units (central differences)
 _LINE_STEPS = np.array([1.0, 0.5, 0.25, 0.1, 0.03, 0.01, 0.001])
@@ -460,8 +467,11 @@ class MAPEstimate:
     ----------
     individuals : DataFrame
         One row per ID: the ETAs (and per-occasion KAPPAs), OFV, OBJ (NONMEM's ``.phi``
-        OBJ), N_OBS, SUCCESS, ITERATIONS, MESSAGE, and ETC as lower-triangle columns
-        ``ETC_i_j`` (1-based, NONMEM's order).
+        OBJ), N_OBS, SUCCESS, ITERATIONS, MESSAGE, ETC as lower-triangle columns
+        ``ETC_i_j`` (1-based, NONMEM's order), and the plausibility of the fit:
+        MAX_OUTLIER_SD (largest :func:`outlier_sd` of its observations), MAX_ETA_SD
+        (largest ``|ETA| / sqrt(OMEGA)``) and PLAUSIBLE (both at most
+        :data:`PLAUSIBLE_SD`).
     records : DataFrame
         Every record of the input with PRED, IPRED (mg/L) and the individual parameters at
         the estimated ETAs (KAPPAs set to 0, as for forecasting); on observations also
@@ -620,8 +630,53 @@ def estimate_map(
         else:
             iwres = (records["DV"] - f) / model.residual.sd(f)
     records["IWRES"] = np.where(used, iwres, np.nan)
+    _mark_plausibility(model, individuals, records)
     return MAPEstimate(individuals=individuals, records=records, model=model,
                        names=tuple(names), _problem=(problem, covariates))
+
+
+def _mark_plausibility(model: PopulationModel, individuals: pd.DataFrame,
+                       records: pd.DataFrame) -> None:
+    """OUTLIER_SD per observation; MAX_OUTLIER_SD, MAX_ETA_SD and PLAUSIBLE per ID; a
+    PlausibilityWarning naming the IDs beyond PLAUSIBLE_SD."""
+    records["OUTLIER_SD"] = outlier_sd(model, records)
+    worst = records.groupby("ID", sort=False)["OUTLIER_SD"].max()
+    individuals["MAX_OUTLIER_SD"] = worst.reindex(individuals["ID"]).to_numpy()
+    sd = np.sqrt(np.diag(model.omega))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.abs(individuals[list(model.eta_names)].to_numpy(dtype=float)) / sd
+    individuals["MAX_ETA_SD"] = np.nanmax(np.where(sd > 0, z, np.nan), axis=1) if z.size \
+        else np.nan
+    beyond = (individuals["MAX_OUTLIER_SD"] > PLAUSIBLE_SD) | (
+        individuals["MAX_ETA_SD"] > PLAUSIBLE_SD)
+    individuals["PLAUSIBLE"] = ~beyond
+    if beyond.any():
+        ids = ", ".join(str(i) for i in individuals.loc[beyond, "ID"].tolist()[:10])
+        warnings.warn(f"ID {ids}: a measured value or an ETA lies more than "
+                      f"{PLAUSIBLE_SD:g} SDs from the model's expectation (MAX_OUTLIER_SD, "
+                      "MAX_ETA_SD): a unit slip (ng/mL?), a mis-timed sample or a model "
+                      "that does not fit this patient", PlausibilityWarning, stacklevel=3)
+
+
+def outlier_sd(model: PopulationModel, records: pd.DataFrame) -> np.ndarray:
+    """How far each measured value lies from its fitted prediction, in residual SDs.
+
+    ``|IWRES|``, and, for an error with a proportional part, also ``|ln(DV / IPRED_OCC)|``
+    over the CV at the prediction: a proportional error bounds IWRES below by ``-1/b``
+    for any value under its prediction, however far under. NaN on records that are not
+    measured or are below their LLOQ; infinity where the prediction is 0.
+    """
+    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy(copy=True)
+    if "LLOQ" in records.columns:
+        used = used & ~(records["DV"] < records["LLOQ"]).to_numpy()
+    score = np.abs(records["IWRES"].to_numpy(dtype=float))
+    if not model.residual.log_scale and model.residual.proportional > 0:
+        f = records["IPRED_OCC"].to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cv = model.residual.sd(f) / f
+            ratio = np.abs(np.log(records["DV"].to_numpy(dtype=float) / f)) / cv
+        score = np.fmax(score, ratio)
+    return np.where(used, np.where(np.isnan(score), np.inf, score), np.nan)
 
 
 def _etc(fisher: np.ndarray, hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -150,6 +150,17 @@ def test_input_errors_are_messages_not_tracebacks(tmp_path, capsys, content, wor
     assert err.startswith("pkmodel: error:") and words in err and "Traceback" not in err
 
 
+def test_warnings_are_plain_lines(tmp_path, capsys):
+    """A trough typed in ng/mL makes the fit implausible: `predict` still answers, and the
+    warning is one plain line, without a file path."""
+    path = tmp_path / "ngml.csv"
+    path.write_text(CHILD.read_text().replace(",1.1\n", ",1100\n"))
+    assert main(["predict", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("pkmodel: warning: ID 1: a measured value or an ETA lies more")
+    assert ".py:" not in err
+
+
 def test_missing_file_and_installed_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pkmodel.cli", "recommend",
                              str(tmp_path / "none.csv")], capture_output=True, text=True,

@@ -345,6 +345,19 @@ def test_mistimed_sample_is_refused_with_the_reason():
     assert accepted.status == "caution" and accepted.recommended is not None
 
 
+def test_clearance_far_from_the_model_is_refused():
+    """Troughs of 100 and 90 mg/L on 5 mg/kg every 8 weeks fit only with ETA_CL 5.5 SD
+    below 0 (residuals small): the model does not describe this patient, so no dose."""
+    rec = recommend_regimen(MODEL, child((100.0, 90.0)), 6.0, n_draws=0)
+    assert rec.status == "refused" and rec.checks.max_abs_iwres < 4.0
+    assert rec.checks.eta_cl_sd < -4.0
+    assert any(r.startswith("ETA_CL is 5.5 SD below") for r in rec.reasons)
+    assert not any("clearance is" in r for r in rec.reasons)  # not said twice
+    kept = recommend_regimen(MODEL, child((100.0, 90.0)), 6.0, n_draws=0,
+                             accept_outliers=True)
+    assert kept.status == "caution" and kept.recommended is not None
+
+
 def test_sample_during_an_infusion_is_a_caution():
     history = child((1.1, 0.8))
     dose_row = history.index[(history["EVID"] == 1) & (history["TIME"] == 98.0)][0]

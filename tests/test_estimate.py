@@ -564,3 +564,27 @@ def test_one_bad_id_never_fails_the_batch():
     assert not diag.loc[1, "SUCCESS"] and diag.loc[2, "SUCCESS"]
     draws = post.draws.set_index("ID")
     assert draws.loc[1, "ETA_CL"].isna().all() and draws.loc[2, "ETA_CL"].notna().all()
+
+
+def test_implausible_fits_are_flagged_with_a_warning():
+    """A trough typed in ng/mL (1100 for 1.1 mg/L) needs an ETA and a residual far beyond
+    4 SDs; the same child in mg/L is plausible. OUTLIER_SD is |IWRES| or, for the
+    proportional part, |ln(DV/IPRED_OCC)| over the CV at the prediction (the larger)."""
+    model = load("fasanmade2011")
+    table = infliximab_regimen(28.0, until_week=22, covariates={"ALB": 3.3, "ATI": 0,
+                                                                 "IMM": 1})
+    samples = table.index[(table["EVID"] == 0) & table["TIME"].isin([98.0, 154.0])]
+    table.loc[samples, ["MDV", "DV"]] = [[0, 1.1], [0, 0.8]]
+    fit = est.estimate_map(model, table)
+    assert bool(fit.individuals["PLAUSIBLE"].iloc[0])
+    rows = fit.records.loc[samples]
+    f = rows["IPRED_OCC"]
+    cv = np.sqrt(0.371**2 + (0.292 * f) ** 2) / f
+    expected = np.fmax(np.abs(rows["IWRES"]), np.abs(np.log(rows["DV"] / f)) / cv)
+    np.testing.assert_allclose(rows["OUTLIER_SD"], expected, rtol=1e-12)
+    assert fit.records.drop(index=samples)["OUTLIER_SD"].isna().all()
+    table.loc[samples, "DV"] = [1100.0, 800.0]
+    with pytest.warns(est_errors.PlausibilityWarning, match="ID 1"):
+        bad = est.estimate_map(model, table)
+    ind = bad.individuals.iloc[0]
+    assert not ind["PLAUSIBLE"] and ind["MAX_OUTLIER_SD"] > 4 and ind["MAX_ETA_SD"] > 4

@@ -427,8 +427,7 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
                                 "doses missing from the history, or is a time wrong?")
         due = last_record
     table = _drop_implied_after(table, times, rows, due, said.notes)
-    last_dose = table.loc[rows[times <= max(past[-1], 0.0)].max()] if past.size else None
-    last = last_dose if last_dose is not None else table.iloc[-1]
+    last = table.loc[rows[times <= past[-1]].max()]  # the record of the last dose given
     dose_days = (float(last["AMT"] / last["RATE"]) if last["RATE"] > 0
                  else float(last["DUR"]) if last["DUR"] > 0 else 0.0)
     for note in table["ASSUMPTION"].dropna().unique() if "ASSUMPTION" in table else ():

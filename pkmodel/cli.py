@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from pkmodel import __version__
-from pkmodel.data import from_clinical, plain_json, read_nonmem, validate
+from pkmodel.data import from_clinical, plain_json, read_clinical, read_nonmem, validate
 from pkmodel.dosing import OBJECTIVES, Option, Recommendation, level_name, recommend_regimen
 from pkmodel.errors import PKModelError
 from pkmodel.estimate import estimate_map
@@ -133,7 +133,8 @@ def _recommend_arguments(rec: argparse.ArgumentParser) -> None:
     rec.add_argument("--plot", metavar="PNG", help="write the forecast figure here")
 
 
-def recommendation_document(rec: Recommendation, model_name: str) -> dict[str, Any]:
+def recommendation_document(rec: Recommendation, model_name: str,
+                            patient_id: Any = None) -> dict[str, Any]:
     """The JSON document of a recommendation (schema ``pkmodel.recommendation/2``)."""
     estimate = None
     if rec.estimate is not None:
@@ -145,11 +146,9 @@ def recommendation_document(rec: Recommendation, model_name: str) -> dict[str, A
             "parameters": {n: last[n] for n in model.parameters},
             "ofv": ind["OFV"], "converged": bool(ind["SUCCESS"]), "message": ind["MESSAGE"],
         }
-    table = rec.estimate.records if rec.estimate is not None else None
     document = {"schema": SCHEMA_RECOMMENDATION, "pkmodel_version": __version__,
                 "model": model_name,
-                "patient": {"id": None if table is None else table["ID"].iloc[0],
-                            "weight_kg": rec.weight_kg},
+                "patient": {"id": patient_id, "weight_kg": rec.weight_kg},
                 "target_mg_per_l": rec.target, "estimate": estimate}
     document.update(rec.to_dict())
     return plain_json(document)
@@ -220,11 +219,8 @@ def _read_history(args: argparse.Namespace, model: Any) -> pd.DataFrame:
         return read_nonmem(args.data)
     if not (args.doses and args.labs):
         raise ValueError("give a NONMEM-style file, or both --doses and --labs")
-    doses = pd.read_csv(args.doses, dtype={"TIME": str, "DATE": str}, skipinitialspace=True)
-    labs = pd.read_csv(args.labs, dtype={"TIME": str, "DATE": str}, skipinitialspace=True,
-                       na_values=["."])
     label = model.label
-    return from_clinical(doses, labs,
+    return from_clinical(read_clinical(args.doses), read_clinical(args.labs),
                          infusion_hours=None if label is None else label.infusion_hours)
 
 
@@ -243,7 +239,8 @@ def _recommend(args: argparse.Namespace) -> int:
 
         plot_recommendation(rec, path=args.plot)
     if args.json:
-        json.dump(recommendation_document(rec, args.model), sys.stdout, indent=2)
+        json.dump(recommendation_document(rec, args.model, data["ID"].iloc[0]), sys.stdout,
+                  indent=2)
         sys.stdout.write("\n")
     else:
         _print_recommendation(rec, args.model, data["ID"].iloc[0])

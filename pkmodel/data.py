@@ -33,6 +33,7 @@ __all__ = [
     "from_clinical",
     "infliximab_regimen",
     "plain_json",
+    "read_clinical",
     "read_nonmem",
     "validate",
 ]
@@ -76,8 +77,18 @@ def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:
     0   1     0  100  NaN
     1   1     1    0  4.2
     """
+    return _read_csv(path)
+
+
+def read_clinical(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a clinical dosing or lab table (for :func:`from_clinical`): DATE and TIME kept
+    as text, ``.`` or blank meaning missing; the same errors as :func:`read_nonmem`."""
+    return _read_csv(path, dtype={"DATE": str, "TIME": str})
+
+
+def _read_csv(path: str | os.PathLike[str], **options: Any) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, na_values=["."], skipinitialspace=True)
+        table = pd.read_csv(path, na_values=["."], skipinitialspace=True, **options)
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: the file is empty (expected a header line of column "
                            "names, then one row per record)") from None

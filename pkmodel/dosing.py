@@ -880,10 +880,11 @@ def _sample_timing(history: _History) -> list[str]:
     measured = table[(table["EVID"] == 0) & (table["MDV"] == 0)]
     implied = np.r_[False, rows[1:] == rows[:-1]]  # ADDL doses
     for row, t in zip(measured.index, measured["TIME"].to_numpy()):
-        # A sample recorded before a dose at the same time is its pre-dose trough, and so
-        # is a sample at the time of an implied (ADDL) dose, as the engine orders them.
-        starts_before = (times < t) | ((times == t) & (rows < row) & ~implied)
-        if np.any(starts_before & (t < ends + _TOL)):
+        # The engine gives a dose at the sample's time before it when the dose record
+        # comes first or the dose is implied (ADDL); an infusion starting at that very
+        # time has delivered nothing yet, so only a bolus there makes a post-dose sample.
+        given = (times < t) | ((times == t) & ((rows < row) | implied) & (length == 0))
+        if np.any(given & (t < ends + _TOL)):
             out.append(f"the sample on day {t:g} lies inside an infusion or less than "
                        f"{POST_INFUSION_HOURS:g} h after one ends: probably not a trough "
                        "(check the sample and dose times)")

@@ -683,16 +683,20 @@ def _etc(fisher: np.ndarray, hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NONMEM's ETC (inverse of half the FOCE Hessian) per ID, and whether the Hessian of
     OFV is positive definite there. An ID whose derivatives are not finite (a prediction
     of 0 under a proportional error, say) gets NaN and False, never an error for all."""
-    finite = np.isfinite(fisher).all(axis=(1, 2)) & np.isfinite(hess).all(axis=(1, 2))
-    eye = np.eye(fisher.shape[-1])
+    good = np.flatnonzero(np.isfinite(fisher).all(axis=(1, 2))
+                          & np.isfinite(hess).all(axis=(1, 2)))
     etc = np.full(fisher.shape, np.nan)
     pd_ok = np.zeros(fisher.shape[0], dtype=bool)
-    for b in np.flatnonzero(finite):
-        try:
-            etc[b] = np.linalg.inv(fisher[b] / 2.0)
-            pd_ok[b] = np.linalg.eigvalsh(hess[b]).min() > 0
-        except np.linalg.LinAlgError:
-            etc[b] = np.nan * eye
+    try:  # all usable IDs at once (the common case) ...
+        etc[good] = np.linalg.inv(fisher[good] / 2.0)
+        pd_ok[good] = np.linalg.eigvalsh(hess[good]).min(axis=-1) > 0
+    except np.linalg.LinAlgError:  # ... else ID by ID, a singular one left NaN
+        for b in good:
+            try:
+                etc[b] = np.linalg.inv(fisher[b] / 2.0)
+                pd_ok[b] = np.linalg.eigvalsh(hess[b]).min() > 0
+            except np.linalg.LinAlgError:
+                etc[b] = np.nan
     return etc, pd_ok
 
 

@@ -30,7 +30,7 @@ def test_recommend_json_document(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["schema"] == SCHEMA_RECOMMENDATION == "pkmodel.recommendation/2"
     assert doc["target_mg_per_l"] == 5.0 and doc["model"] == "fasanmade2011"
-    assert doc["pkmodel_version"] == pkmodel.__version__
+    assert doc["pkmodel_version"] == pkmodel.__version__ and doc["patient"]["id"] == 1
     assert doc["feasible"] is True and doc["status"] == "ok" and doc["reasons"] == []
     assert doc["action"] == "change" and doc["objective"] == "smallest_change"
     rec = doc["recommended"]
@@ -116,6 +116,11 @@ def test_clinical_tables_with_dates(tmp_path, capsys):
     first = doc["recommended"]["interval_weeks"] * 7
     assert doc["troughs"][0]["date"] == str(
         pd.Timestamp("2026-06-08 12:00") + pd.Timedelta(days=first))[:16].replace(" ", "T")
+    assert doc["patient"] == {"id": 1, "weight_kg": 28.4}
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(["recommend", "--doses", str(empty), "--labs", str(labs)]) == 2
+    assert "the file is empty" in capsys.readouterr().err
     assert main(["recommend", str(CHILD), "--doses", str(doses)]) == 2
     assert "not both" in capsys.readouterr().err
 

@@ -522,7 +522,8 @@ def test_continuing_after_a_low_last_trough_is_a_caution():
 
 def test_sample_at_an_implied_addl_dose_is_its_pre_dose_trough():
     """ADDL doses every 8 weeks from day 98; troughs at days 210 and 266, the times of
-    implied doses: pre-dose samples, as the engine orders them, so no timing caution."""
+    implied 2-h infusions: an infusion starting at the sample's time has delivered
+    nothing yet (the sample is the trough), so no timing caution."""
     table = child(None)
     table = table[table["EVID"] == 1].copy()
     table = table[table["TIME"] <= 98.0].assign(II=0.0, ADDL=0)
@@ -533,6 +534,21 @@ def test_sample_at_an_implied_addl_dose_is_its_pre_dose_trough():
     rec = recommend_regimen(MODEL, table, 6.0, n_draws=0)
     assert not any("inside an infusion" in r for r in rec.reasons)
     assert rec.next_dose_day == 266.0
+
+
+def test_sample_at_an_implied_bolus_is_post_dose():
+    """The same history given as boluses: the engine gives an implied dose before a sample
+    at its time (docs/data.md), so a bolus there makes the sample a peak, not a trough."""
+    table = child(None)
+    table = table[table["EVID"] == 1].copy()
+    table = table[table["TIME"] <= 98.0].assign(II=0.0, ADDL=0, RATE=0.0)
+    table.loc[table["TIME"] == 98.0, ["II", "ADDL"]] = [56.0, 10]
+    samples = table.iloc[[0, 0]].assign(TIME=[210.0, 266.0], EVID=0, AMT=0.0, MDV=0,
+                                        DV=[1.0, 0.9], ADDL=0, II=0.0)
+    table = pd.concat([table, samples], ignore_index=True)
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=0, accept_outliers=True)
+    assert any("day 210 lies inside an infusion or less than 1 h" in r for r in rec.reasons)
+    assert not any("day 266" in r and "inside" in r for r in rec.reasons)  # dose due: later
 
 
 def test_addl_history_gives_the_same_recommendation_as_explicit_doses():

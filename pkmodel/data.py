@@ -47,6 +47,9 @@ _INTEGER = ("EVID", "MDV", "ADDL", "SS", "CMT")
 #: Longest steady-state infusion, in dosing intervals: its overlapping past doses are
 #: superposed one by one, so memory and time grow with this number.
 MAX_SS_SPAN = 1000.0
+#: Magnitudes no dose, rate, interval or concentration reaches in any unit a model uses
+#: (a picogram to a tonne in mg): values outside are data errors, and would overflow.
+SMALLEST_DOSE, LARGEST_VALUE = 1e-9, 1e12
 
 
 def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -278,6 +281,12 @@ def validate(
                "AMT > 0 on dose records (EVID 1 or 4), except SS=1 constant infusions "
                "(AMT=0, RATE>0)", amt)
     fail_where(out, "AMT", ~dose & (amt != 0), "AMT = 0 on records that are not doses", amt)
+    fail_where(out, "AMT", (amt != 0) & ((amt < SMALLEST_DOSE) | (amt > LARGEST_VALUE)),
+               f"an amount between {SMALLEST_DOSE:g} and {LARGEST_VALUE:g} (no dose in any "
+               "unit lies outside)", amt)
+    for column, v in (("RATE", rate), ("DUR", dur), ("II", ii)):
+        fail_where(out, column, v > LARGEST_VALUE,
+                   f"at most {LARGEST_VALUE:g} (a larger value is a data error)", v)
     fail_where(out, "RATE", (rate < 0) & (rate != -1) & (rate != -2),
                "a rate > 0 (mg/day), 0 (bolus), -1 (modelled rate) or -2 (modelled duration)",
                rate)
@@ -307,7 +316,8 @@ def validate(
     fail_where(out, "DV", has_dv & (evid == 0) & (mdv == 0) & np.isnan(values["DV"]),
                "a DV on observation records (EVID 0, MDV 0); give it or set MDV = 1",
                values["DV"])
-    fail_where(out, "DV", np.isinf(values["DV"]), "a finite DV (mg/L) or missing",
+    fail_where(out, "DV", np.abs(values["DV"]) > LARGEST_VALUE,
+               f"a finite DV of at most {LARGEST_VALUE:g} in magnitude, or missing",
                values["DV"])
     if "LLOQ" in values:
         fail_where(out, "LLOQ", (mdv == 0) & ~(values["LLOQ"] > 0) & ~np.isnan(values["LLOQ"]),

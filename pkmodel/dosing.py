@@ -79,6 +79,9 @@ IWRES_LIMIT = PLAUSIBLE_SD  # residual SDs above this at the MAP: implausible
 SHRINKAGE_LIMIT = 0.5  # ETA_CL shrinkage above this: the data hardly inform clearance
 CL_SD_LIMIT = 3.0  # individual CL further than this many SD from typical
 POST_INFUSION_HOURS = 1.0  # a sample this soon after a dose ends is probably not a trough
+#: Doses given below this share of the label dose per kg, or above this multiple of the
+#: highest labelled dose, suggest a weight or dose in the wrong unit (lb, g).
+DOSE_PER_KG_BOUNDS = (0.5, 2.0)
 _TOL = 1e-9
 
 
@@ -848,7 +851,7 @@ def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[
                  "soon after an infusion?" if ratio > 1 else
                  "it is far below the prediction: a sample time or a dose that is wrong?")
         sentences.append(f"the measured {dv[i]:.4g} mg/L on day {rec['TIME'].iloc[i]:g} is "
-                         f"implausible for {model.name} ({score[i]:.1f} residual SDs from "
+                         f"implausible for {model.name} ({score[i]:.3g} residual SDs from "
                          f"the individual prediction {ipred[i]:.3g} mg/L): {cause}")
     return float(score.max()), sentences
 
@@ -888,6 +891,31 @@ def _sample_timing(history: _History) -> list[str]:
             out.append(f"the sample on day {t:g} lies inside an infusion or less than "
                        f"{POST_INFUSION_HOURS:g} h after one ends: probably not a trough "
                        "(check the sample and dose times)")
+    return out
+
+
+def _dose_per_kg(model: PopulationModel, history: _History) -> list[str]:
+    """Doses given far below or above the label per kg: a weight or dose in another unit."""
+    label = model.label
+    table = history.table
+    doses = table[((table["EVID"] == 1) | (table["EVID"] == 4)) & (table["AMT"] > 0)]
+    if label is None or doses.empty or "WT" not in table.columns:
+        return []
+    per_kg = doses["AMT"].to_numpy(float) / doses["WT"].to_numpy(float)
+    low, high = DOSE_PER_KG_BOUNDS
+    out = []
+    if per_kg.min() < low * label.dose_mg_per_kg:
+        i = int(np.argmin(per_kg))
+        out.append(f"a dose given was {per_kg[i]:.2g} mg/kg ({doses['AMT'].iloc[i]:g} mg at "
+                   f"{doses['WT'].iloc[i]:g} kg on day {doses['TIME'].iloc[i]:g}), under "
+                   f"{low:g} of the label's {label.dose_mg_per_kg:g} mg/kg: is the weight in "
+                   "kg (not lb) and AMT the whole dose in mg?")
+    if per_kg.max() > high * label.max_mg_per_kg:
+        i = int(np.argmax(per_kg))
+        out.append(f"a dose given was {per_kg[i]:.3g} mg/kg ({doses['AMT'].iloc[i]:g} mg at "
+                   f"{doses['WT'].iloc[i]:g} kg on day {doses['TIME'].iloc[i]:g}), over "
+                   f"{high:g} times the label's highest {label.max_mg_per_kg:g} mg/kg: are "
+                   "the weight and AMT in kg and mg?")
     return out
 
 
@@ -931,6 +959,7 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
     caution += history.said.caution
     caution += covariates_outside_range(model, history.table)
     caution += _sample_timing(history)
+    caution += _dose_per_kg(model, history)
     status = "refused" if refuse else "caution" if caution else "ok"
     return status, refuse + caution, Checks(worst, eta_sd, shrinkage, ess)
 

@@ -15,7 +15,8 @@ ID, every start and every finite-difference point. The optimiser is Newton's met
 central finite differences (the full Hessian up to 6 parameters; beyond, and wherever the
 full Hessian is not positive definite, the FOCE Hessian, positive definite by
 construction), the full step tried first and a vectorised backtracking line search after,
-from several starts (zero and points of the prior); the best optimum is kept, and a
+from several starts (zero, and the best points of a quasi-random screen reaching 5 prior
+SDs); the best optimum is kept, and a
 different optimum found from another start is reported in the message, never dropped
 silently.
 
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.special import log_ndtr
+from scipy.stats import qmc
 
 from pkmodel.data import fail_where, validate
 from pkmodel.engine import Events, stack_events
@@ -511,6 +513,48 @@ class MAPEstimate:
         return out
 
 
+#: Points of the prior screened for starting points, and how far out (prior SDs); the
+#: reach of the start drawn near the prior's mode.
+SCREEN_POINTS, SCREEN_SD, NEAR_SD = 64, 5.0, 1.5
+
+
+def _starts(obj: _Objective, starts: int, seed: int) -> np.ndarray:
+    """Starting points ``(A, starts, p)``: zero (NONMEM's start); a point drawn within
+    NEAR_SD prior SDs (a nearby mode); then the lowest-OFV points of a scrambled Sobol
+    screen of the ETAs within SCREEN_SD prior SDs (KAPPAs 0), each at least one prior SD
+    from the others, so that a second mode far out in the prior is still reached."""
+    problem = obj.p
+    b_count, n = len(problem.ids), problem.n_params
+    start = np.zeros((b_count, starts, n))
+    if starts == 1:
+        return start
+    n_eta = len(problem.model.eta_names)
+    all_sd = np.sqrt(np.diag(np.linalg.inv(problem.precision)))
+    prior_sd = all_sd[:n_eta]
+    # One start near the mode of the prior (within NEAR_SD), the others from the screen.
+    rng = np.random.default_rng(seed)
+    start[:, 1] = rng.uniform(-NEAR_SD, NEAR_SD, (1, n)) * all_sd
+    if starts == 2:
+        return start
+    unit = qmc.Sobol(n_eta, scramble=True, seed=seed).random(SCREEN_POINTS)
+    screen = np.zeros((SCREEN_POINTS, n))
+    screen[:, :n_eta] = (2.0 * unit - 1.0) * SCREEN_SD * prior_sd
+    value = obj.ofv(np.broadcast_to(screen, (b_count, *screen.shape)), np.arange(b_count))
+    order = np.argsort(np.where(np.isfinite(value), value, np.inf), axis=1, kind="stable")
+    scaled = screen[:, :n_eta] / prior_sd
+    for b in range(b_count):
+        # The lowest points, each at least one prior SD (in some ETA) from zero and from
+        # those taken: one start per basin rather than several in the deepest one.
+        taken: list[np.ndarray] = []
+        for k in order[b]:
+            if len(taken) == starts - 2:
+                break
+            if all(np.abs(scaled[k] - t).max() >= 1.0 for t in taken):
+                start[b, 2 + len(taken)] = screen[k]
+                taken.append(scaled[k])
+    return start
+
+
 def estimate_map(
     model: PopulationModel,
     data: pd.DataFrame,
@@ -537,10 +581,11 @@ def estimate_map(
     covariates : {"nocb", "locf"}
         Which record's covariates govern the interval before a record (NONMEM: NOCB).
     starts : int
-        Starting points per ID: zero, then points of the prior (``seed``). Every start is
-        optimised; the best is kept, and another optimum is reported in MESSAGE.
+        Starting points per ID: zero, then the lowest-OFV points of a screen of
+        SCREEN_POINTS quasi-random points within SCREEN_SD prior SDs (``seed``). Every start
+        is optimised; the best is kept, and another optimum is reported in MESSAGE.
     seed : int
-        Seed of the extra starting points (same seed, same result).
+        Seed of the screen (same seed, same result).
     max_iter : int
         Iterations per start.
     tol : float
@@ -567,11 +612,7 @@ def estimate_map(
     problem, full = _build_problem(model, data, covariates)
     obj = _Objective(problem)
     b_count, n = len(problem.ids), problem.n_params
-    rng = np.random.default_rng(seed)
-    prior_sd = np.sqrt(np.diag(np.linalg.inv(problem.precision)))
-    start = np.zeros((b_count, starts, n))
-    if starts > 1:
-        start[:, 1:] = rng.uniform(-1.5, 1.5, (1, starts - 1, n)) * prior_sd
+    start = _starts(obj, starts, seed)
     fit = _optimise(obj, start, max_iter=max_iter, tol=tol)
     ofv = np.where(fit.converged, fit.ofv, np.inf)
     best = np.where(np.isfinite(ofv).any(axis=1), np.argmin(ofv, axis=1),
@@ -589,7 +630,9 @@ def estimate_map(
         message = "converged"
         success = bool(fit.converged[b, best[b]] and pd_ok[b] and np.isfinite(final_ofv[b]))
         if not np.isfinite(final_ofv[b]):
-            message = "objective not finite (a prediction is 0 where the error model needs > 0)"
+            message = ("objective not finite: a prediction of 0 where the error model needs one "
+                       "> 0 (a sample before the first dose with proportional error?), or a "
+                       "measured value too large")
         elif not fit.converged[b, best[b]]:
             message = (f"no convergence in {max_iter} iterations"
                        if fit.iterations[b, best[b]] >= max_iter
@@ -630,9 +673,29 @@ def estimate_map(
         else:
             iwres = (records["DV"] - f) / model.residual.sd(f)
     records["IWRES"] = np.where(used, iwres, np.nan)
+    _explain_non_finite(model, individuals, records, used)
     _mark_plausibility(model, individuals, records)
     return MAPEstimate(individuals=individuals, records=records, model=model,
                        names=tuple(names), _problem=(problem, covariates))
+
+
+def _explain_non_finite(model: PopulationModel, individuals: pd.DataFrame,
+                        records: pd.DataFrame, used: np.ndarray) -> None:
+    """Name, in MESSAGE, the measured records that make an ID's objective not finite: a
+    prediction of 0 (before any dose) that an error without additive part cannot weigh."""
+    if not (model.residual.log_scale or model.residual.sd(0.0) <= 0):
+        return
+    zero = used & ~(records["IPRED_OCC"].to_numpy(dtype=float) > 0)
+    for b in np.flatnonzero(~np.isfinite(individuals["OFV"].to_numpy(dtype=float))):
+        ident = individuals["ID"].iloc[b]
+        rows = records.index[zero & (records["ID"] == ident).to_numpy()]
+        if len(rows):
+            kind = "log-additive" if model.residual.log_scale else "proportional"
+            individuals.iloc[b, individuals.columns.get_loc("MESSAGE")] = (
+                f"objective not finite: row {rows[0]} (day {records.loc[rows[0], 'TIME']:g}) "
+                f"is measured where the prediction is 0 (before the first dose?), which the "
+                f"{kind} error of {model.name} cannot weigh; set MDV=1 on it (it tells "
+                "nothing about this patient)")
 
 
 def _mark_plausibility(model: PopulationModel, individuals: pd.DataFrame,

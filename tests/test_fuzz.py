@@ -5,6 +5,7 @@ seed same bytes, and written-out and ADDL histories alike (deterministic Hypothe
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkmodel.cli import main
-from pkmodel.data import infliximab_regimen
+from pkmodel.data import MAX_SS_SPAN, infliximab_regimen, read_nonmem
 from pkmodel.dosing import recommend_regimen
 from pkmodel.errors import PKModelError
+from pkmodel.estimate import estimate_map
 from pkmodel.models import load
 from pkmodel.predict import predict
 
@@ -125,3 +127,66 @@ def test_the_command_never_shows_a_traceback(tmp_path, capsys, content, json_fla
     err = capsys.readouterr().err
     assert code in (0, 2, 3) and "Traceback" not in err
     assert code != 2 or err.startswith("pkmodel: error:")
+
+
+CHILD = "examples/child.csv"
+
+
+@pytest.mark.parametrize("column, value", [("AMT", 1e300), ("AMT", 1e-300), ("DV", 1e300),
+                                           ("DV", -1e300)])
+def test_absurd_magnitudes_are_named_errors(column, value):
+    """No dose or concentration in any unit is 1e300 or 1e-300: the row is named before any
+    arithmetic overflows (a 1e300 mg dose used to predict 9e298 mg/L)."""
+    table = read_nonmem(CHILD)
+    row = 0 if column == "AMT" else 3
+    table.loc[row, column] = value
+    if column == "AMT":
+        table.loc[row, "RATE"] = value * 12
+    with pytest.raises(PKModelError, match=rf"column '{column}', row {row} \(ID 1\)"):
+        predict(MODEL, table)
+
+
+def test_weight_in_pounds_is_cautioned_through_the_dose_per_kg():
+    """180 written for a 28-kg child (lb?) makes the 140-mg doses 0.78 mg/kg, under half
+    the label's 5 mg/kg (INFLIXIMAB_LABEL): the advice carries a caution naming it."""
+    table = read_nonmem(CHILD).assign(WT=180.0)
+    rec = recommend_regimen(MODEL, table, 6.0, n_draws=50)
+    assert rec.status == "caution"
+    assert any("0.78 mg/kg" in r and "lb" in r for r in rec.reasons)
+    kg = recommend_regimen(MODEL, read_nonmem(CHILD), 6.0, n_draws=50)
+    assert not any("mg/kg (" in r for r in kg.reasons)  # 5 mg/kg in kg: no such caution
+
+
+def test_a_sample_before_the_first_dose_under_proportional_error_fails_only_its_id():
+    """xu2012 has a proportional error only: a measured value where the prediction is 0
+    cannot be weighed. That ID's fit fails with a message naming the row; the other ID of
+    the batch is fitted as alone."""
+    child = read_nonmem(CHILD)
+    before = child.iloc[[0]].assign(EVID=0, AMT=0.0, RATE=0.0, MDV=0, DV=0.1)
+    first = pd.concat([before, child], ignore_index=True)
+    second = child.assign(ID=2)
+    with pytest.warns(UserWarning):
+        both = estimate_map(NO_IOV, pd.concat([first, second], ignore_index=True))
+    alone = estimate_map(NO_IOV, second)
+    ind = both.individuals.set_index("ID")
+    assert not ind.loc[1, "SUCCESS"]
+    assert "row 0 (day 0)" in ind.loc[1, "MESSAGE"] and "MDV=1" in ind.loc[1, "MESSAGE"]
+    assert ind.loc[2, "SUCCESS"]
+    assert ind.loc[2, "ETA_CL"] == pytest.approx(alone.individuals["ETA_CL"].iloc[0], abs=1e-8)
+
+
+def test_memory_of_the_longest_steady_state_infusion_is_bounded():
+    """The longest SS infusion validation accepts (MAX_SS_SPAN intervals) superposes that
+    many past doses: memory stays in megabytes (measured 0.9 MB), not gigabytes."""
+    table = pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 10.0], "EVID": [1, 0],
+                          "AMT": [140.0, 0.0], "RATE": [140.0 / (56 * MAX_SS_SPAN), 0.0],
+                          "II": [56.0, 0.0], "SS": [1, 0], "MDV": [1, 1], "WT": 28.0,
+                          "ALB": 3.3, "ATI": 0, "IMM": 1})
+    tracemalloc.start()
+    try:
+        out = predict(MODEL, table)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.isfinite(out["IPRED"]).all() and out["IPRED"].iloc[1] > 0
+    assert peak < 50e6

@@ -141,6 +141,19 @@ def test_predict_with_and_without_measured_troughs(tmp_path, capsys):
     assert "PRED" in capsys.readouterr().out
 
 
+def test_predict_reads_mdv_through_the_validated_table(tmp_path, capsys):
+    """A file without an MDV column: measured DVs on EVID 0 rows are observations (NONMEM's
+    default), so IPRED is fitted and differs from PRED (it used to equal PRED)."""
+    table = pd.read_csv(CHILD, na_values=".").drop(columns=["MDV"])
+    path = tmp_path / "no_mdv.csv"
+    table.to_csv(path, index=False, na_rep=".")
+    assert main(["predict", str(path), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    measured = [r for r in records if r["dv"] is not None]
+    assert len(measured) == 2
+    assert all(abs(r["ipred"] - r["pred"]) > 1e-3 * r["pred"] for r in measured)
+
+
 @pytest.mark.parametrize("content,words", [
     ("ID,TIME,AMT\n1,0,-5\n", "column 'AMT', row 0 (ID 1)"),
     ("ID,TIME,AMT,DV,WT,ALB,ATI,IMM\n1,0,100,.,28,3.3,0,1\n1,56,0,-2,28,3.3,0,1\n",

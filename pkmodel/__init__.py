@@ -4,8 +4,11 @@ Layers, from the bottom: :mod:`pkmodel.errors`, :mod:`pkmodel.data` (NONMEM-styl
 tables and regimens), :mod:`pkmodel.engine` (exact linear-compartment solutions),
 :mod:`pkmodel.model` and :mod:`pkmodel.models` (population models, published ones),
 :mod:`pkmodel.predict` (prediction, simulation), :mod:`pkmodel.estimate` (MAP and
-posterior), :mod:`pkmodel.dosing` (dose optimisation), :mod:`pkmodel.trial` (virtual
-trials), :mod:`pkmodel.cli` (the ``pkmodel`` command). Units: day, mg, L, L/day, mg/L.
+posterior), :mod:`pkmodel.dosing` (the infliximab recommendation and its dose
+optimisation) beside :mod:`pkmodel.target` (dosing questions for any drug, in the model's
+units), :mod:`pkmodel.trial` (virtual trials), :mod:`pkmodel.cli` (the ``pkmodel``
+command). Units are the model's (``time_unit``, ``dose_unit``, ``concentration_unit``):
+day, mg, L, L/day, mg/L for the infliximab models.
 
 Examples
 --------
@@ -37,6 +40,14 @@ from pkmodel.model import PopulationModel
 from pkmodel.models import available as available_models
 from pkmodel.models import load as load_model
 from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
+from pkmodel.target import (
+    NewDoses,
+    Target,
+    dose_for_target,
+    exposure,
+    interval_for_target,
+    time_to_concentration,
+)
 from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, kang_cohort, run_trial
 
 __version__ = "0.1.0"
@@ -50,15 +61,20 @@ __all__ = [
     "DatasetError",
     "KangProactive",
     "LabelDosing",
+    "NewDoses",
     "PKModelError",
     "PopulationModel",
     "Recommendation",
+    "Target",
     "available_models",
+    "dose_for_target",
     "dose_for_target_trough",
     "dosing_table",
     "estimate_map",
+    "exposure",
     "from_clinical",
     "infliximab_regimen",
+    "interval_for_target",
     "interval_for_target_trough",
     "kang_cohort",
     "load_model",
@@ -70,6 +86,7 @@ __all__ = [
     "run_trial",
     "sample_posterior",
     "simulate",
+    "time_to_concentration",
     "time_to_trough",
     "validate",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "check_concentrations",
     "days_since",
     "dose_amount",
+    "dose_times",
     "dosing_table",
     "from_clinical",
     "infliximab_regimen",
@@ -571,6 +572,26 @@ _ISO_DATE = r"\d{4}-\d{2}-\d{2}([ T]\d{1,2}:\d{2}(:\d{2})?)?"
 _CLOCK = r"\d{1,2}:\d{2}(:\d{2})?"
 #: Clock time given to a record that has a date only and nothing on that day to anchor it.
 _MIDDAY = pd.Timedelta(hours=12)
+
+
+def dose_times(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Every dose time of a validated table, explicit and implied by ADDL, and the row each
+    comes from, record by record (a record's ADDL doses follow it).
+
+    Examples
+    --------
+    >>> table = validate(pd.DataFrame({"ID": 1, "TIME": [0.0, 10.0], "AMT": [5.0, 0.0],
+    ...                                "II": [4.0, 0.0], "ADDL": [2, 0]}))
+    >>> dose_times(table)
+    (array([0., 4., 8.]), array([0, 0, 0]))
+    """
+    dose = table[(table["EVID"] == 1) | (table["EVID"] == 4)]
+    times, rows = [np.zeros(0)], [np.zeros(0, dtype=int)]
+    for row, (t, ii, addl) in zip(dose.index, dose[["TIME", "II", "ADDL"]].to_numpy()):
+        k = np.arange(int(addl) + 1)
+        times.append(t + k * ii)
+        rows.append(np.full(k.size, row))
+    return np.concatenate(times), np.concatenate(rows)
 
 
 def check_concentrations(table: pd.DataFrame) -> None:

@@ -31,7 +31,6 @@ draws never produce a regimen.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import check_concentrations, plain_json, validate
+from pkmodel.data import check_concentrations, dose_times, plain_json, validate
 from pkmodel.errors import CovariateWarning, DatasetError, PlausibilityWarning
 from pkmodel.estimate import (
     PLAUSIBLE_SD,
@@ -53,9 +52,8 @@ from pkmodel.model import (
     PopulationModel,
     check_covariates,
     covariates_outside_range,
-    evaluate_parameters,
 )
-from pkmodel.predict import profile_concentrations, to_events
+from pkmodel.predict import draw_concentrations
 
 __all__ = [
     "OBJECTIVES",
@@ -334,17 +332,6 @@ class _History:
         return self.said.notes
 
 
-def _dose_times(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Every dose time, explicit and implied by ADDL, and the row each comes from."""
-    dose = table[(table["EVID"] == 1) | (table["EVID"] == 4)]
-    times, rows = [], []
-    for row, (t, ii, addl) in zip(dose.index, dose[["TIME", "II", "ADDL"]].to_numpy()):
-        k = np.arange(int(addl) + 1)
-        times.append(t + k * ii)
-        rows.append(np.full(k.size, row))
-    return np.concatenate(times), np.concatenate(rows)
-
-
 def _origin(table: pd.DataFrame) -> pd.Timestamp | None:
     """Calendar date-time of day 0 when the table has a DATE column consistent with TIME."""
     if "DATE" not in table.columns:
@@ -410,7 +397,7 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
         next_dose_day = (pd.Timestamp(next_dose_date) - origin) / pd.Timedelta(days=1)
     if next_dose_day is not None and not np.isfinite(next_dose_day):
         raise ValueError(f"`next_dose_day` must be a finite day; got {next_dose_day!r}")
-    times, rows = _dose_times(table)
+    times, rows = dose_times(table)
     last_record = float(table["TIME"].max())
     past = times[times < last_record] if next_dose_day is None else times[times < next_dose_day]
     explicit = table.loc[(table["EVID"] == 1) | (table["EVID"] == 4), "TIME"].to_numpy()
@@ -561,23 +548,6 @@ def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int,
     return np.vstack([mode, sample.draws[names].to_numpy(dtype=float)]), fit, sample
 
 
-def _concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta: np.ndarray,
-                    ) -> list[np.ndarray]:
-    """Concentrations ``(M, N_i)`` on the rows of each table, for every ETA draw."""
-    frame = pd.concat(tables, ignore_index=True)  # built here from a validated history
-    events = to_events(frame, model.structure)
-    cov = {c: frame[c].to_numpy(dtype=float) for c in model.covariate_names}
-    params = evaluate_parameters(model, cov, eta[:, None, :])
-    params = {k: np.broadcast_to(v, (eta.shape[0], len(frame))) for k, v in params.items()}
-    conc = profile_concentrations(model, events, params)  # (B, M, R), one profile per ID
-    values = np.full((eta.shape[0], len(frame)), np.nan)
-    for b in range(events.shape[0]):
-        keep = events.source_row[b] >= 0
-        values[:, events.source_row[b, keep]] = conc[b][:, keep]
-    bounds = np.cumsum([0] + [t.shape[0] for t in tables])
-    return [values[:, lo:hi] for lo, hi in itertools.pairwise(bounds)]
-
-
 @dataclass
 class _Forecast:
     """Troughs of every interval: history part and unit-dose part, per draw."""
@@ -612,9 +582,9 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
     unit = _future_rows(history, t0 + after, "unit", doses=np.array([t0]))
     steady = _steady_rows(history, intervals_days)
     # The long history profile is solved apart from the short unit ones (less padding).
-    (base_conc,) = _concentrations(model, [base], eta)
-    (unit_conc,) = _concentrations(model, [unit], eta)
-    (steady_conc,) = _concentrations(model, [steady], eta)
+    (base_conc,) = draw_concentrations(model, [base], eta)
+    (unit_conc,) = draw_concentrations(model, [unit], eta)
+    (steady_conc,) = draw_concentrations(model, [steady], eta)
     steady_conc = steady_conc[:, 1::2]  # (M, I): the sample one interval after the SS dose
     n_hist = len(history.table)
     base_conc, base_days = base_conc[:, n_hist:], base["TIME"].to_numpy()[n_hist:]
@@ -872,7 +842,7 @@ def _far_etas(model: PopulationModel, fit: MAPEstimate) -> list[str]:
 def _sample_timing(history: _History) -> list[str]:
     """Samples inside an infusion or within POST_INFUSION_HOURS after a dose ends."""
     table = history.table
-    times, rows = _dose_times(table)
+    times, rows = dose_times(table)
     dose_rows = table.loc[rows]
     length = np.where(dose_rows["RATE"].to_numpy() > 0,
                       dose_rows["AMT"].to_numpy() / np.where(dose_rows["RATE"] > 0,
@@ -1369,7 +1339,7 @@ def time_to_trough(
     pid = history.table["ID"].iloc[0]
     base = pd.concat([history.table, _future_rows(history, grid, pid, doses=None)],
                      ignore_index=True)
-    conc = _concentrations(model, [base], eta[:1])[0][0, len(history.table):]
+    conc = draw_concentrations(model, [base], eta[:1])[0][0, len(history.table):]
     if conc[0] < target:
         return None
     below = np.flatnonzero(conc < target)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -50,6 +50,9 @@ __all__ = [
     "evaluate_parameters",
     "typical_covariates",
 ]
+
+#: Time units a model may state, in days.
+TIME_UNITS = {"day": 1.0, "h": 1.0 / 24.0}
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,17 @@ class ResidualError:
     """Residual error model; standard deviations, not variances.
 
     ``Y = F * (1 + EPS_prop) + EPS_add`` gives ``SD(Y) = sqrt(additive^2 + (proportional
-    F)^2)`` (proportional, additive or combined); with ``log_scale`` the model is
-    log-additive, ``ln Y = ln F + EPS`` with SD ``additive`` on the log scale.
+    F)^2)`` (proportional, additive or combined); with ``combine="sd"`` the combined SD is
+    ``additive + proportional * F`` (Monolix's and nlmixr2's "combined1"); with
+    ``log_scale`` the model is log-additive, ``ln Y = ln F + EPS`` with SD ``additive`` on
+    the log scale.
 
     Examples
     --------
     >>> ResidualError(proportional=0.292, additive=0.371).sd(np.array([0.0, 10.0])).round(4)
     array([0.371 , 2.9435])
+    >>> ResidualError(proportional=0.1, additive=0.5, combine="sd").sd(np.array([10.0]))
+    array([1.5])
     >>> ResidualError(additive=0.22, log_scale=True).kind
     'log-additive'
     """
@@ -110,8 +117,13 @@ class ResidualError:
     proportional: float = 0.0
     additive: float = 0.0
     log_scale: bool = False
+    combine: str = "variance"
 
     def __post_init__(self) -> None:
+        if self.combine not in ("variance", "sd"):
+            raise ValueError("`combine` must be 'variance' (SD^2 = a^2 + (b F)^2, NONMEM's "
+                             "usual) or 'sd' (SD = a + b F, Monolix/nlmixr2 combined1); got "
+                             f"{self.combine!r}")
         if self.proportional < 0 or self.additive < 0:
             raise ValueError("residual standard deviations must be >= 0; got "
                              f"proportional={self.proportional}, additive={self.additive}")
@@ -134,6 +146,8 @@ class ResidualError:
         f = np.asarray(prediction, dtype=float)
         if self.log_scale:
             return np.full(f.shape, self.additive)
+        if self.combine == "sd":
+            return self.additive + self.proportional * np.abs(f)
         return np.sqrt(self.additive**2 + (self.proportional * f) ** 2)
 
 
@@ -209,6 +223,12 @@ class PopulationModel:
         Population and purpose.
     label : DosingLabel, optional
         The drug's labelled dosing (defaults and limits for dosing questions).
+    time_unit : str
+        Unit of TIME, II, DUR and of the rate constants (``"day"`` or ``"h"``).
+    dose_unit : str
+        Unit of AMT (``"mg"``).
+    concentration_unit : str
+        Unit of DV and of the predictions (``"mg/L"``).
     """
 
     name: str
@@ -223,8 +243,14 @@ class PopulationModel:
     citation: str = ""
     description: str = ""
     label: DosingLabel | None = None
+    time_unit: str = "day"
+    dose_unit: str = "mg"
+    concentration_unit: str = "mg/L"
 
     def __post_init__(self) -> None:
+        if self.time_unit not in TIME_UNITS:
+            raise ValueError(f"`time_unit` must be one of {sorted(TIME_UNITS)}; got "
+                             f"{self.time_unit!r}")
         omega = np.atleast_2d(np.asarray(self.omega, dtype=float))
         object.__setattr__(self, "omega", omega)
         object.__setattr__(self, "eta_names", tuple(self.eta_names))
@@ -260,6 +286,25 @@ class PopulationModel:
     def kappa_names(self) -> tuple[str, ...]:
         """IOV symbol names."""
         return tuple(self.iov)
+
+    def without_iov(self) -> PopulationModel:
+        """The same model with its IOV removed (KAPPAs fixed at 0), as for forecasting or
+        for a fit that should not split the patient into occasions.
+
+        Examples
+        --------
+        >>> from pkmodel.models import load
+        >>> load("fasanmade2011").without_iov().iov
+        {}
+        """
+        zero = {sp.Symbol(k): 0 for k in self.iov}
+        return replace(self, name=f"{self.name}_without_iov", iov={},
+                       parameters={k: v.subs(zero) for k, v in self.parameters.items()})
+
+    @property
+    def days_per_time_unit(self) -> float:
+        """Days in one unit of the model's time (1 for days, 1/24 for hours)."""
+        return TIME_UNITS[self.time_unit]
 
     @cached_property
     def _compiled(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ class Error:
     additive: float = 0.0
     proportional: float = 0.0
     log_scale: bool = False
+    sd_sum: bool = False  # SD = additive + proportional f (Monolix/nlmixr2 "combined1")
 
 
 def bolus_one_compartment(dose: float, cl: np.ndarray, v: np.ndarray,
@@ -95,7 +96,8 @@ def objective(f: np.ndarray, df: np.ndarray | None, y: np.ndarray, lloq: np.ndar
             g = np.full(f.shape, error.additive)
         else:
             f_fit, y_fit, limit = f, y, lloq
-            g = np.sqrt(error.additive**2 + (error.proportional * f) ** 2)
+            g = (error.additive + error.proportional * f if error.sd_sum
+                 else np.sqrt(error.additive**2 + (error.proportional * f) ** 2))
         z = (limit - f_fit) / g
         normal = np.log(g**2) + ((y_fit - f_fit) / g) ** 2
         censored = -2.0 * log_ndtr(z)
@@ -109,7 +111,8 @@ def objective(f: np.ndarray, df: np.ndarray | None, y: np.ndarray, lloq: np.ndar
         df_fit, dg = df / f[..., None], np.zeros_like(df)
     else:
         df_fit = df
-        dg = error.proportional**2 * f[..., None] * df / g[..., None]
+        dg = (error.proportional * df if error.sd_sum
+              else error.proportional**2 * f[..., None] * df / g[..., None])
     z = np.where(blq, z, 0.0)  # records with a normal likelihood have no z
     mills = np.exp(-0.5 * z**2 - 0.5 * np.log(2.0 * np.pi) - log_ndtr(z))  # phi(z) / Phi(z)
     dz = -(df_fit + z[..., None] * dg) / g[..., None]

@@ -108,6 +108,32 @@ def test_infliximab_etas_obj_and_etc_match_nonmem(wojciechowski):
                                        atol=1e-6)
 
 
+def test_objective_at_nonmem_etas_is_nonmem_obj(validation_dir, wojciechowski):
+    """objective() at NONMEM's own ETAs (.phi) gives NONMEM's OBJ at every ID, within 1e-3
+    (NONMEM's ETC is printed to 6 digits and its ODE solver ran at TOL=5)."""
+    _, phi, _ = wojciechowski
+    data = read_nonmem(validation_dir / "infliximab_wojciechowski_nonmem_map_data.csv")
+    model = load("xu2012")
+    model = dataclasses.replace(model, parameters={**model.parameters, "D1": sp.Float(2) / 24})
+    eta = phi[["ID", "ETA1", "ETA2", "ETA3", "ETA4"]].rename(columns=dict(zip(
+        ["ETA1", "ETA2", "ETA3", "ETA4"], model.eta_names)))
+    at = est.objective(model, data.rename(columns={"ADA": "ATI"}), eta)
+    np.testing.assert_allclose(at["OBJ"].to_numpy(), phi["OBJ"].to_numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["proportional", "combined1"])
+def test_objective_at_given_etas_matches_the_oracle(kind):
+    residual, error = ERRORS[kind]
+    times, dv = np.array([2.0, 10.0, 20.0]), np.array([18.0, 4.0, 1.5])
+    at = one_eta_oracle(times, dv, np.full(3, np.nan), error)
+    got = est.objective(one_compartment(residual=residual), observed(times, dv),
+                        np.array([[0.37]]))
+    ofv, hess = at(0.37)
+    _, obj = oracles.etc_and_obj(ofv, hess, np.array([[0.09]]))
+    assert got["OFV"].iloc[0] == pytest.approx(ofv, abs=1e-9)
+    assert got["OBJ"].iloc[0] == pytest.approx(obj, abs=1e-6)
+
+
 def test_infliximab_records_carry_ipred_and_iwres(wojciechowski):
     fit, _, _ = wojciechowski
     used = fit.records[(fit.records["EVID"] == 0) & (fit.records["MDV"] == 0)]
@@ -198,6 +224,8 @@ ERRORS = {
                  oracles.Error(proportional=0.15, additive=0.5)),
     "log-additive": (ResidualError(additive=0.25, log_scale=True),
                      oracles.Error(additive=0.25, log_scale=True)),
+    "combined1": (ResidualError(proportional=0.15, additive=0.5, combine="sd"),
+                  oracles.Error(proportional=0.15, additive=0.5, sd_sum=True)),
 }
 
 

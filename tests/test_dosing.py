@@ -125,6 +125,18 @@ def test_patient_on_target_continues_and_less_drug_is_reported_apart():
     assert later > 12 or oracle_troughs(history, eta, 310.0, later, 154.0).min() < 6.0
 
 
+def test_narrowly_on_target_continues_without_a_lower_dose_offered():
+    """Troughs 9.7 and 8.7 mg/L at 62 kg: the current 310 mg every 8 weeks keeps the lowest
+    coming trough at 6.07 mg/L, 300 mg would not (6.07 x 300/310 = 5.87 < 6), so it
+    continues and no lower dose is offered (never the current dose itself)."""
+    history = child((9.7, 8.7), weight=62.0, ALB=4.1)
+    rec = recommend_regimen(MODEL, history, 6.0, n_draws=0)
+    assert rec.action == "continue" and rec.recommended == rec.current
+    assert 6.0 <= rec.current.lowest_trough < 6.0 * 310.0 / 300.0
+    assert rec.reduce_dose is None and rec.extend_interval is None
+    assert "already meets the target" in rec.message
+
+
 def test_other_objectives_may_leave_the_current_regimen():
     history = child((20.0, 18.0), weight=62.0, ALB=4.1)
     least = recommend_regimen(MODEL, history, 6.0, n_draws=0, objective="least_drug")
@@ -582,6 +594,20 @@ def test_exact_dose_at_a_probability_is_the_share_of_draws():
     sets = posterior_sets(history, 100, 2)
     assert meets(oracle_troughs(history, sets, dose * (1 + 1e-6), 8.0, 154.0), 6.0, 0.8)
     assert not meets(oracle_troughs(history, sets, dose * (1 - 1e-3), 8.0, 154.0), 6.0, 0.8)
+
+
+@pytest.mark.parametrize("probability", [0.05, 0.95])
+def test_a_small_share_needs_a_single_draw_and_a_large_one_nearly_all(probability):
+    """Of 10 draws, a share of 0.05 needs one draw to reach the target (the smallest needed
+    dose among the draws), 0.95 needs all ten (the largest): the written-out criterion."""
+    history = child()
+    dose = dose_for_target_trough(MODEL, history, 6.0, interval_weeks=8,
+                                  probability=probability, n_draws=10, seed=4)
+    sets = posterior_sets(history, 10, 4)
+    assert meets(oracle_troughs(history, sets, dose * (1 + 1e-6), 8.0, 154.0), 6.0,
+                 probability)
+    assert not meets(oracle_troughs(history, sets, dose * (1 - 1e-3), 8.0, 154.0), 6.0,
+                     probability)
 
 
 def test_unattainable_target_says_so_and_gives_the_closest_option():

@@ -379,6 +379,29 @@ def test_steady_state_of_a_constant_infusion_then_off():
     np.testing.assert_allclose(got, [20.0 / K, 20.0 / K * np.exp(-2 * K)], rtol=1e-12)
 
 
+@pytest.mark.parametrize("cmt", [1, 2])
+def test_constant_steady_state_infusion_with_a_depot_is_the_closed_form(cmt):
+    """SS=1, AMT=0, RATE=r into the depot (CMT 1) or the central compartment (CMT 2) of a
+    two-compartment oral model: at steady state the depot holds r/ka (or nothing), the
+    central r/k10 and the peripheral r/k10 * k12/k21 (no net flow between them); then
+    the infusion is off and the amounts decay as the ODE reference says."""
+    ka, cl, v1, q, v2, r = 1.3, 2.0, 10.0, 1.5, 25.0, 40.0
+    params = {"KA": np.array([[ka]]), "CL": np.array([[cl]]), "V1": np.array([[v1]]),
+              "Q": np.array([[q]]), "V2": np.array([[v2]])}
+    structure = Structure(2, depot=True)
+    ev = expand_records(np.array([0.0, 0.0, 3.0]), np.array([1.0, 0.0, 0.0]),
+                        np.array([0.0, 0.0, 0.0]), rate=np.array([r, 0.0, 0.0]),
+                        ss=np.array([1.0, 0.0, 0.0]), cmt=np.array([cmt, 0, 0]))
+    amounts = solve(structure, ev, params)[0]  # (records, compartments)
+    got = np.stack([at_rows(ev, amounts[None, :, c], 3)[0] for c in range(3)], axis=1)
+    k10, k12, k21 = cl / v1, q / v1, q / v2
+    start = np.array([r / ka if cmt == 1 else 0.0, r / k10, r / k10 * k12 / k21])
+    np.testing.assert_allclose(got[1], start, rtol=1e-12)
+    later = ode_amounts([(0.0, {k: float(v[0, 0]) for k, v in params.items()})], [],
+                        np.array([3.0]), n_cmt=2, depot=True, initial=start)[0]
+    np.testing.assert_allclose(got[2], later, rtol=1e-7)
+
+
 def test_evid3_and_evid4_reset_the_state_and_cancel_what_is_pending():
     """docs/data.md, Resets: EVID 3 empties the system, ends infusions in progress and
     cancels ADDL doses not yet given and lagged doses not yet arrived; EVID 4 does the same,

@@ -1,7 +1,8 @@
 """NONMEM-style event tables: reading, validation, and conversion to engine events.
 
 A dataset is a pandas DataFrame with one row per record and NONMEM's uppercase columns
-``ID, TIME, AMT, RATE, DUR, II, ADDL, SS, EVID, MDV, CMT, DV`` (optional ``LLOQ``, ``OCC``);
+``ID, TIME, AMT, RATE, DUR, II, ADDL, SS, EVID, MDV, CMT, DV`` (optional ``LLOQ``, ``ULOQ``,
+``OCC``);
 any other uppercase column is a covariate (``WT`` kg, ``ALB`` g/dL, ...). Units: TIME in
 days, AMT in mg, RATE in mg/day, DV in mg/L.
 
@@ -42,7 +43,7 @@ __all__ = [
 #: Columns with NONMEM's meaning, in NONMEM's order.
 NONMEM_COLUMNS = ("ID", "TIME", "AMT", "RATE", "DUR", "II", "ADDL", "SS", "EVID", "MDV",
                   "CMT", "DV")
-_OPTIONAL = ("LLOQ", "OCC")
+_OPTIONAL = ("LLOQ", "ULOQ", "OCC")
 _DEFAULT_ZERO = ("AMT", "RATE", "DUR", "II", "ADDL", "SS", "CMT")
 _INTEGER = ("EVID", "MDV", "ADDL", "SS", "CMT")
 #: Longest steady-state infusion, in dosing intervals: its overlapping past doses are
@@ -320,9 +321,14 @@ def validate(
     fail_where(out, "DV", np.abs(values["DV"]) > LARGEST_VALUE,
                f"a finite DV of at most {LARGEST_VALUE:g} in magnitude, or missing",
                values["DV"])
-    if "LLOQ" in values:
-        fail_where(out, "LLOQ", (mdv == 0) & ~(values["LLOQ"] > 0) & ~np.isnan(values["LLOQ"]),
-                   "a positive LLOQ (mg/L) or missing", values["LLOQ"])
+    for limit in ("LLOQ", "ULOQ"):
+        if limit in values:
+            fail_where(out, limit, (mdv == 0) & ~(values[limit] > 0)
+                       & ~np.isnan(values[limit]), f"a positive {limit} or missing",
+                       values[limit])
+    if "LLOQ" in values and "ULOQ" in values:
+        fail_where(out, "ULOQ", values["ULOQ"] <= values["LLOQ"], "ULOQ above LLOQ",
+                   values["ULOQ"])
 
     ids_per_row = out["ID"].to_numpy()
     same_id = np.r_[False, ids_per_row[1:] == ids_per_row[:-1]]

@@ -907,10 +907,12 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
         else:
             refuse += outliers
         k = _clearance_eta(model)
-        if k is not None and np.isfinite(ind[model.eta_names[k]]):
+        if (k is not None and np.isfinite(ind[model.eta_names[k]])
+                and model.omega[k, k] > 0):
             omega = float(model.omega[k, k])
             eta_sd = float(ind[model.eta_names[k]] / np.sqrt(omega))
-            etc = float(fit.etc(fit.individuals.index[0])[k, k])
+            at = fit.names.index(model.eta_names[k])  # ETC covers the estimated ETAs
+            etc = float(fit.etc(fit.individuals.index[0])[at, at])
             shrinkage = float(1.0 - np.sqrt(max(0.0, 1.0 - etc / omega)))
             if shrinkage > SHRINKAGE_LIMIT:
                 caution.append(f"the measured concentrations say little about this "

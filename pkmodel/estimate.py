@@ -5,7 +5,8 @@ For each ID the objective is NONMEM's FOCE-I conditional objective
 ``OFV(eta) = sum_obs [ln g_i^2 + (y_i - f_i)^2 / g_i^2] + eta' inv(OMEGA) eta``
 
 with ``g`` the residual SD at the individual prediction ``f`` (interaction). A record below
-its ``LLOQ`` contributes ``-2 ln Phi((LLOQ - f) / g)`` (M3). For a log-additive error
+its ``LLOQ`` contributes ``-2 ln Phi((LLOQ - f) / g)`` (M3), one above its ``ULOQ``
+``-2 ln Phi((f - ULOQ) / g)`` (censored from above). For a log-additive error
 model, ``f`` and ``y`` are replaced by their logarithms (DV stays in mg/L in the table).
 With IOV, one KAPPA per occasion and per IOV term is estimated with the ETAs (prior
 variance from ``model.iov``); forecasts set them to 0.
@@ -28,11 +29,12 @@ included; the full Hessian does not reproduce NONMEM's ETC); both are reported s
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import sympy as sp
 from scipy.special import log_ndtr
 from scipy.stats import qmc
 
@@ -78,6 +80,8 @@ class _Problem:
     obs_mask: np.ndarray  # (B, K) real observation
     y: np.ndarray  # (B, K) observed DV (mg/L)
     lloq: np.ndarray  # (B, K) LLOQ (nan where none)
+    uloq: np.ndarray  # (B, K) ULOQ (nan where none)
+    alq: np.ndarray  # (B, K) above the ULOQ (censored from above)
     blq: np.ndarray  # (B, K) M3 record
     precision: np.ndarray  # (p, p) prior precision of [eta, kappa_occ1, ...]
     omega_logdet: float  # ln det of the full prior covariance
@@ -157,14 +161,17 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
                      for k, r in enumerate(events.source_row[b]) if r >= 0}
     fill = np.zeros(len(unique_ids), dtype=int)
     dv = table["DV"].to_numpy(dtype=float)
-    lloq_col = table["LLOQ"].to_numpy(dtype=float) if "LLOQ" in table else np.full(len(table),
-                                                                                    np.nan)
+    uloq = np.full((len(unique_ids), width), np.nan)
+    lloq_col, uloq_col = (table[c].to_numpy(dtype=float) if c in table
+                          else np.full(len(table), np.nan) for c in ("LLOQ", "ULOQ"))
     for r in obs_rows:
         b, k = record_of_row[int(r)]
         j = fill[b]
-        obs_record[b, j], obs_mask[b, j], y[b, j], lloq[b, j] = k, True, dv[r], lloq_col[r]
+        obs_record[b, j], obs_mask[b, j], y[b, j] = k, True, dv[r]
+        lloq[b, j], uloq[b, j] = lloq_col[r], uloq_col[r]
         fill[b] += 1
     blq = obs_mask & np.isfinite(lloq) & (y < lloq)
+    alq = obs_mask & np.isfinite(uloq) & (y > uloq)
 
     n_occ = int(table["_OCC"].max()) + 1 if model.iov else 0
     omega = model.omega
@@ -177,7 +184,7 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
         model=model, ids=unique_ids, events=events, row_id=row_id,
         covariates={c: table[c].to_numpy(dtype=float) for c in model.covariate_names},
         row_occasion=table["_OCC"].to_numpy(), n_occasions=n_occ, obs_record=obs_record,
-        obs_mask=obs_mask, y=y, lloq=lloq, blq=blq, precision=precision,
+        obs_mask=obs_mask, y=y, lloq=lloq, blq=blq, uloq=uloq, alq=alq, precision=precision,
         omega_logdet=float(np.linalg.slogdet(prior)[1]),
     )
     return problem, full
@@ -257,17 +264,19 @@ class _Objective:
                                                               np.ndarray]:
         """Per-observation -2 log-likelihood, and the prediction and SD on the fitted scale."""
         p, residual = self.p, self.p.model.residual
-        y, lloq = p.y[ids][:, None, :], p.lloq[ids][:, None, :]
+        y, lloq, uloq = (a[ids][:, None, :] for a in (p.y, p.lloq, p.uloq))
         # Trial points far from the optimum may overflow: their OFV becomes inf (rejected).
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if residual.log_scale:
-                f_fit, y_fit, l_fit = np.log(f), np.log(y), np.log(lloq)
+                f_fit, y_fit, l_fit, u_fit = np.log(f), np.log(y), np.log(lloq), np.log(uloq)
             else:
-                f_fit, y_fit, l_fit = f, y, lloq
+                f_fit, y_fit, l_fit, u_fit = f, y, lloq, uloq
             g = residual.sd(f)
             normal = np.log(g**2) + ((y_fit - f_fit) / g) ** 2
-            censored = -2.0 * log_ndtr((l_fit - f_fit) / g)
-        value = np.where(p.blq[ids][:, None, :], censored, normal)
+            below = -2.0 * log_ndtr((l_fit - f_fit) / g)
+            above = -2.0 * log_ndtr((f_fit - u_fit) / g)
+        value = np.where(p.blq[ids][:, None, :], below,
+                         np.where(p.alq[ids][:, None, :], above, normal))
         value = np.where(p.obs_mask[ids][:, None, :], value, 0.0)
         value = np.where(np.isnan(value), np.inf, value)
         return value, f_fit, g
@@ -315,19 +324,24 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
         df = np.swapaxes((f_fit[:, 1:n + 1] - f_fit[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
         dg = np.swapaxes((g[:, 1:n + 1] - g[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
     p = obj.p
-    mask, blq = p.obs_mask[ids], p.blq[ids]
+    mask, blq, alq = p.obs_mask[ids], p.blq[ids], p.alq[ids]
     df = np.where(mask[..., None], df, 0.0)  # padding has no prediction to differentiate
     dg = np.where(mask[..., None], dg, 0.0)
     f0, g0 = np.where(mask, f_fit[:, 0], 0.0), np.where(mask, g[:, 0], 1.0)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        normal = mask & ~blq
+        normal = mask & ~blq & ~alq
         weight_f = np.where(normal, 2.0 / g0**2, 0.0)
         weight_g = np.where(normal, 4.0 / g0**2, 0.0)
-        limit = np.log(p.lloq[ids]) if p.model.residual.log_scale else p.lloq[ids]
-        z = (limit - f0) / g0
+        # Censored: -2 ln Phi(z), z = (LLOQ - f) / g below, (f - ULOQ) / g above; its
+        # Gauss-Newton weight is 2 m (m + z) with m = phi(z) / Phi(z).
+        log = p.model.residual.log_scale
+        lower = np.log(p.lloq[ids]) if log else p.lloq[ids]
+        upper = np.log(p.uloq[ids]) if log else p.uloq[ids]
+        sign = np.where(alq, 1.0, -1.0)
+        z = np.where(alq, f0 - upper, lower - f0) / g0
         mills = np.exp(_log_pdf(z) - log_ndtr(z))
-        weight_c = np.where(mask & blq, 2.0 * mills * (mills + z), 0.0)
-        dz = -(df + z[..., None] * dg) / g0[..., None]
+        weight_c = np.where(mask & (blq | alq), 2.0 * mills * (mills + z), 0.0)
+        dz = (sign[..., None] * df - z[..., None] * dg) / g0[..., None]
     weight_f, weight_g, weight_c, dz = (np.nan_to_num(w) for w in (weight_f, weight_g,
                                                                    weight_c, dz))
     fisher = (np.einsum("ak,aki,akj->aij", weight_f, df, df)
@@ -554,6 +568,12 @@ def objective(
     >>> bool(abs(at["OFV"].iloc[0] - fit.individuals["OFV"].iloc[0]) < 1e-9)
     True
     """
+    if _fixed_etas(model):
+        if not isinstance(eta, pd.DataFrame):
+            given = np.atleast_2d(np.asarray(eta, dtype=float))
+            keep = [i for i, v in enumerate(np.diag(model.omega)) if v > 0]
+            eta = given[:, keep]
+        return objective(_estimated_part(model), data, eta, covariates=covariates)
     problem, _ = _build_problem(model, data, covariates)
     obj = _Objective(problem)
     b_count, n = len(problem.ids), problem.n_params
@@ -581,6 +601,36 @@ def objective(
                        for e in etc])
     return pd.DataFrame({"ID": list(problem.ids), "OFV": ofv,
                          "OBJ": ofv + problem.omega_logdet - logdet})
+
+
+def _fixed_etas(model: PopulationModel) -> list[str]:
+    """ETAs whose variance is fixed at 0 (NONMEM's OMEGA FIX 0): not estimated, 0."""
+    return [n for n, v in zip(model.eta_names, np.diag(model.omega)) if v == 0]
+
+
+def _estimated_part(model: PopulationModel) -> PopulationModel:
+    """The model without its ETAs of variance 0 (each replaced by 0 in the equations)."""
+    fixed = set(_fixed_etas(model))
+    keep = [i for i, n in enumerate(model.eta_names) if n not in fixed]
+    if not keep:
+        raise ValueError(f"{model.name}: every ETA has variance 0, so there is nothing to "
+                         "estimate (predict() gives the population prediction)")
+    zero = {sp.Symbol(n): 0 for n in fixed}
+    return replace(model, omega=model.omega[np.ix_(keep, keep)],
+                   eta_names=tuple(model.eta_names[i] for i in keep),
+                   parameters={k: v.subs(zero) for k, v in model.parameters.items()})
+
+
+def _with_fixed_columns(frame: pd.DataFrame, model: PopulationModel) -> pd.DataFrame:
+    """``frame`` with a 0 column for each ETA of variance 0, the ETAs in the model's order
+    where the estimated ones were."""
+    columns = list(frame.columns)
+    estimated = [c for c in columns if c in model.eta_names]
+    at = columns.index(estimated[0]) if estimated else len(columns)
+    before = [c for c in columns[:at] if c not in model.eta_names]
+    after = [c for c in columns[at:] if c not in model.eta_names]
+    out = frame.assign(**{n: 0.0 for n in _fixed_etas(model)})
+    return out[before + list(model.eta_names) + after]
 
 
 #: Points of the prior screened for starting points, and how far out (prior SDs); the
@@ -646,7 +696,7 @@ def estimate_map(
     data : DataFrame
         NONMEM-style records; observations are EVID 0, MDV 0 with DV in mg/L (also for a
         log-additive model). An ``LLOQ`` column (mg/L) makes records with DV < LLOQ
-        censored (M3). An ``OCC`` column sets occasions for IOV (default: dosing
+        censored (M3), a ``ULOQ`` column those with DV > ULOQ censored from above. An ``OCC`` column sets occasions for IOV (default: dosing
         intervals).
     covariates : {"nocb", "locf"}
         Which record's covariates govern the interval before a record (NONMEM: NOCB).
@@ -679,6 +729,11 @@ def estimate_map(
     """
     if starts < 1:
         raise ValueError(f"`starts` must be at least 1; got {starts}")
+    if _fixed_etas(model):
+        part = estimate_map(_estimated_part(model), data, covariates=covariates,
+                            starts=starts, seed=seed, max_iter=max_iter, tol=tol)
+        return replace(part, model=model,
+                       individuals=_with_fixed_columns(part.individuals, model))
     problem, full = _build_problem(model, data, covariates)
     obj = _Objective(problem)
     b_count, n = len(problem.ids), problem.n_params
@@ -797,11 +852,14 @@ def outlier_sd(model: PopulationModel, records: pd.DataFrame) -> np.ndarray:
     ``|IWRES|``, and, for an error with a proportional part, also ``|ln(DV / IPRED_OCC)|``
     over the CV at the prediction: a proportional error bounds IWRES below by ``-1/b``
     for any value under its prediction, however far under. NaN on records that are not
-    measured or are below their LLOQ; infinity where the prediction is 0.
+    measured or are censored (below their LLOQ, above their ULOQ); infinity where the
+    prediction is 0.
     """
     used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy(copy=True)
     if "LLOQ" in records.columns:
         used = used & ~(records["DV"] < records["LLOQ"]).to_numpy()
+    if "ULOQ" in records.columns:
+        used = used & ~(records["DV"] > records["ULOQ"]).to_numpy()
     score = np.abs(records["IWRES"].to_numpy(dtype=float))
     if not model.residual.log_scale and model.residual.proportional > 0:
         f = records["IPRED_OCC"].to_numpy(dtype=float)
@@ -896,6 +954,11 @@ def sample_posterior(
     if n < 1 or proposals < n:
         raise ValueError(f"need 1 <= n <= proposals; got n={n}, proposals={proposals}")
     fit = estimate if estimate is not None else estimate_map(model, data, covariates=covariates)
+    if _fixed_etas(model):
+        part = sample_posterior(_estimated_part(model), data, n=n, seed=seed, method=method,
+                                proposals=proposals, min_ess=min_ess, covariates=covariates,
+                                estimate=replace(fit, model=_estimated_part(model)))
+        return replace(part, draws=_with_fixed_columns(part.draws, model))
     if fit._problem is not None and fit._problem[1] == covariates and fit.model is model:
         problem = fit._problem[0]
     else:

@@ -7,7 +7,7 @@ nothing is parsed from text. Derive a variant with :func:`dataclasses.replace`.
 Example: a one-compartment model with allometric weight on clearance.
 
 >>> import sympy as sp
->>> from pkmodel.engine import Structure
+>>> from pkmodel.engine import DOSE_MODIFIERS, Structure
 >>> WT, TVCL, TVV, ETA_CL = sp.symbols("WT TVCL TVV ETA_CL")
 >>> model = PopulationModel(
 ...     name="example",
@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import sympy as sp
 
-from pkmodel.engine import Structure
+from pkmodel.engine import DOSE_MODIFIERS, Structure
 from pkmodel.errors import CovariateError, CovariateWarning
 
 __all__ = [
@@ -50,6 +50,11 @@ __all__ = [
     "evaluate_parameters",
     "typical_covariates",
 ]
+
+def _is_dose_modifier(name: str) -> bool:
+    """F1, ALAG2, D1, R3, ...: a per-compartment dose modifier."""
+    return any(name.startswith(m) and name[len(m):].isdigit() for m in DOSE_MODIFIERS)
+
 
 #: Time units a model may state, in days.
 TIME_UNITS = {"day": 1.0, "h": 1.0 / 24.0}
@@ -300,6 +305,48 @@ class PopulationModel:
         zero = {sp.Symbol(k): 0 for k in self.iov}
         return replace(self, name=f"{self.name}_without_iov", iov={},
                        parameters={k: v.subs(zero) for k, v in self.parameters.items()})
+
+    def with_parameters(self, **values: float | sp.Expr) -> PopulationModel:
+        """The model with parameters set or replaced, for example the modelled infusion
+        length ``D1`` of doses with ``RATE=-2``, a bioavailability ``F1`` or a lag
+        ``ALAG1`` (in the model's time unit), without rebuilding it.
+
+        Examples
+        --------
+        >>> from pkmodel.models import load
+        >>> load("xu2012").with_parameters(D1=2 / 24).parameters["D1"]
+        0.0833333333333333
+        """
+        known = set(self.structure.parameter_names)
+        for name in values:
+            if name not in known and not _is_dose_modifier(name):
+                raise ValueError(f"{name!r} is neither a parameter of {self.structure} nor a "
+                                 "dose modifier (F1, ALAG1, D1, R1, ...)")
+        new = {k: v if isinstance(v, sp.Expr) else sp.Float(v) for k, v in values.items()}
+        return replace(self, parameters={**self.parameters, **new})
+
+    def with_aliases(self, aliases: Mapping[str, str]) -> PopulationModel:
+        """The model reading each covariate from another data column: ``{"ADA": "ATI"}``
+        reads the covariate ATI from column ADA (messages then name ADA).
+
+        Examples
+        --------
+        >>> from pkmodel.models import load
+        >>> load("xu2012").with_aliases({"ADA": "ATI"}).covariate_names
+        ('WT', 'ALB', 'ADA')
+        """
+        names = {c.name for c in self.covariates}
+        rename = {}
+        for column, covariate in aliases.items():
+            if covariate not in names:
+                raise ValueError(f"{covariate!r} is not a covariate of {self.name} "
+                                 f"({sorted(names)})")
+            rename[covariate] = str(column).upper()
+        symbols = {sp.Symbol(k): sp.Symbol(v) for k, v in rename.items()}
+        return replace(
+            self, covariates=tuple(replace(c, name=rename.get(c.name, c.name))
+                                   for c in self.covariates),
+            parameters={k: v.subs(symbols) for k, v in self.parameters.items()})
 
     @property
     def days_per_time_unit(self) -> float:

@@ -74,8 +74,8 @@ def infusions_two_compartment(doses: list[tuple[float, float, float]], cl: np.nd
 
 
 def objective(f: np.ndarray, df: np.ndarray | None, y: np.ndarray, lloq: np.ndarray,
-              error: Error, eta: np.ndarray, omega: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+              error: Error, eta: np.ndarray, omega: np.ndarray,
+              uloq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """OFV and the FOCE Hessian for candidate ETAs.
 
     Parameters
@@ -90,6 +90,10 @@ def objective(f: np.ndarray, df: np.ndarray | None, y: np.ndarray, lloq: np.ndar
     OFV ``(...)`` and ``H_foce`` ``(..., p, p)`` (None without ``df``).
     """
     blq = np.isfinite(lloq) & (y < np.where(np.isfinite(lloq), lloq, -np.inf))
+    # Above the ULOQ: -2 ln Phi((f - ULOQ) / g), the mirror image of M3; written below as
+    # M3 of the reflected values -y, -f with limit -ULOQ.
+    uloq = np.full(y.shape, np.nan) if uloq is None else uloq
+    alq = np.isfinite(uloq) & (y > np.where(np.isfinite(uloq), uloq, np.inf))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if error.log_scale:
             f_fit, y_fit, limit = np.log(f), np.log(y), np.log(lloq)
@@ -98,10 +102,12 @@ def objective(f: np.ndarray, df: np.ndarray | None, y: np.ndarray, lloq: np.ndar
             f_fit, y_fit, limit = f, y, lloq
             g = (error.additive + error.proportional * f if error.sd_sum
                  else np.sqrt(error.additive**2 + (error.proportional * f) ** 2))
-        z = (limit - f_fit) / g
+        upper = np.log(uloq) if error.log_scale else uloq
+        z = np.where(alq, (f_fit - upper) / g, (limit - f_fit) / g)
         normal = np.log(g**2) + ((y_fit - f_fit) / g) ** 2
         censored = -2.0 * log_ndtr(z)
     precision = np.linalg.inv(omega)
+    blq = blq | alq  # both censored, each with its own z
     terms = np.where(blq, censored, normal)
     ofv = np.sum(np.where(np.isnan(terms), np.inf, terms), axis=-1) + np.einsum(
         "...i,ij,...j->...", eta, precision, eta)
@@ -115,7 +121,8 @@ def objective(f: np.ndarray, df: np.ndarray | None, y: np.ndarray, lloq: np.ndar
               else error.proportional**2 * f[..., None] * df / g[..., None])
     z = np.where(blq, z, 0.0)  # records with a normal likelihood have no z
     mills = np.exp(-0.5 * z**2 - 0.5 * np.log(2.0 * np.pi) - log_ndtr(z))  # phi(z) / Phi(z)
-    dz = -(df_fit + z[..., None] * dg) / g[..., None]
+    sign = np.where(alq, 1.0, -1.0)  # dz/df: +1/g above, -1/g below
+    dz = (sign[..., None] * df_fit - z[..., None] * dg) / g[..., None]
     w_f = np.where(blq, 0.0, 2.0 / g**2)
     w_g = np.where(blq, 0.0, 4.0 / g**2)
     w_c = np.where(blq, 2.0 * mills * (mills + z), 0.0)

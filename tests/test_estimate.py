@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import oracles
@@ -273,7 +274,7 @@ def test_one_eta_map_matches_the_written_out_nonmem_objective(kind):
     check_against_oracle(fit, at, best.x)
 
 
-def exact_log_density(eta, times, dv, lloq, error, omega=0.09):
+def exact_log_density(eta, times, dv, lloq, error, omega=0.09, uloq=None):
     """ln p(normal DVs, censored DVs < LLOQ, ETA_CL = eta) of the one_compartment() model by
     direct integration: each censored record's probability is the integral of its residual
     density (written out below) from far below to LLOQ in mg/L (scipy quad; the lognormal
@@ -281,7 +282,8 @@ def exact_log_density(eta, times, dv, lloq, error, omega=0.09):
     their density at DV."""
     f = oracles.bolus_one_compartment(100.0, 0.3 * np.exp(eta), 4.0, times)
     total = -0.5 * eta**2 / omega - 0.5 * math.log(2 * math.pi * omega)
-    for fi, yi, li in zip(f, dv, lloq):
+    uloq = np.full(len(times), np.inf) if uloq is None else uloq
+    for fi, yi, li, ui in zip(f, dv, lloq, uloq):
         if error.log_scale:
             s = error.additive
 
@@ -291,21 +293,27 @@ def exact_log_density(eta, times, dv, lloq, error, omega=0.09):
                 return math.exp(-0.5 * (math.log(y / fi) / s) ** 2) / (
                     y * s * math.sqrt(2 * math.pi))
 
-            low = 0.0
+            low, high = 0.0, math.inf
         else:
             g = math.hypot(error.additive, error.proportional * fi)
 
             def density(y, fi=fi, g=g):  # normal: Y ~ N(f, g^2)
                 return math.exp(-0.5 * ((y - fi) / g) ** 2) / (g * math.sqrt(2 * math.pi))
 
-            low = fi - 40.0 * g
-        if yi < li:
+            low, high = fi - 40.0 * g, fi + 40.0 * g
+        if yi > ui:  # censored above: the density integrated from ULOQ up
+            inside = [fi] if ui < fi < high and math.isfinite(high) else None
+            prob = integrate.quad(density, ui, high, points=inside, epsabs=0.0,
+                                  epsrel=1e-13, limit=200)[0] if ui < high else 0.0
+            total += math.log(prob) if prob > 0 else -math.inf
+        elif yi < li:
             inside = [fi] if low < fi < li else None
             prob = integrate.quad(density, low, li, points=inside, epsabs=0.0, epsrel=1e-13,
                                   limit=200)[0] if low < li else 0.0
             total += math.log(prob) if prob > 0 else -math.inf
         else:
-            total += math.log(density(yi))
+            d = density(yi)
+            total += math.log(d) if d > 0 else -math.inf
     return total
 
 
@@ -338,6 +346,44 @@ def test_m3_mode_is_the_maximum_of_the_posterior_integrated_directly(kind):
     assert fit.individuals["ETA_CL"].iloc[0] == pytest.approx(best.x, abs=1e-6)
     assert fit.individuals["OFV"].iloc[0] == pytest.approx(best.fun - constant, abs=1e-7)
     check_against_oracle(fit, one_eta_oracle(times, dv, lloq, error), best.x)
+
+
+@pytest.mark.parametrize("kind", ["additive", "proportional", "log-additive"])
+def test_uloq_mode_is_the_maximum_of_the_posterior_integrated_directly(kind):
+    """The first of three samples (22 mg/L) above its ULOQ of 15 mg/L: censored from
+    above, -2 ln Phi((f - ULOQ) / g). Against direct integration of the density from the
+    ULOQ up (exact_log_density), as for M3; ETC and OBJ against oracles.py."""
+    residual, error = ERRORS[kind]
+    error = dataclasses.replace(error, additive={"additive": 2.0, "proportional": 0.0,
+                                                 "log-additive": 0.3}[kind])
+    residual = dataclasses.replace(residual, additive=error.additive)
+    times, dv = np.array([1.0, 10.0, 20.0]), np.array([22.0, 4.0, 1.5])
+    uloq = np.array([15.0, np.nan, np.nan])
+    fit = est.estimate_map(one_compartment(residual=residual),
+                           observed(times, dv, ULOQ=uloq))
+
+    def minus_two_log_density(eta):
+        return -2.0 * exact_log_density(eta, times, dv, np.full(3, -np.inf), error,
+                                        uloq=np.nan_to_num(uloq, nan=np.inf))
+
+    grid = np.arange(-2.0, 2.0, 0.02)
+    centre = grid[np.argmin([minus_two_log_density(e) for e in grid])]
+    best = optimize.minimize_scalar(minus_two_log_density, bounds=(centre - 0.02,
+                                                                   centre + 0.02),
+                                    method="bounded", options={"xatol": 1e-10})
+    constant = 3 * np.log(2 * np.pi) + np.log(0.09)  # two normal records and the prior
+    if error.log_scale:
+        constant += 2 * np.log(dv[1:]).sum()
+    assert fit.individuals["ETA_CL"].iloc[0] == pytest.approx(best.x, abs=1e-6)
+    assert fit.individuals["OFV"].iloc[0] == pytest.approx(best.fun - constant, abs=1e-7)
+    ofv, hess = oracles.objective(
+        oracles.bolus_one_compartment(100.0, 0.3 * np.exp(best.x), 4.0, times),
+        (-0.3 * np.exp(best.x) / 4.0 * times
+         * oracles.bolus_one_compartment(100.0, 0.3 * np.exp(best.x), 4.0, times))[:, None],
+        dv, np.full(3, np.nan), error, np.array([best.x]), np.array([[0.09]]), uloq=uloq)
+    etc, obj = oracles.etc_and_obj(float(ofv), hess, np.array([[0.09]]))
+    assert fit.individuals["ETC_1_1"].iloc[0] == pytest.approx(etc[0, 0], rel=1e-6)
+    assert fit.individuals["OBJ"].iloc[0] == pytest.approx(obj, abs=1e-6)
 
 
 def two_eta_oracle(times, dv, omega_cl):
@@ -469,8 +515,11 @@ def test_locf_option_changes_the_fit_when_covariates_change():
 
 
 def test_estimation_input_errors():
-    with pytest.raises(ValueError, match="positive definite"):
+    with pytest.raises(ValueError, match="nothing to estimate"):
         est.estimate_map(one_compartment(omega_cl=0.0), observed([2.0], [10.0]))
+    singular = dataclasses.replace(one_compartment(eta_v=True), omega=np.ones((2, 2)) * 0.04)
+    with pytest.raises(ValueError, match="positive definite"):
+        est.estimate_map(singular, observed([2.0], [10.0]))
     with pytest.raises(est_errors.DatasetError,
                        match=r"column 'DV', row \d+ \(ID 1\): expected DV > 0 \(mg/L\)"):
         est.estimate_map(one_compartment(residual=ResidualError(additive=0.1, log_scale=True)),
@@ -615,3 +664,28 @@ def test_implausible_fits_are_flagged_with_a_warning():
         bad = est.estimate_map(model, table)
     ind = bad.individuals.iloc[0]
     assert not ind["PLAUSIBLE"] and ind["MAX_OUTLIER_SD"] > 4 and ind["MAX_ETA_SD"] > 4
+
+
+@pytest.mark.filterwarnings("ignore::pkmodel.errors.CovariateWarning")
+def test_an_eta_with_variance_fixed_at_zero_is_the_limit_of_a_tiny_variance():
+    """OMEGA FIX 0 on ETA_Q of xu2012: that ETA is not estimated and reported 0, ETC
+    covers the others (fit.names), and the other ETAs, OFV and OBJ are the limit of a
+    variance of 1e-10 (where the prior pins ETA_Q within 1e-5 of 0)."""
+    model = load("xu2012")
+    child = read_nonmem(Path(__file__).resolve().parents[1] / "examples" / "child.csv")
+    fixed, tiny = model.omega.copy(), model.omega.copy()
+    fixed[2, 2], tiny[2, 2] = 0.0, 1e-10
+    a = est.estimate_map(dataclasses.replace(model, omega=fixed), child)
+    b = est.estimate_map(dataclasses.replace(model, omega=tiny), child)
+    assert a.names == ("ETA_CL", "ETA_V1", "ETA_V2") and a.etc(1).shape == (3, 3)
+    assert a.individuals["ETA_Q"].iloc[0] == 0.0
+    others = ["ETA_CL", "ETA_V1", "ETA_V2"]
+    np.testing.assert_allclose(a.individuals[others].to_numpy(), b.individuals[others]
+                               .to_numpy(), atol=1e-5)
+    assert a.individuals["OFV"].iloc[0] == pytest.approx(b.individuals["OFV"].iloc[0],
+                                                         abs=1e-5)
+    assert a.individuals["OBJ"].iloc[0] == pytest.approx(b.individuals["OBJ"].iloc[0],
+                                                         abs=1e-4)
+    draws = est.sample_posterior(dataclasses.replace(model, omega=fixed), child, n=50,
+                                 estimate=a).draws
+    assert (draws["ETA_Q"] == 0.0).all() and draws[others].std().min() > 0

@@ -20,6 +20,7 @@ from pkmodel.model import (
     typical_covariates,
 )
 from pkmodel.models import load
+from pkmodel.predict import predict
 
 WT, TVCL, TVV, ETA_CL, ETA_V, KAPPA_CL = sp.symbols("WT TVCL TVV ETA_CL ETA_V KAPPA_CL")
 WEIGHT = Covariate("WT", "kg", "body weight", plausible=(0.5, 300.0), observed=(20.0, 120.0),
@@ -115,3 +116,24 @@ def test_typical_covariates():
     assert typical_covariates(small_model()) == {"WT": 70.0}
     with pytest.raises(CovariateError, match="no reference value"):
         typical_covariates(load("passot2016"))
+
+
+def test_aliases_and_modelled_dose_parameters_without_rebuilding():
+    """The Wojciechowski NONMEM set names antibodies ADA and models a 2-h infusion (D1 for
+    RATE=-2): with_aliases and with_parameters give the same predictions as renaming the
+    column and writing the equations out again."""
+    base = load("xu2012")
+    table = pd.DataFrame({"ID": 1, "TIME": [0.0, 14.0], "AMT": [350.0, 0.0],
+                          "RATE": [-2.0, 0.0], "EVID": [1, 0], "MDV": [1, 1],
+                          "WT": 70.0, "ALB": 3.5, "ADA": [0, 1]})
+    model = base.with_aliases({"ADA": "ATI"}).with_parameters(D1=2 / 24)
+    rebuilt = dataclasses.replace(base, parameters={**base.parameters,
+                                                    "D1": sp.Float(2) / 24})
+    got = predict(model, table)["PRED"].to_numpy()
+    expected = predict(rebuilt, table.rename(columns={"ADA": "ATI"}))["PRED"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-14)
+    assert got[1] > 0
+    with pytest.raises(ValueError, match="not a covariate"):
+        base.with_aliases({"X": "CRP"})
+    with pytest.raises(ValueError, match="dose modifier"):
+        base.with_parameters(KA=1.0)

@@ -638,7 +638,22 @@ def _with_fixed_columns(frame: pd.DataFrame, model: PopulationModel) -> pd.DataF
 SCREEN_POINTS, SCREEN_SD, NEAR_SD = 64, 5.0, 1.5
 
 
-def _starts(obj: _Objective, starts: int, seed: int) -> np.ndarray:
+def _initial(problem: _Problem, initial: pd.DataFrame | None) -> np.ndarray | None:
+    """Starting ETAs and KAPPAs per ID from a table with ID and their columns (0 where a
+    column or an ID is missing)."""
+    if initial is None:
+        return None
+    frame = initial.set_index("ID", drop=False) if "ID" in initial.columns else initial
+    out = np.zeros((len(problem.ids), problem.n_params))
+    for j, name in enumerate(problem.names):
+        if name in frame.columns:
+            values = frame[name].reindex(list(problem.ids)).to_numpy(dtype=float)
+            out[:, j] = np.nan_to_num(values)
+    return out
+
+
+def _starts(obj: _Objective, starts: int, seed: int,
+            initial: np.ndarray | None = None) -> np.ndarray:
     """Starting points ``(A, starts, p)``: zero (NONMEM's start); a point drawn within
     NEAR_SD prior SDs (a nearby mode); then the lowest-OFV points of a scrambled Sobol
     screen of the ETAs within SCREEN_SD prior SDs (KAPPAs 0), each at least one prior SD
@@ -646,6 +661,8 @@ def _starts(obj: _Objective, starts: int, seed: int) -> np.ndarray:
     problem = obj.p
     b_count, n = len(problem.ids), problem.n_params
     start = np.zeros((b_count, starts, n))
+    if initial is not None:
+        start[:, 0] = initial
     if starts == 1:
         return start
     n_eta = len(problem.model.eta_names)
@@ -684,6 +701,7 @@ def estimate_map(
     seed: int = 0,
     max_iter: int = 500,
     tol: float = 1e-10,
+    initial: pd.DataFrame | None = None,
 ) -> MAPEstimate:
     """MAP estimates of every ID's ETAs from its measured concentrations.
 
@@ -710,6 +728,9 @@ def estimate_map(
         Iterations per start.
     tol : float
         Stop when the predicted decrease of OFV is below this.
+    initial : DataFrame, optional
+        The first start per ID instead of zero: a table with ID and the columns of
+        ``names`` (an earlier fit's ``individuals``, as a population fit reuses them).
 
     Returns
     -------
@@ -731,13 +752,14 @@ def estimate_map(
         raise ValueError(f"`starts` must be at least 1; got {starts}")
     if _fixed_etas(model):
         part = estimate_map(_estimated_part(model), data, covariates=covariates,
-                            starts=starts, seed=seed, max_iter=max_iter, tol=tol)
+                            starts=starts, seed=seed, max_iter=max_iter, tol=tol,
+                            initial=initial)
         return replace(part, model=model,
                        individuals=_with_fixed_columns(part.individuals, model))
     problem, full = _build_problem(model, data, covariates)
     obj = _Objective(problem)
     b_count, n = len(problem.ids), problem.n_params
-    start = _starts(obj, starts, seed)
+    start = _starts(obj, starts, seed, _initial(problem, initial))
     fit = _optimise(obj, start, max_iter=max_iter, tol=tol)
     ofv = np.where(fit.converged, fit.ofv, np.inf)
     best = np.where(np.isfinite(ofv).any(axis=1), np.argmin(ofv, axis=1),

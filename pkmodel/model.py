@@ -56,6 +56,9 @@ def _is_dose_modifier(name: str) -> bool:
     return any(name.startswith(m) and name[len(m):].isdigit() for m in DOSE_MODIFIERS)
 
 
+#: Compiled parameter equations, shared by models with the same equations.
+_COMPILED: dict[tuple, dict[str, Any]] = {}
+
 #: Time units a model may state, in days.
 TIME_UNITS = {"day": 1.0, "h": 1.0 / 24.0}
 
@@ -355,10 +358,19 @@ class PopulationModel:
 
     @cached_property
     def _compiled(self) -> dict[str, Any]:
-        args = ([sp.Symbol(n) for n in self.theta] + [sp.Symbol(n) for n in self.covariate_names]
-                + [sp.Symbol(n) for n in self.eta_names] + [sp.Symbol(n) for n in self.iov])
-        return {name: sp.lambdify(args, expr, modules="numpy")
-                for name, expr in self.parameters.items()}
+        # THETA values are arguments, so models differing only in them (the steps of a
+        # population fit) share one compilation.
+        key = (tuple(self.theta), self.covariate_names, self.eta_names, tuple(self.iov),
+               tuple(self.parameters.items()))
+        if key not in _COMPILED:
+            if len(_COMPILED) > 256:
+                _COMPILED.clear()
+            args = ([sp.Symbol(n) for n in self.theta]
+                    + [sp.Symbol(n) for n in self.covariate_names]
+                    + [sp.Symbol(n) for n in self.eta_names] + [sp.Symbol(n) for n in self.iov])
+            _COMPILED[key] = {name: sp.lambdify(args, expr, modules="numpy")
+                              for name, expr in self.parameters.items()}
+        return _COMPILED[key]
 
     def equations(self, format: str = "text") -> str:
         """The parameter equations and THETA values, as text or LaTeX.

@@ -1,0 +1,142 @@
+"""Population estimation (FOCE-I) against NONMEM's runs in ../shared/validation/population
+(README there states each model, the data and the reference numbers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import sympy as sp
+
+from pkmodel.engine import Structure
+from pkmodel.model import Covariate, PopulationModel, ResidualError
+from pkmodel.population import estimate_population, population_objective
+
+THETA1, THETA2, THETA3 = sp.symbols("THETA1 THETA2 THETA3")
+ETA1, ETA2 = sp.symbols("ETA1 ETA2")
+
+
+@pytest.fixture(scope="module")
+def population_dir(validation_dir):
+    return validation_dir / "population"
+
+
+def pheno_data(folder) -> pd.DataFrame:
+    """pheno.dta: AMT > 0 rows are bolus doses, AMT = 0 rows observations (README 1)."""
+    raw = pd.read_csv(folder / "pheno.dta", sep=r"\s+")
+    dose = raw["AMT"] > 0
+    return raw.assign(EVID=dose.astype(int), MDV=dose.astype(int),
+                      DV=np.where(dose, np.nan, raw["DV"]),
+                      APGRLOW=(raw["APGR"] < 5).astype(float))
+
+
+def pheno_model(theta, omega, sigma, covariates: bool = True) -> PopulationModel:
+    """Model A (pheno_real) or, without covariates, model B (pheno base); README 1."""
+    wgt, low = sp.symbols("WGT APGRLOW")
+    if covariates:
+        params = {"CL": THETA1 * wgt * sp.exp(ETA1),
+                  "V1": THETA2 * wgt * (1 + THETA3 * low) * sp.exp(ETA2)}
+        cov = (Covariate("WGT", "kg", "birth weight", (0.2, 10.0)),
+               Covariate("APGRLOW", "0/1", "Apgar score below 5", (0.0, 1.0)))
+    else:
+        params = {"CL": THETA1 * sp.exp(ETA1), "V1": THETA2 * sp.exp(ETA2)}
+        cov = ()
+    return PopulationModel("pheno", Structure(1), dict(zip(["THETA1", "THETA2", "THETA3"],
+                                                           theta)),
+                           params, np.diag(omega), ("ETA1", "ETA2"),
+                           ResidualError(proportional=float(np.sqrt(sigma))), covariates=cov,
+                           time_unit="h")
+
+
+@pytest.fixture(scope="module")
+def pheno_fit(population_dir):
+    """pheno_real from the initial values of its .ext (README 1)."""
+    model = pheno_model((4.69307e-3, 1.00916, 0.1), (0.0309626, 0.031128), 0.0130865)
+    return estimate_population(model, pheno_data(population_dir))
+
+
+def test_pheno_real_estimates_match_nonmem(pheno_fit):
+    """OFV 586.27605628 within 1e-3; THETA, OMEGA and SIGMA within 0.1 %; ETA shrinkage
+    47.1 % and 12.8 % (README 1, NONMEM 7.4.2)."""
+    fit = pheno_fit
+    assert fit.success and fit.status == "minimization successful"
+    assert fit.ofv == pytest.approx(586.27605628, abs=1e-3)
+    expected = [4.69555e-3, 0.984258, 0.158920, 0.0293508, 0.0279060, 0.0132410]
+    np.testing.assert_allclose(fit.estimates["ESTIMATE"].to_numpy(), expected, rtol=1e-3)
+    assert fit.shrinkage["ETA1"] == pytest.approx(0.471, abs=2e-3)
+    assert fit.shrinkage["ETA2"] == pytest.approx(0.128, abs=2e-3)
+    assert np.isfinite(fit.history["OFV"]).all() and fit.history["OFV"].iloc[0] == pytest.approx(
+        587.366441, abs=1e-3)  # the objective at the initial values (README 1)
+
+
+def test_pheno_real_sandwich_standard_errors_match_nonmem(pheno_fit):
+    """$COV UNCONDITIONAL (sandwich R^-1 S R^-1): SEs within 2 % of NONMEM's; NONMEM's
+    own repeat run moved SE(THETA1) by 0.03 % (README 1)."""
+    expected = [2.10036e-4, 0.0268952, 0.0837623, 0.0134153, 0.00747651, 0.0022794]
+    assert pheno_fit.covariance_status.startswith("successful")
+    np.testing.assert_allclose(pheno_fit.estimates["SE"].to_numpy(), expected, rtol=0.02)
+    assert np.isfinite(pheno_fit.condition_number) and pheno_fit.condition_number > 1
+
+
+def test_pheno_real_cwres_match_the_nonmem_table(pheno_fit, population_dir):
+    """CWRES within 1e-3 of pheno_real.tab (printed to 5 significant digits), PRED and
+    IPRED within 1e-4 relative."""
+    table = pd.read_csv(population_dir / "pheno_real.tab", sep=r"\s+", skiprows=1)
+    obs = (pheno_data(population_dir)["AMT"] == 0).to_numpy()
+    records = pheno_fit.records
+    np.testing.assert_allclose(records.loc[obs, "CWRES"], table.loc[obs, "CWRES"], atol=1e-3)
+    np.testing.assert_allclose(records.loc[obs, "PRED"], table.loc[obs, "PRED"], rtol=1e-4)
+    np.testing.assert_allclose(records.loc[obs, "IPRED"], table.loc[obs, "IPRED"], rtol=1e-4)
+    assert records.loc[~obs, "CWRES"].isna().all()
+
+
+def test_objective_at_nonmem_estimates(population_dir):
+    """The FOCE-I objective at NONMEM's final estimates: pheno base 730.89472681 (README 1)
+    and Bauer 504 with its OMEGA block and four covariates 1058.30371 (README 2)."""
+    base = pheno_model((5.81756e-3, 1.44555, 0.0), (0.111053, 0.201526), 0.0164177,
+                       covariates=False)
+    assert population_objective(base, pheno_data(population_dir)) == pytest.approx(
+        730.89472681, abs=1e-3)
+    raw = pd.read_csv(population_dir / "501.csv", skiprows=1).drop(columns=["C"])
+    data = raw.assign(EVID=(raw["AMT"] > 0).astype(int), MDV=(raw["AMT"] > 0).astype(int),
+                      DV=np.where(raw["AMT"] > 0, np.nan, raw["DV"]))
+    th = sp.symbols("TH1:9")
+    wt, age, sex = sp.symbols("WT AGE SEX")
+    model = PopulationModel(
+        "bauer504", Structure(1),
+        dict(zip([str(t) for t in th], [1.10899, 3.47770, 0.659764, 1.32154, -0.534045,
+                                          0.0522912, -0.101058, -0.0547756])),
+        {"CL": sp.exp(th[0] + th[2] * sp.log(wt / 70) + th[4] * sp.log(age / 50)
+                      + th[6] * sex + ETA1),
+         "V1": sp.exp(th[1] + th[3] * sp.log(wt / 70) + th[5] * sp.log(age / 50)
+                      + th[7] * sex + ETA2)},
+        [[0.0307235, 0.00147874], [0.00147874, 0.0466096]], ("ETA1", "ETA2"),
+        ResidualError(proportional=float(np.sqrt(0.0502578))),
+        covariates=(Covariate("WT", "kg", "weight", (1.0, 300.0)),
+                    Covariate("AGE", "y", "age", (0.0, 120.0)),
+                    Covariate("SEX", "0/1", "sex", (0.0, 1.0))), time_unit="h")
+    assert population_objective(model, data) == pytest.approx(1058.30371, abs=1e-2)
+
+
+def test_objective_of_the_schoemaker_one_compartment_case(population_dir):
+    """runN001 (README 3): 120 subjects, 2276 observations, SD = 1 rows only, SS and II
+    ignored; CL = exp(THETA1 + ETA1), V = exp(THETA2 + ETA2), proportional SD THETA3
+    (SIGMA 1 FIX). At NONMEM's estimates the objective is 20058.4761."""
+    raw = pd.read_csv(population_dir / "BOLUS_1CPT.csv")
+    data = raw[raw["SD"] == 1].drop(columns=["SS", "II", "V", "CL"])
+    data = data.assign(DV=np.where(data["EVID"] == 1, np.nan, data["DV"]))
+    model = PopulationModel(
+        "runN001", Structure(1), {"THETA1": 1.36831, "THETA2": 4.20533},
+        {"CL": sp.exp(THETA1 + ETA1), "V1": sp.exp(THETA2 + ETA2)},
+        np.diag([0.0725899, 0.0914409]), ("ETA1", "ETA2"),
+        ResidualError(proportional=0.198077), time_unit="h")
+    assert int(((data["EVID"] == 0) & (data["MDV"] == 0)).sum()) == 2276
+    assert population_objective(model, data) == pytest.approx(20058.4761, abs=1e-2)
+
+
+def test_a_bad_start_is_a_named_error_not_a_silent_answer(population_dir):
+    model = pheno_model((4.69307e-3, 1.00916, 0.1), (0.0309626, 0.031128), 0.0130865)
+    with pytest.raises(ValueError, match="foce-i"):
+        estimate_population(model, pheno_data(population_dir), method="saem")
+    with pytest.raises(ValueError, match="cannot fix"):
+        estimate_population(model, pheno_data(population_dir), fix=("THETA9",))

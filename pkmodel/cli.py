@@ -1,7 +1,9 @@
-"""The ``pkmodel`` command: ``recommend data.csv``, ``predict data.csv`` and ``trial``.
+"""The ``pkmodel`` command: ``recommend data.csv``, ``predict data.csv``, ``trial`` and
+``fit MODEL data.csv --out FOLDER``.
 
 Errors in the input are reported as one message on standard error (exit status 2), never
-as a traceback; a refused recommendation exits with status 3. ``--json`` prints a stable
+as a traceback; a refused recommendation, or a population fit whose minimisation did not
+succeed, exits with status 3. ``--json`` prints a stable
 document for programs (schema in docs/cli.md).
 """
 
@@ -11,8 +13,10 @@ import argparse
 import json
 import math
 import os
+import runpy
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,6 +26,7 @@ from pkmodel.data import from_clinical, plain_json, read_clinical, read_nonmem, 
 from pkmodel.dosing import OBJECTIVES, Option, Recommendation, level_name, recommend_regimen
 from pkmodel.errors import PKModelError
 from pkmodel.estimate import estimate_map
+from pkmodel.model import PopulationModel
 from pkmodel.models import DEFAULT, available, load
 from pkmodel.predict import predict
 
@@ -30,8 +35,10 @@ __all__ = ["main"]
 SCHEMA_RECOMMENDATION = "pkmodel.recommendation/2"
 SCHEMA_PREDICTION = "pkmodel.prediction/1"
 SCHEMA_TRIAL = "pkmodel.trial/1"
+SCHEMA_FIT = "pkmodel.fit/1"
 #: Exit statuses: 0 done (a recommendation of any status but refused), 1 internal error,
-#: 2 bad input or usage, 3 recommendation refused (the data cannot be trusted for dosing).
+#: 2 bad input or usage, 3 recommendation refused (the data cannot be trusted for dosing)
+#: or population minimisation unsuccessful.
 EXIT_ERROR, EXIT_INPUT, EXIT_REFUSED = 1, 2, 3
 
 
@@ -53,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     trial.add_argument("--model", default=DEFAULT, choices=available())
     trial.add_argument("--json", action="store_true")
     trial.add_argument("--plot", metavar="PNG", help="write the figure here")
+    fit = sub.add_parser("fit", help="estimate a population model (FOCE-I) from a NONMEM-"
+                                     "style CSV, with standard errors and diagnostics")
+    fit.add_argument("model", help="a built-in model name (its numbers are the initial "
+                                   "values) or a Python file defining `model`, a "
+                                   "PopulationModel")
+    fit.add_argument("data", help="NONMEM-style CSV")
+    fit.add_argument("--out", required=True, metavar="FOLDER",
+                     help="write fit.json, estimates.csv, individuals.csv, records.csv "
+                          "and NONMEM-style run.ext/.phi/.cov/.tab here")
+    fit.add_argument("--fix", default="", help="comma-separated parameters to keep at "
+                                               "their initial values (THETA names, OMEGA, "
+                                               "SIGMA)")
+    fit.add_argument("--no-covariance", action="store_true", help="skip the covariance step")
+    fit.add_argument("--json", action="store_true", help="print fit.json instead of the table")
     pred = sub.add_parser("predict", help="PRED (and IPRED at the MAP when troughs are "
                                           "measured) for every record")
     pred.add_argument("data")
@@ -267,6 +288,50 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str) -> PopulationModel:
+    """A built-in model by name, or the ``model`` a Python file defines (the user's own
+    file, run as ``python FILE`` would run it)."""
+    if spec in available():
+        return load(spec)
+    if not spec.endswith(".py"):
+        raise ValueError(f"model {spec!r}: expected a built-in name ({', '.join(available())})"
+                         " or a Python file defining `model`")
+    namespace = runpy.run_path(spec)
+    model = namespace.get("model")
+    if not isinstance(model, PopulationModel):
+        raise ValueError(f"{spec}: expected a variable `model` holding a PopulationModel; "  # noqa: TRY004
+                         f"got {type(model).__name__}")
+    return model
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from pkmodel.population import estimate_population
+
+    model = _load_model(args.model)
+    data = read_nonmem(args.data)
+    fix = tuple(f.strip() for f in args.fix.split(",") if f.strip())
+
+    def progress(iteration: int, ofv: float) -> None:
+        sys.stderr.write(f"pkmodel: iteration {iteration:3d}  OFV {ofv:.4f}\n")
+
+    result = estimate_population(model, data, fix=fix, covariance=not args.no_covariance,
+                                 progress=progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"schema": SCHEMA_FIT, "pkmodel_version": __version__, "model": model.name,
+                "data": str(args.data), **result.to_dict()}
+    (out / "fit.json").write_text(json.dumps(plain_json(document), indent=2) + "\n")
+    result.estimates.to_csv(out / "estimates.csv", index=False)
+    result.individuals.to_csv(out / "individuals.csv", index=False)
+    result.records.to_csv(out / "records.csv", index=False)
+    result.to_nonmem(out)
+    if args.json:
+        sys.stdout.write(json.dumps(plain_json(document), indent=2) + "\n")
+    else:
+        sys.stdout.write(result.summary() + "\n")
+    return 0 if result.success else EXIT_REFUSED
+
+
 def _trial(args: argparse.Namespace) -> int:
     from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, run_trial
 
@@ -310,7 +375,7 @@ def _trial(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    commands = {"recommend": _recommend, "predict": _predict, "trial": _trial}
+    commands = {"recommend": _recommend, "predict": _predict, "trial": _trial, "fit": _fit}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -23,8 +23,11 @@ the natural parameters: THETA, OMEGA elements, SIGMA variances) and the sandwich
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -270,12 +273,72 @@ class PopulationFit:
             "evaluations": self.evaluations,
             "history": self.history.to_dict(orient="records")})
 
+    def to_nonmem(self, folder: str | os.PathLike[str], name: str = "run") -> list[Path]:
+        """Write NONMEM-style ``.ext`` (final estimates, ITERATION -1000000000, and SEs,
+        -1000000001), ``.phi`` (ETAs, ETC, OBJ per ID), ``.cov`` (covariance of the
+        estimates) and a ``.tab`` table (ID, TIME, DV, PRED, IPRED, RES, IWRES, WRES,
+        CWRES), whitespace-separated as NONMEM writes them, for tools that read those.
+
+        Returns
+        -------
+        list of Path
+            The files written.
+        """
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        head = "TABLE NO.     1: First Order Conditional Estimation with Interaction"
+        est = self.estimates[~self.estimates["FIXED"].astype(bool)]
+        labels = [_nonmem_label(n) for n in est["NAME"]]
+        ext = pd.DataFrame([[-1000000000, *est["ESTIMATE"], self.ofv],
+                            [-1000000001, *est["SE"].fillna(0.0), 0.0]],
+                           columns=["ITERATION", *labels, "OBJ"])
+        files = [out / f"{name}.ext", out / f"{name}.phi", out / f"{name}.cov",
+                 out / f"{name}.tab"]
+        _write_table(files[0], head, ext)
+        ind = self.individuals
+        phi_cols = ["ID", *self.model.eta_names,
+                    *[c for c in ind.columns if c.startswith("ETC_")], "OBJ"]
+        phi = ind[phi_cols].rename(columns=lambda c: c.replace("ETC_", "ETC(").replace(
+            "_", ",") + ")" if c.startswith("ETC_") else c)
+        phi.insert(0, "SUBJECT_NO", np.arange(1, len(phi) + 1))
+        _write_table(files[1], head, phi)
+        cov = self.covariance if self.covariance is not None else np.zeros((len(est),) * 2)
+        frame = pd.DataFrame(cov, columns=labels)
+        frame.insert(0, "NAME", labels)
+        _write_table(files[2], head, frame)
+        columns = [c for c in ("ID", "TIME", "DV", "PRED", "IPRED", "RES", "IWRES", "WRES",
+                               "CWRES") if c in self.records.columns]
+        _write_table(files[3], "TABLE NO.  1", self.records[columns].fillna(0.0))
+        return files
+
     def summary(self) -> str:
         """The estimates as a text table."""
         table = self.estimates[["NAME", "ESTIMATE", "SE", "RSE"]].to_string(
             index=False, float_format=lambda v: f"{v:.6g}")
         return (f"{self.method.upper()}: {self.status}; OFV {self.ofv:.4f}\n{table}\n"
                 f"covariance step: {self.covariance_status}")
+
+
+def _nonmem_label(name: str) -> str:
+    """NONMEM's column label of a parameter: THETAn stays, SIGMA(kind) becomes SIGMA(k,k)."""
+    if name.startswith("SIGMA("):
+        k = 1 if "proportional" in name else 2
+        return f"SIGMA({k},{k})"
+    return name
+
+
+def _write_table(path: Path, title: str, frame: pd.DataFrame) -> None:
+    """NONMEM's layout: a title line, a header line, right-aligned E-format numbers."""
+    def cell(value: Any) -> str:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return f"{value:>13d}"
+        try:
+            return f"{float(value):>13.5E}"
+        except (TypeError, ValueError):
+            return f"{value!s:>13}"
+    lines = [title, "".join(f" {c:<12}" for c in frame.columns)]
+    lines += ["".join(cell(v) for v in row) for row in frame.itertuples(index=False)]
+    path.write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- estimation
@@ -291,6 +354,7 @@ def estimate_population(
     covariates: str = "nocb",
     max_iter: int = 200,
     gtol: float = 1e-3,
+    progress: Callable[[int, float], None] | None = None,
 ) -> PopulationFit:
     """Estimate THETA, OMEGA and SIGMA from a population's data by FOCE-I.
 
@@ -313,6 +377,8 @@ def estimate_population(
         Outer iterations.
     gtol : float
         Stop when the gradient's largest component (in transformed units) is below this.
+    progress : callable, optional
+        Called with the iteration number and the objective after each outer iteration.
 
     Returns
     -------
@@ -334,6 +400,8 @@ def estimate_population(
         values = layout.from_x(x)
         history.append({"ITERATION": len(history), "OFV": objective.at_x(x),
                         **dict(zip(layout.names, values))})
+        if progress is not None:
+            progress(history[-1]["ITERATION"], history[-1]["OFV"])
 
     first = objective.fit(start, None)
     if first is None:

@@ -42,8 +42,8 @@ from pkmodel.predict import predict
 
 __all__ = ["PopulationFit", "estimate_population", "population_objective"]
 
-_FD_STEP = 1e-4  # central-difference step of the outer gradient, in transformed units
-_COV_STEP = 1e-3  # relative step of the covariance step, in natural units
+_FD_STEP = 1e-3  # central-difference step of the outer gradient, in transformed units
+_COV_STEP = 1e-2  # step of the covariance step, in transformed units
 _INNER_TOL = 1e-14
 
 
@@ -461,40 +461,44 @@ def _covariance(objective: _Objective, layout: _Layout, values: np.ndarray,
                 fit: MAPEstimate) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """Sandwich ``H^-1 S H^-1`` and ``2 H^-1`` (the R matrix alone) in natural units, ``H``
     the Hessian of OFV and ``S`` the sum of the IDs' outer gradient products (NONMEM's
-    ``R^-1 S R^-1`` with ``R = H / 2``, ``S`` of ``-ln L_i``)."""
+    ``R^-1 S R^-1`` with ``R = H / 2``, ``S`` of ``-ln L_i``).
+
+    Derivatives are central differences in the transformed coordinates (all of order 1,
+    one step size fits all), carried to natural units by the Jacobian ``J`` of the
+    transform: at the optimum ``H_x = J' H J`` and ``g_x = J' g``, so ``H^-1 = J H_x^-1
+    J'`` and the sandwich likewise."""
     objective.warm = fit.individuals
-    h = _COV_STEP * np.maximum(np.abs(values), 1e-6)
-    n = values.size
+    x = layout.to_x(values)
+    n, h = x.size, _COV_STEP
 
     def at(shift: np.ndarray) -> np.ndarray:
-        out = objective.per_id(values + shift)
+        out = objective.per_id(layout.from_x(x + shift))
         if out is None:
             raise ArithmeticError("an objective evaluation failed near the optimum")
         return out
 
     try:
-        centre = at(np.zeros(n))
-        plus = [at(h[k] * np.eye(n)[k]) for k in range(n)]
-        minus = [at(-h[k] * np.eye(n)[k]) for k in range(n)]
-        grads = np.stack([(p - m) / (2 * h[k]) for k, (p, m) in enumerate(zip(plus, minus))],
-                         axis=1)  # (IDs, n)
+        unit = np.eye(n) * h
+        centre = at(np.zeros(n)).sum()
+        plus, minus = [at(unit[k]) for k in range(n)], [at(-unit[k]) for k in range(n)]
+        grads = np.stack([(p - m) / (2 * h) for p, m in zip(plus, minus)], axis=1)
         hess = np.zeros((n, n))
-        total = centre.sum()
         for k in range(n):
-            hess[k, k] = (plus[k].sum() - 2 * total + minus[k].sum()) / h[k] ** 2
+            hess[k, k] = (plus[k].sum() - 2 * centre + minus[k].sum()) / h**2
             for m in range(k):
-                e_k, e_m = h[k] * np.eye(n)[k], h[m] * np.eye(n)[m]
-                both = (at(e_k + e_m).sum() - at(e_k - e_m).sum() - at(e_m - e_k).sum()
-                        + at(-e_k - e_m).sum())
-                hess[k, m] = hess[m, k] = both / (4 * h[k] * h[m])
+                both = (at(unit[k] + unit[m]).sum() - at(unit[k] - unit[m]).sum()
+                        - at(unit[m] - unit[k]).sum() + at(-unit[k] - unit[m]).sum())
+                hess[k, m] = hess[m, k] = both / (4 * h * h)
     except ArithmeticError as err:
         return None, None, f"failed: {err}"
-    eig = np.linalg.eigvalsh(hess)
-    if eig.min() <= 0:
+    if np.linalg.eigvalsh(hess).min() <= 0:
         return None, None, "failed: the Hessian of the objective is not positive definite"
+    jac = np.stack([(layout.from_x(x + unit[k] * 1e-3) - layout.from_x(x - unit[k] * 1e-3))
+                    / (2 * h * 1e-3) for k in range(n)], axis=1)  # d natural / d x
     inverse = np.linalg.inv(hess)
-    sandwich = inverse @ (grads.T @ grads) @ inverse
-    return sandwich, 2 * inverse, "successful (sandwich R^-1 S R^-1, central differences)"
+    sandwich = jac @ inverse @ (grads.T @ grads) @ inverse @ jac.T
+    return sandwich, 2 * jac @ inverse @ jac.T, ("successful (sandwich R^-1 S R^-1, "
+                                                 "central differences)")
 
 
 def _shrinkage(model: PopulationModel, fit: MAPEstimate) -> dict[str, float]:

@@ -90,6 +90,59 @@ def test_pheno_real_cwres_match_the_nonmem_table(pheno_fit, population_dir):
     assert records.loc[~obs, "CWRES"].isna().all()
 
 
+def bauer_data(folder) -> pd.DataFrame:
+    """501.csv: two comment rows, then 1000-mg infusions at RATE 200 and samples
+    (README 2)."""
+    raw = pd.read_csv(folder / "501.csv", skiprows=1).drop(columns=["C"])
+    dose = raw["AMT"] > 0
+    return raw.assign(EVID=dose.astype(int), MDV=dose.astype(int),
+                      DV=np.where(dose, np.nan, raw["DV"]))
+
+
+def bauer_model(values) -> PopulationModel:
+    """Model 504: log-linear covariate model, OMEGA BLOCK(2), proportional error; values
+    in the .ext order (TH1-TH8, SIGMA, OMEGA(1,1), OMEGA(2,1), OMEGA(2,2))."""
+    th = sp.symbols("TH1:9")
+    wt, age, sex = sp.symbols("WT AGE SEX")
+    omega = [[values[9], values[10]], [values[10], values[11]]]
+    return PopulationModel(
+        "bauer504", Structure(1), dict(zip([str(t) for t in th], values[:8])),
+        {"CL": sp.exp(th[0] + th[2] * sp.log(wt / 70) + th[4] * sp.log(age / 50)
+                      + th[6] * sex + ETA1),
+         "V1": sp.exp(th[1] + th[3] * sp.log(wt / 70) + th[5] * sp.log(age / 50)
+                      + th[7] * sex + ETA2)},
+        omega, ("ETA1", "ETA2"), ResidualError(proportional=float(np.sqrt(values[8]))),
+        covariates=(Covariate("WT", "kg", "weight", (1.0, 300.0)),
+                    Covariate("AGE", "y", "age", (0.0, 120.0)),
+                    Covariate("SEX", "0/1", "sex", (0.0, 1.0))), time_unit="h")
+
+
+def test_bauer_504_from_its_initial_values_matches_nonmem(population_dir):
+    """From the first row of 504_foce.ext: OFV 1058.3037 within 0.01, estimates within
+    0.5 %, R-matrix SEs within 5 % (NONMEM ran MATRIX=R), CWRES within 1e-3 of
+    504_foce.tab (README 2)."""
+    ext = (population_dir / "504_foce.ext").read_text().splitlines()
+    initial = [float(v) for v in ext[2].split()[1:13]]
+    fit = estimate_population(bauer_model(initial), bauer_data(population_dir))
+    assert fit.success and fit.ofv == pytest.approx(1058.3037, abs=0.01)
+    expected = {"TH1": 1.10899, "TH2": 3.47770, "TH3": 0.65976, "TH4": 1.32154,
+                "TH5": -0.53405, "TH6": 0.05229, "TH7": -0.10106, "TH8": -0.05478,
+                "OMEGA(1,1)": 0.030724, "OMEGA(2,1)": 0.001479, "OMEGA(2,2)": 0.046610,
+                "SIGMA(proportional)": 0.050258}
+    se_r = {"TH1": 0.0383, "TH2": 0.0488, "TH3": 0.160, "TH4": 0.202, "TH5": 0.103,
+            "TH6": 0.130, "TH7": 0.0568, "TH8": 0.0713, "OMEGA(1,1)": 0.00916,
+            "OMEGA(2,1)": 0.00759, "OMEGA(2,2)": 0.0139, "SIGMA(proportional)": 0.00676}
+    got = fit.estimates.set_index("NAME")
+    for name, value in expected.items():
+        assert got.loc[name, "ESTIMATE"] == pytest.approx(value, rel=5e-3, abs=2e-5), name
+        assert got.loc[name, "SE_R"] == pytest.approx(se_r[name], rel=0.05), name
+    table = pd.read_csv(population_dir / "504_foce.tab", skiprows=1, skipinitialspace=True)
+    table.columns = [c.strip() for c in table.columns]
+    obs = (bauer_data(population_dir)["EVID"] == 0).to_numpy()
+    np.testing.assert_allclose(fit.records.loc[obs, "CWRES"], table.loc[obs, "CWRES"],
+                               atol=1e-3)
+
+
 def test_objective_at_nonmem_estimates(population_dir):
     """The FOCE-I objective at NONMEM's final estimates: pheno base 730.89472681 (README 1)
     and Bauer 504 with its OMEGA block and four covariates 1058.30371 (README 2)."""
@@ -97,24 +150,9 @@ def test_objective_at_nonmem_estimates(population_dir):
                        covariates=False)
     assert population_objective(base, pheno_data(population_dir)) == pytest.approx(
         730.89472681, abs=1e-3)
-    raw = pd.read_csv(population_dir / "501.csv", skiprows=1).drop(columns=["C"])
-    data = raw.assign(EVID=(raw["AMT"] > 0).astype(int), MDV=(raw["AMT"] > 0).astype(int),
-                      DV=np.where(raw["AMT"] > 0, np.nan, raw["DV"]))
-    th = sp.symbols("TH1:9")
-    wt, age, sex = sp.symbols("WT AGE SEX")
-    model = PopulationModel(
-        "bauer504", Structure(1),
-        dict(zip([str(t) for t in th], [1.10899, 3.47770, 0.659764, 1.32154, -0.534045,
-                                          0.0522912, -0.101058, -0.0547756])),
-        {"CL": sp.exp(th[0] + th[2] * sp.log(wt / 70) + th[4] * sp.log(age / 50)
-                      + th[6] * sex + ETA1),
-         "V1": sp.exp(th[1] + th[3] * sp.log(wt / 70) + th[5] * sp.log(age / 50)
-                      + th[7] * sex + ETA2)},
-        [[0.0307235, 0.00147874], [0.00147874, 0.0466096]], ("ETA1", "ETA2"),
-        ResidualError(proportional=float(np.sqrt(0.0502578))),
-        covariates=(Covariate("WT", "kg", "weight", (1.0, 300.0)),
-                    Covariate("AGE", "y", "age", (0.0, 120.0)),
-                    Covariate("SEX", "0/1", "sex", (0.0, 1.0))), time_unit="h")
+    final = [1.10899, 3.47770, 0.659764, 1.32154, -0.534045, 0.0522912, -0.101058,
+             -0.0547756, 0.0502578, 0.0307235, 0.00147874, 0.0466096]
+    model, data = bauer_model(final), bauer_data(population_dir)
     assert population_objective(model, data) == pytest.approx(1058.30371, abs=1e-2)
 
 

@@ -85,6 +85,7 @@ class _Problem:
     blq: np.ndarray  # (B, K) M3 record
     precision: np.ndarray  # (p, p) prior precision of [eta, kappa_occ1, ...]
     omega_logdet: float  # ln det of the full prior covariance
+    residual_sd: np.ndarray | None = None  # (B, K) fixed at the ETA-0 prediction (FOCE)
 
     @property
     def n_params(self) -> int:
@@ -271,7 +272,8 @@ class _Objective:
                 f_fit, y_fit, l_fit, u_fit = np.log(f), np.log(y), np.log(lloq), np.log(uloq)
             else:
                 f_fit, y_fit, l_fit, u_fit = f, y, lloq, uloq
-            g = residual.sd(f)
+            g = (residual.sd(f) if p.residual_sd is None
+                 else np.broadcast_to(p.residual_sd[ids][:, None, :], f.shape))
             normal = np.log(g**2) + ((y_fit - f_fit) / g) ** 2
             below = -2.0 * log_ndtr((l_fit - f_fit) / g)
             above = -2.0 * log_ndtr((f_fit - u_fit) / g)
@@ -702,6 +704,7 @@ def estimate_map(
     max_iter: int = 500,
     tol: float = 1e-10,
     initial: pd.DataFrame | None = None,
+    interaction: bool = True,
 ) -> MAPEstimate:
     """MAP estimates of every ID's ETAs from its measured concentrations.
 
@@ -731,6 +734,9 @@ def estimate_map(
     initial : DataFrame, optional
         The first start per ID instead of zero: a table with ID and the columns of
         ``names`` (an earlier fit's ``individuals``, as a population fit reuses them).
+    interaction : bool
+        NONMEM's INTERACTION: the residual SD at the individual prediction (default). False
+        evaluates it at the prediction with ETAs 0 (FOCE without interaction).
 
     Returns
     -------
@@ -753,10 +759,14 @@ def estimate_map(
     if _fixed_etas(model):
         part = estimate_map(_estimated_part(model), data, covariates=covariates,
                             starts=starts, seed=seed, max_iter=max_iter, tol=tol,
-                            initial=initial)
+                            initial=initial, interaction=interaction)
         return replace(part, model=model,
                        individuals=_with_fixed_columns(part.individuals, model))
     problem, full = _build_problem(model, data, covariates)
+    if not interaction:
+        typical = _Objective(problem).predictions(
+            np.zeros((len(problem.ids), 1, problem.n_params)), np.arange(len(problem.ids)))
+        problem = replace(problem, residual_sd=model.residual.sd(typical[:, 0, :]))
     obj = _Objective(problem)
     b_count, n = len(problem.ids), problem.n_params
     start = _starts(obj, starts, seed, _initial(problem, initial))

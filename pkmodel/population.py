@@ -146,10 +146,14 @@ def _layout(model: PopulationModel, fix: tuple[str, ...]) -> _Layout:
 
 
 def population_objective(model: PopulationModel, data: pd.DataFrame, *,
-                         covariates: str = "nocb") -> float:
-    """The FOCE-I objective (NONMEM's OFV, without the ``N ln 2 pi`` constant) of the
-    population parameters of ``model`` on ``data``: the sum of every ID's OBJ at its
-    conditional mode.
+                         method: str = "foce-i", covariates: str = "nocb") -> float:
+    """The objective (NONMEM's OFV, without the ``N ln 2 pi`` constant) of the population
+    parameters of ``model`` on ``data``.
+
+    ``"foce-i"``: the sum of every ID's OBJ at its conditional mode. ``"foce"``: the same
+    with the residual variance at the prediction with ETAs 0 (no interaction), at the
+    modes of that objective. ``"fo"``: ``sum_i [ln det C_i + e_i' C_i^-1 e_i]`` with ``e_i``
+    the residuals of the ETA-0 prediction and ``C_i = G OMEGA G' + R`` there.
 
     Examples
     --------
@@ -161,19 +165,83 @@ def population_objective(model: PopulationModel, data: pd.DataFrame, *,
     >>> round(population_objective(load("fasanmade2011"), table), 3)
     2.771
     """
-    fit = estimate_map(model, data, covariates=covariates, tol=_INNER_TOL)
+    _check_method(method)
+    if method == "fo":
+        return _first_order(model, validate(data, covariates=model.covariate_names))
+    fit = estimate_map(model, data, covariates=covariates, tol=_INNER_TOL,
+                       interaction=method == "foce-i")
     return float(fit.individuals["OBJ"].sum()) if fit.success else math.inf
 
 
-class _Objective:
-    """The FOCE-I objective of natural parameter vectors, inner modes warm started."""
+METHODS = ("foce-i", "foce", "fo")
 
-    def __init__(self, layout: _Layout, data: pd.DataFrame, covariates: str) -> None:
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS} (SAEM is not yet there); got "
+                         f"{method!r}")
+
+
+def _linearisation(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the prediction at ``eta (IDs, n_eta)``, its derivatives ``G`` with respect
+    to the ETAs (central differences, step 1e-5) and the residual variance there."""
+    ids = pd.unique(table["ID"])
+
+    def at(e: np.ndarray) -> np.ndarray:
+        frame = pd.DataFrame(e, columns=list(model.eta_names)).assign(ID=ids)
+        return predict(model, table, frame)["IPRED"].to_numpy()
+
+    f = at(eta)
+    steps = []
+    for k in range(eta.shape[1]):
+        shift = np.zeros_like(eta)
+        shift[:, k] = 1e-5
+        steps.append((at(eta + shift) - at(eta - shift)) / 2e-5)
+    return f, np.stack(steps, axis=1), model.residual.sd(f) ** 2
+
+
+def _first_order(model: PopulationModel, table: pd.DataFrame) -> float:
+    """NONMEM's FO objective: ``sum_i [ln det C_i + e_i' C_i^-1 e_i]`` at ETA 0."""
+    return float(_first_order_terms(model, table).sum())
+
+
+def _first_order_terms(model: PopulationModel, table: pd.DataFrame) -> np.ndarray:
+    """Each ID's FO objective ``ln det C_i + e_i' C_i^-1 e_i`` (inf where C_i is not
+    positive definite)."""
+    if model.residual.log_scale:
+        raise ValueError("FO with a log-additive error is not supported; use 'foce-i'")
+    ids = pd.unique(table["ID"])
+    f, grad, variance = _linearisation(model, table,
+                                       np.zeros((len(ids), len(model.eta_names))))
+    used = ((table["EVID"] == 0) & (table["MDV"] == 0)).to_numpy()
+    row_ids, dv = table["ID"].to_numpy(), table["DV"].to_numpy(dtype=float)
+    out = np.zeros(len(ids))
+    for b, ident in enumerate(ids):
+        rows = np.flatnonzero((row_ids == ident) & used)
+        if rows.size == 0:
+            continue
+        g = grad[rows]
+        cov = g @ model.omega @ g.T + np.diag(variance[rows])
+        e = dv[rows] - f[rows]
+        sign, logdet = np.linalg.slogdet(cov)
+        out[b] = logdet + e @ np.linalg.solve(cov, e) if sign > 0 else math.inf
+    return out
+
+
+class _Objective:
+    """The objective of natural parameter vectors; for FOCE-I and FOCE the inner modes are
+    warm started from the last accepted point."""
+
+    def __init__(self, layout: _Layout, data: pd.DataFrame, covariates: str,
+                 method: str = "foce-i") -> None:
         self.layout, self.data, self.covariates = layout, data, covariates
+        self.method = method
         self.warm: pd.DataFrame | None = None
         self.evaluations = 0
 
     def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> MAPEstimate | None:
+        """The MAP fit of every ID at ``values`` (None where one fails)."""
         self.evaluations += 1
         try:
             model = self.layout.model_at(values)
@@ -181,25 +249,33 @@ class _Objective:
                 warnings.simplefilter("ignore", PlausibilityWarning)
                 warnings.simplefilter("ignore", CovariateWarning)
                 fit = estimate_map(model, self.data, covariates=self.covariates, starts=1,
-                                   tol=_INNER_TOL, initial=warm)
+                                   tol=_INNER_TOL, initial=warm,
+                                   interaction=self.method == "foce-i")
         except (ValueError, np.linalg.LinAlgError):
             return None
         return fit if fit.success else None
 
     def per_id(self, values: np.ndarray) -> np.ndarray | None:
+        """Each ID's objective at ``values`` (None where it cannot be evaluated)."""
+        if self.method == "fo":
+            self.evaluations += 1
+            try:
+                out = _first_order_terms(self.layout.model_at(values), self.data)
+            except (ValueError, np.linalg.LinAlgError):
+                return None
+            return out if np.isfinite(out).all() else None
         fit = self.fit(values, self.warm)
         return None if fit is None else fit.individuals["OBJ"].to_numpy(dtype=float)
 
     def at_x(self, x: np.ndarray) -> float:
-        fit = self.fit(self.layout.from_x(x), self.warm)
-        if fit is None:
-            return math.inf
-        return float(fit.individuals["OBJ"].sum())
+        values = self.per_id(self.layout.from_x(x))
+        return math.inf if values is None else float(values.sum())
 
     def gradient(self, x: np.ndarray) -> np.ndarray:
-        centre = self.fit(self.layout.from_x(x), self.warm)
-        if centre is not None:
-            self.warm = centre.individuals
+        if self.method != "fo":
+            centre = self.fit(self.layout.from_x(x), self.warm)
+            if centre is not None:
+                self.warm = centre.individuals
         grad = np.zeros_like(x)
         for k in range(x.size):
             step = np.zeros_like(x)
@@ -366,8 +442,10 @@ def estimate_population(
         residual SDs.
     data : DataFrame
         NONMEM-style records of every ID.
-    method : {"foce-i"}
-        NONMEM's ``METHOD=1 INTERACTION``.
+    method : {"foce-i", "foce", "fo"}
+        NONMEM's ``METHOD=1 INTERACTION``, ``METHOD=1`` or ``METHOD=0`` (see
+        :func:`population_objective`). The conditional modes reported are FOCE-I's (FOCE's
+        for ``"foce"``).
     fix : tuple of str
         Parameters kept at their initial value: THETA names, ``"OMEGA"``, ``"SIGMA"``
         or ``"SIGMA(proportional)"`` / ``"SIGMA(additive)"``.
@@ -386,12 +464,10 @@ def estimate_population(
         Never raises on a failed minimisation: ``success`` and ``status`` say what
         happened.
     """
-    if method != "foce-i":
-        raise ValueError(f"`method` must be 'foce-i' (FOCE and FO are not yet there); got "
-                         f"{method!r}")
+    _check_method(method)
     table = validate(data, covariates=model.covariate_names)
     layout = _layout(model, tuple(fix))
-    objective = _Objective(layout, table, covariates)
+    objective = _Objective(layout, table, covariates, method)
     start = layout.natural(model)
     x0 = layout.to_x(start)
     history: list[dict[str, Any]] = []
@@ -404,7 +480,7 @@ def estimate_population(
             progress(history[-1]["ITERATION"], history[-1]["OFV"])
 
     first = objective.fit(start, None)
-    if first is None:
+    if first is None or objective.per_id(start) is None:
         raise ValueError("the objective cannot be evaluated at the initial values (an ID's "
                          "MAP fit fails): check the data and the initial estimates")
     objective.warm = first.individuals
@@ -413,9 +489,11 @@ def estimate_population(
                                callback=record, options={"gtol": gtol, "maxiter": max_iter})
     final_values = layout.from_x(result.x)
     final_model = layout.model_at(final_values)
+    # The conditional modes (POSTHOC) and the objective of the method at the estimates.
     fit = estimate_map(final_model, table, covariates=covariates, tol=_INNER_TOL,
-                       initial=objective.warm)
-    ofv = float(fit.individuals["OBJ"].sum())
+                       initial=objective.warm, interaction=method != "foce")
+    final_terms = objective.per_id(final_values)
+    ofv = float(final_terms.sum()) if final_terms is not None else math.inf
     success = bool(result.success or np.max(np.abs(result.jac)) < 10 * gtol) and fit.success
     status = ("minimization successful" if success else
               f"minimization terminated: {result.message}")
@@ -524,33 +602,20 @@ def _residuals(model: PopulationModel, table: pd.DataFrame, fit: MAPEstimate) ->
 def _weighted(model: PopulationModel, table: pd.DataFrame, records: pd.DataFrame,
               eta: np.ndarray, used: np.ndarray) -> np.ndarray:
     """``C^-1/2 (y - f + G eta)`` per ID with ``C = G OMEGA G' + diag(R)``, ``G = df/deta``
-    at ``eta`` (central differences) and ``R`` the residual variance at ``f``; ``C^-1/2``
-    is the symmetric inverse square root, as NONMEM's CWRES (a Cholesky factor differs by
-    up to 1.5 on pheno_real)."""
-    ids = pd.unique(table["ID"])
-
-    def frame(e: np.ndarray) -> pd.DataFrame:
-        return pd.DataFrame(e, columns=list(model.eta_names)).assign(ID=ids)
-
-    f = predict(model, table, frame(eta))["IPRED"].to_numpy()
-    steps = []
-    for k in range(eta.shape[1]):
-        shift = np.zeros_like(eta)
-        shift[:, k] = 1e-5
-        steps.append((predict(model, table, frame(eta + shift))["IPRED"].to_numpy()
-                      - predict(model, table, frame(eta - shift))["IPRED"].to_numpy()) / 2e-5)
-    grad = np.stack(steps, axis=1)  # (rows, n_eta)
-    variance = model.residual.sd(f) ** 2
+    at ``eta`` and ``R`` the residual variance at ``f``; ``C^-1/2`` is the symmetric
+    inverse square root, as NONMEM's CWRES (a Cholesky factor differs by up to 1.5 on
+    pheno_real)."""
+    f, grad, variance = _linearisation(model, table, eta)
     out = np.full(len(table), np.nan)
     row_ids = table["ID"].to_numpy()
-    for b, ident in enumerate(ids):
+    dv = records["DV"].to_numpy(dtype=float)
+    for b, ident in enumerate(pd.unique(table["ID"])):
         rows = np.flatnonzero((row_ids == ident) & used)
         if rows.size == 0:
             continue
         g = grad[rows]
         cov = g @ model.omega @ g.T + np.diag(variance[rows])
-        centred = records["DV"].to_numpy(dtype=float)[rows] - f[rows] + g @ eta[b]
+        centred = dv[rows] - f[rows] + g @ eta[b]
         w, v = np.linalg.eigh(cov)
         out[rows] = v @ ((v.T @ centred) / np.sqrt(w))
     return out
-

@@ -285,6 +285,16 @@ class PopulationModel:
                 raise ValueError(f"parameter {pname} uses {unknown}, which are not THETA, "
                                  "covariate, ETA or KAPPA names of this model")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled equations are rebuilt where the model is unpickled (process pools,
+        # Dask workers); numpy functions made by lambdify do not pickle.
+        state = dict(self.__dict__)
+        state.pop("_compiled", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     @property
     def covariate_names(self) -> tuple[str, ...]:
         """Names of the covariates the equations use (data columns)."""

@@ -26,6 +26,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,31 +230,49 @@ def _first_order_terms(model: PopulationModel, table: pd.DataFrame) -> np.ndarra
     return out
 
 
+def _fit_part(job: tuple) -> pd.DataFrame | None:
+    """The MAP fits of some IDs (module level, so process and Dask executors can run
+    it): their ``individuals``, or None when one fails."""
+    model, data, covariates, warm, interaction = job
+    try:
+        with warnings.catch_warnings():  # said once, at the final estimates
+            warnings.simplefilter("ignore", PlausibilityWarning)
+            warnings.simplefilter("ignore", CovariateWarning)
+            fit = estimate_map(model, data, covariates=covariates, starts=1, tol=_INNER_TOL,
+                               initial=warm, interaction=interaction)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    return fit.individuals if fit.success else None
+
+
 class _Objective:
     """The objective of natural parameter vectors; for FOCE-I and FOCE the inner modes are
     warm started from the last accepted point."""
 
     def __init__(self, layout: _Layout, data: pd.DataFrame, covariates: str,
-                 method: str = "foce-i") -> None:
+                 method: str = "foce-i", executor: Executor | None = None,
+                 chunks: int = 1) -> None:
         self.layout, self.data, self.covariates = layout, data, covariates
         self.method = method
         self.warm: pd.DataFrame | None = None
         self.evaluations = 0
+        self.executor = executor
+        ids = pd.unique(data["ID"])
+        groups = np.array_split(ids, max(1, min(chunks, len(ids)))) if executor else [ids]
+        self.parts = [data[data["ID"].isin(g)] for g in groups]
 
-    def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> MAPEstimate | None:
-        """The MAP fit of every ID at ``values`` (None where one fails)."""
+    def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:
+        """Every ID's MAP fit at ``values`` (its ``individuals``; None where one fails),
+        the IDs in parts on the executor when there is one."""
         self.evaluations += 1
-        try:
-            model = self.layout.model_at(values)
-            with warnings.catch_warnings():  # said once, at the final estimates
-                warnings.simplefilter("ignore", PlausibilityWarning)
-                warnings.simplefilter("ignore", CovariateWarning)
-                fit = estimate_map(model, self.data, covariates=self.covariates, starts=1,
-                                   tol=_INNER_TOL, initial=warm,
-                                   interaction=self.method == "foce-i")
-        except (ValueError, np.linalg.LinAlgError):
+        model = self.layout.model_at(values)
+        jobs = [(model, part, self.covariates, warm, self.method == "foce-i")
+                for part in self.parts]
+        results = (list(self.executor.map(_fit_part, jobs)) if self.executor is not None
+                   else [_fit_part(job) for job in jobs])
+        if any(r is None for r in results):
             return None
-        return fit if fit.success else None
+        return pd.concat(results) if len(results) > 1 else results[0]
 
     def per_id(self, values: np.ndarray) -> np.ndarray | None:
         """Each ID's objective at ``values`` (None where it cannot be evaluated)."""
@@ -265,7 +284,7 @@ class _Objective:
                 return None
             return out if np.isfinite(out).all() else None
         fit = self.fit(values, self.warm)
-        return None if fit is None else fit.individuals["OBJ"].to_numpy(dtype=float)
+        return None if fit is None else fit["OBJ"].to_numpy(dtype=float)
 
     def at_x(self, x: np.ndarray) -> float:
         values = self.per_id(self.layout.from_x(x))
@@ -275,7 +294,7 @@ class _Objective:
         if self.method != "fo":
             centre = self.fit(self.layout.from_x(x), self.warm)
             if centre is not None:
-                self.warm = centre.individuals
+                self.warm = centre
         grad = np.zeros_like(x)
         for k in range(x.size):
             step = np.zeros_like(x)
@@ -431,6 +450,8 @@ def estimate_population(
     max_iter: int = 200,
     gtol: float = 1e-3,
     progress: Callable[[int, float], None] | None = None,
+    executor: Executor | None = None,
+    chunks: int = 4,
 ) -> PopulationFit:
     """Estimate THETA, OMEGA and SIGMA from a population's data by FOCE-I.
 
@@ -457,6 +478,11 @@ def estimate_population(
         Stop when the gradient's largest component (in transformed units) is below this.
     progress : callable, optional
         Called with the iteration number and the objective after each outer iteration.
+    executor : concurrent.futures.Executor, optional
+        Where the IDs' inner fits run, in ``chunks`` parts of IDs per evaluation (a process
+        pool, or a Dask ``Client.get_executor()``); the estimates do not depend on it.
+    chunks : int
+        Parts the IDs are split into on the executor.
 
     Returns
     -------
@@ -467,7 +493,7 @@ def estimate_population(
     _check_method(method)
     table = validate(data, covariates=model.covariate_names)
     layout = _layout(model, tuple(fix))
-    objective = _Objective(layout, table, covariates, method)
+    objective = _Objective(layout, table, covariates, method, executor, chunks)
     start = layout.natural(model)
     x0 = layout.to_x(start)
     history: list[dict[str, Any]] = []
@@ -483,7 +509,7 @@ def estimate_population(
     if first is None or objective.per_id(start) is None:
         raise ValueError("the objective cannot be evaluated at the initial values (an ID's "
                          "MAP fit fails): check the data and the initial estimates")
-    objective.warm = first.individuals
+    objective.warm = first
     record(x0)
     result = optimize.minimize(objective.at_x, x0, jac=objective.gradient, method="BFGS",
                                callback=record, options={"gtol": gtol, "maxiter": max_iter})

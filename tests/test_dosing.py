@@ -137,6 +137,40 @@ def test_narrowly_on_target_continues_without_a_lower_dose_offered():
     assert "already meets the target" in rec.message
 
 
+def test_each_objective_states_its_rule_and_the_objectives_differ():
+    """The default child misses the target and no single change suffices: the clinical rule
+    changes both (300 mg every 4 weeks, least drug), least_drug says so in its own words,
+    fewest_infusions takes the longest interval (500 mg every 6 weeks); an unattainable
+    target under fewest_infusions is said, not raised."""
+    history = child()
+    rules = {"smallest_change": "no change of dose alone or of interval alone meets it within "
+                                "the limits, so both change: the least drug per week that does",
+             "least_drug": "this is the least drug per week that meets it (objective "
+                           "least_drug)",
+             "fewest_infusions": "this is the longest interval that meets it, at its least "
+                                 "dose (objective fewest_infusions)"}
+    chosen = {}
+    for objective, rule in rules.items():
+        rec = recommend_regimen(MODEL, history, 6.0, n_draws=0, objective=objective)
+        assert rule in rec.message, objective
+        chosen[objective] = (rec.recommended.dose_mg, rec.recommended.interval_weeks)
+    assert chosen["smallest_change"] == chosen["least_drug"] == (300.0, 4.0)
+    assert chosen["fewest_infusions"] == (500.0, 6.0)
+    none = recommend_regimen(MODEL, history, 200.0, n_draws=0, objective="fewest_infusions")
+    assert none.action == "unattainable" and none.recommended is None
+
+
+def test_a_smaller_increase_wins_even_when_both_are_large():
+    """60 kg, week-22 trough 4.5 mg/L: 600 mg every 8 weeks adds 100 % drug per week, 300 mg
+    every 5 weeks 60 %: the interval change is chosen (drug per week compared to 1e-9, not
+    rounded to whole multiples)."""
+    history = child((4.5,), weight=60.0, days=(154.0,), ALB=4.0, IMM=0)
+    rec = recommend_regimen(MODEL, history, 6.0, n_draws=0)
+    assert rec.dose_only.change_in_drug_per_week == pytest.approx(1.0)
+    assert rec.interval_only.change_in_drug_per_week == pytest.approx(0.6)
+    assert (rec.recommended.dose_mg, rec.recommended.interval_weeks) == (300.0, 5.0)
+
+
 def test_other_objectives_may_leave_the_current_regimen():
     history = child((20.0, 18.0), weight=62.0, ALB=4.1)
     least = recommend_regimen(MODEL, history, 6.0, n_draws=0, objective="least_drug")

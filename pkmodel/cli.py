@@ -1,9 +1,9 @@
 """The ``pkmodel`` command: ``recommend data.csv``, ``predict data.csv``, ``trial`` and
 ``fit MODEL data.csv --out FOLDER``.
 
-Errors in the input are reported as one message on standard error (exit status 2), never
-as a traceback; a refused recommendation, or a population fit whose minimisation did not
-succeed, exits with status 3. ``--json`` prints a stable
+Errors are reported as one message on standard error (exit status 2 for usage, 4 for the
+data; with ``--json`` also as a JSON document), never as a traceback; a refused
+recommendation, or a population fit whose minimisation did not succeed, exits with status 3. ``--json`` prints a stable
 document for programs (schema in docs/cli.md).
 """
 
@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pkmodel import __version__
@@ -36,14 +37,17 @@ SCHEMA_RECOMMENDATION = "pkmodel.recommendation/2"
 SCHEMA_PREDICTION = "pkmodel.prediction/1"
 SCHEMA_TRIAL = "pkmodel.trial/1"
 SCHEMA_FIT = "pkmodel.fit/1"
+SCHEMA_ERROR = "pkmodel.error/1"
 #: Exit statuses: 0 done (a recommendation of any status but refused), 1 internal error,
-#: 2 bad input or usage, 3 recommendation refused (the data cannot be trusted for dosing)
-#: or population minimisation unsuccessful.
-EXIT_ERROR, EXIT_INPUT, EXIT_REFUSED = 1, 2, 3
+#: 2 usage (a flag or its value), 3 recommendation refused (the data cannot be trusted for
+#: dosing) or population minimisation unsuccessful, 4 the data (unreadable, or breaking a
+#: rule: the message names column, row and ID).
+EXIT_ERROR, EXIT_INPUT, EXIT_REFUSED, EXIT_DATA = 1, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pkmodel", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pkmodel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend", help="recommend the next regimen from a patient's "
                                            "history (NONMEM-style CSV, or dosing and lab "
@@ -78,8 +82,29 @@ def _parser() -> argparse.ArgumentParser:
                                           "measured) for every record")
     pred.add_argument("data")
     pred.add_argument("--model", default=DEFAULT, choices=available())
+    pred.add_argument("--times", type=_times, metavar="GRID",
+                      help="predict on this grid of times instead of the records: "
+                           "'0,7,14' or 'START:STOP:STEP' (the model's time unit)")
     pred.add_argument("--json", action="store_true")
     return parser
+
+
+def _times(text: str) -> list[float]:
+    """'0,7,14' or 'START:STOP:STEP' (STOP included when on the grid)."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if not (step > 0 and stop >= start and (stop - start) / step <= 100_000):
+                raise ValueError
+            values = start + step * np.arange(int(np.floor((stop - start) / step + 1e-9)) + 1)
+        else:
+            values = np.array([float(v) for v in text.split(",") if v.strip()])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected '0,7,14' or 'START:STOP:STEP' with a "
+                                         f"positive step; got {text!r}") from None
+    if values.size == 0 or not np.isfinite(values).all():
+        raise argparse.ArgumentTypeError(f"expected finite times; got {text!r}")
+    return sorted(set(values.tolist()))
 
 
 def _positive(text: str) -> float:
@@ -275,12 +300,22 @@ def _predict(args: argparse.Namespace) -> int:
     model = load(args.model)
     table = validate(data)
     measured = bool(((table["EVID"] == 0) & (table["MDV"] == 0)).any())
-    out = estimate_map(model, data).records if measured else predict(model, data)
+    fit = estimate_map(model, data) if measured else None
+    if args.times is not None:
+        table = _with_grid(table, args.times)
+        eta = None if fit is None else fit.individuals[["ID", *model.eta_names]]
+        out = predict(model, table.drop(columns="GRID"), eta)
+        out = out[table["GRID"].to_numpy()]
+    else:
+        out = fit.records if fit is not None else predict(model, data)
     columns = [c for c in ("ID", "TIME", "EVID", "AMT", "DV", "PRED", "IPRED") if c in out]
+    out = out[columns].astype({c: int for c in ("EVID",) if c in columns})
     if args.json:
-        json.dump(plain_json({"schema": SCHEMA_PREDICTION, "model": args.model,
-                          "records": [{k.lower(): v for k, v in r.items()}
-                                      for r in out[columns].to_dict("records")]}),
+        json.dump(plain_json({"schema": SCHEMA_PREDICTION, "pkmodel_version": __version__,
+                              "model": args.model, "time_unit": model.time_unit,
+                              "concentration_unit": model.concentration_unit,
+                              "records": [{k.lower(): v for k, v in r.items()}
+                                          for r in out.to_dict("records")]}),
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -330,6 +365,20 @@ def _fit(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(result.summary() + "\n")
     return 0 if result.success else EXIT_REFUSED
+
+
+def _with_grid(table: pd.DataFrame, times: list[float]) -> pd.DataFrame:
+    """Each ID's records with a sample (EVID 2) at every time of the grid, after the
+    records at the same time; GRID marks the added rows."""
+    parts = []
+    for ident, rows in table.groupby("ID", sort=False):
+        last = rows.iloc[-1]
+        grid = pd.DataFrame({c: np.repeat(last[c], len(times)) for c in rows.columns})
+        grid = grid.assign(ID=ident, TIME=times, EVID=2.0, MDV=1.0, AMT=0.0, RATE=0.0,
+                           DUR=0.0, II=0.0, ADDL=0.0, SS=0.0, CMT=0.0, DV=np.nan)
+        both = pd.concat([rows.assign(GRID=False), grid.assign(GRID=True)], ignore_index=True)
+        parts.append(both.iloc[np.lexsort((both["GRID"].to_numpy(), both["TIME"].to_numpy()))])
+    return pd.concat(parts, ignore_index=True)
 
 
 def _trial(args: argparse.Namespace) -> int:
@@ -386,15 +435,31 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): nothing to say
         sys.stderr.close()
         return 0
-    except (PKModelError, ValueError, OSError) as err:
-        sys.stderr.write(f"pkmodel: error: {err}\n")
-        return EXIT_INPUT
+    except (PKModelError, OSError) as err:  # the data: unreadable, or not what is expected
+        return _fail(args, err, "data", EXIT_DATA)
+    except ValueError as err:  # the options: a value the question cannot take
+        return _fail(args, err, "usage", EXIT_INPUT)
     except Exception as err:  # the command never shows a traceback
         if os.environ.get("PKMODEL_DEBUG"):
             raise
-        sys.stderr.write(f"pkmodel: internal error ({type(err).__name__}: {err}); please "
-                         "report it with the input (PKMODEL_DEBUG=1 shows the traceback)\n")
-        return EXIT_ERROR
+        return _fail(args, err, "internal", EXIT_ERROR,
+                     f"internal error ({type(err).__name__}: {err}); please report it with "
+                     "the input (PKMODEL_DEBUG=1 shows the traceback)")
+
+
+def _fail(args: argparse.Namespace, err: Exception, kind: str, code: int,
+          text: str | None = None) -> int:
+    """One line on standard error; with ``--json`` also an error document on standard
+    output (schema pkmodel.error/1), so a program reads one stream."""
+    message = text or str(err)
+    sys.stderr.write(f"pkmodel: error: {message}\n")
+    if getattr(args, "json", False):
+        document = {"schema": SCHEMA_ERROR, "pkmodel_version": __version__, "kind": kind,
+                    "error": message, "type": type(err).__name__,
+                    "column": getattr(err, "column", None), "row": getattr(err, "row", None),
+                    "id": getattr(err, "id", None), "exit_status": code}
+        sys.stdout.write(json.dumps(plain_json(document), indent=2) + "\n")
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

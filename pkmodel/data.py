@@ -155,7 +155,10 @@ def fail_where(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
     if values is not None:
         value = values[np.flatnonzero(bad)[0]]
         got = f"; got {value.item() if isinstance(value, np.generic) else value!r}"
-    raise DatasetError(f"column '{column}', {_where(data, bad)}: expected {expected}{got}")
+    first = int(np.flatnonzero(bad)[0])
+    ident = data["ID"].iloc[first] if "ID" in data.columns else None
+    raise DatasetError(f"column '{column}', {_where(data, bad)}: expected {expected}{got}",
+                       column=column, row=first, id=plain_json(ident))
 
 
 def _numeric(data: pd.DataFrame, column: str) -> np.ndarray:

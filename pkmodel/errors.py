@@ -25,8 +25,14 @@ class DatasetError(PKModelError, ValueError):
     """An event table breaks NONMEM's conventions or pkmodel's requirements.
 
     The message names the column, the row (0-based position in the table) and the ID,
-    and says what was expected.
+    and says what was expected; ``column``, ``row`` and ``id`` hold them where they exist
+    (None otherwise), for programs.
     """
+
+    def __init__(self, message: str, *, column: str | None = None, row: int | None = None,
+                 id: object = None) -> None:
+        super().__init__(message)
+        self.column, self.row, self.id = column, row, id
 
 
 class CovariateError(PKModelError, ValueError):

@@ -121,7 +121,7 @@ def test_clinical_tables_with_dates(tmp_path, capsys):
     assert doc["patient"] == {"id": 1, "weight_kg": 28.4}
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert main(["recommend", "--doses", str(empty), "--labs", str(labs)]) == 2
+    assert main(["recommend", "--doses", str(empty), "--labs", str(labs)]) == 4
     assert "the file is empty" in capsys.readouterr().err
     assert main(["recommend", str(CHILD), "--doses", str(doses)]) == 2
     assert "not both" in capsys.readouterr().err
@@ -165,7 +165,7 @@ def test_predict_reads_mdv_through_the_validated_table(tmp_path, capsys):
 def test_input_errors_are_messages_not_tracebacks(tmp_path, capsys, content, words):
     path = tmp_path / "bad.csv"
     path.write_text(content)
-    assert main(["recommend", str(path)]) == 2
+    assert main(["recommend", str(path)]) == 4
     err = capsys.readouterr().err
     assert err.startswith("pkmodel: error:") and words in err and "Traceback" not in err
 
@@ -185,7 +185,7 @@ def test_missing_file_and_installed_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pkmodel.cli", "recommend",
                              str(tmp_path / "none.csv")], capture_output=True, text=True,
                             check=False)
-    assert result.returncode == 2 and "No such file" in result.stderr
+    assert result.returncode == 4 and "No such file" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -264,3 +264,37 @@ def test_fit_command_names_a_bad_model(tmp_path, capsys):
     assert main(["fit", str(bad), str(CHILD), "--out", str(tmp_path / "x")]) == 2
     assert "PopulationModel" in capsys.readouterr().err
     assert main(["fit", "nonsense", str(CHILD), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_version_module_entry_and_json_errors(tmp_path, capsys):
+    """`--version`, `python -m pkmodel`, and with --json a data error as a JSON document
+    (schema pkmodel.error/1) naming column, row and ID, exit status 4."""
+    result = subprocess.run([sys.executable, "-m", "pkmodel", "--version"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == f"pkmodel {pkmodel.__version__}"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,TIME,AMT,DV,WT,ALB,ATI,IMM\n1,0,100,.,28,3.3,0,1\n1,56,0,-2,28,3.3,0,1\n")
+    assert main(["recommend", str(bad), "--json"]) == 4
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["schema"] == "pkmodel.error/1" and doc["kind"] == "data"
+    assert (doc["column"], doc["row"], doc["id"]) == ("DV", 1, 1)
+    assert doc["exit_status"] == 4 and captured.err.startswith("pkmodel: error: column 'DV'")
+
+
+def test_predict_on_a_time_grid(capsys):
+    """--times: one record per grid time, EVID an integer; where a grid time is a record's
+    time (day 154, the last trough) the prediction equals the record's."""
+    assert main(["predict", str(CHILD), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
+    at_154 = [r for r in records if r["time"] == 154.0][0]
+    assert main(["predict", str(CHILD), "--times", "140:168:7", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    grid = doc["records"]
+    assert [r["time"] for r in grid] == [140.0, 147.0, 154.0, 161.0, 168.0]
+    assert all(r["evid"] == 2 and isinstance(r["evid"], int) for r in grid)
+    assert grid[2]["ipred"] == pytest.approx(at_154["ipred"], rel=1e-12)
+    assert grid[0]["ipred"] > grid[1]["ipred"] > grid[2]["ipred"]  # decline, no dose
+    assert doc["time_unit"] == "day"
+    with pytest.raises(SystemExit):
+        main(["predict", str(CHILD), "--times", "5:1:1"])

@@ -1,13 +1,36 @@
-"""Figures (matplotlib, the optional ``plot`` extra)."""
+"""Figures (matplotlib, the optional ``plot`` extra).
+
+Each function returns a :class:`matplotlib.figure.Figure` made without pyplot, so the
+session's backend (a Jupyter notebook's inline plots, say) is never changed; ``path``
+writes it to a file.
+
+* :func:`plot_recommendation`: the trough forecast of a recommendation.
+* :func:`plot_profile`: the individual concentration-time profile through the history and
+  the forecast: MAP line, posterior 80 % band, measured values, censored ones at their
+  LLOQ, doses given and proposed, the target.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from pkmodel.dosing import Recommendation
+import numpy as np
+import pandas as pd
 
-__all__ = ["plot_recommendation"]
+from pkmodel.dosing import Recommendation
+from pkmodel.estimate import MAPEstimate, PosteriorSample
+from pkmodel.predict import draw_concentrations
+
+__all__ = ["plot_profile", "plot_recommendation"]
+
+
+def _figure(width: float = 8.0, height: float = 4.5) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise ImportError("plots need matplotlib: pip install 'pkmodel[plot]'") from err
+    return Figure(figsize=(width, height))
 
 
 def plot_recommendation(recommendation: Recommendation, *,
@@ -28,15 +51,9 @@ def plot_recommendation(recommendation: Recommendation, *,
     -------
     matplotlib.figure.Figure
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the installation
-        raise ImportError("plots need matplotlib: pip install 'pkmodel[plot]'") from err
     rec = recommendation
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = _figure()
+    ax = fig.subplots()
     refused = rec.status == "refused"
     option = rec.current if refused else rec.closest
     label = (f"{option.dose_mg:g} mg every {option.interval_weeks:g} wk"
@@ -67,3 +84,128 @@ def plot_recommendation(recommendation: Recommendation, *,
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_profile(fit: MAPEstimate, *, posterior: PosteriorSample | None = None,
+                 recommendation: Recommendation | None = None, until: float | None = None,
+                 target: float | None = None,
+                 path: str | os.PathLike[str] | None = None) -> Any:
+    """The patient's concentration over time: the history and, with a recommendation, its
+    proposed doses, at the MAP (KAPPAs 0) with the posterior's 10th-90th percentile band.
+
+    Parameters
+    ----------
+    fit : MAPEstimate
+        One patient's fit (:func:`~pkmodel.estimate.estimate_map`).
+    posterior : PosteriorSample, optional
+        Draws for the band (:func:`~pkmodel.estimate.sample_posterior`).
+    recommendation : Recommendation, optional
+        Its recommended (or closest) regimen is drawn after the history, doses marked.
+    until : float, optional
+        Last time drawn (model's time unit); default: the last record, or a year of the
+        proposed regimen.
+    target : float, optional
+        A horizontal target line (default: the recommendation's target).
+    path : str or path-like, optional
+        Write the figure there.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    model, table = fit.model, fit.records
+    if table["ID"].nunique() != 1:
+        raise ValueError("plot_profile draws one patient; fit one ID")
+    history = table.drop(columns=[c for c in table.columns if c not in _RECORD_COLUMNS
+                                  and c not in model.covariate_names])
+    future = _proposed(history, recommendation)
+    doses = pd.concat([history, future], ignore_index=True)
+    end = until if until is not None else float(doses["TIME"].max()) + (
+        56.0 if future.empty else 0.0) / model.days_per_time_unit
+    given = doses[doses["EVID"] == 1]
+    ends = given["TIME"] + np.where(given["RATE"] > 0, given["AMT"] / given["RATE"].where(
+        given["RATE"] > 0, 1.0), 0.0)  # infusion ends: the peaks
+    grid = np.unique(np.concatenate([np.linspace(0.0, end, 600), given["TIME"].to_numpy(),
+                                     ends.to_numpy()]))
+    grid = grid[grid <= end]
+    frame = _with_samples(doses, grid)
+    names = list(model.eta_names)
+    eta = fit.individuals[names].to_numpy(dtype=float)
+    if posterior is not None:
+        eta = np.vstack([eta, posterior.draws[names].to_numpy(dtype=float)])
+    (conc,) = draw_concentrations(model, [frame.drop(columns="_GRID")], eta)
+    at = frame["_GRID"].to_numpy()
+    fig = _figure()
+    ax = fig.subplots()
+    if posterior is not None:
+        low, high = np.percentile(conc[1:, at], [10, 90], axis=0)
+        ax.fill_between(grid, low, high, color="tab:blue", alpha=0.2, linewidth=0,
+                        label="posterior 80 % band")
+    ax.plot(grid, conc[0, at], color="tab:blue", label="individual (MAP)")
+    _measured(ax, table)
+    for t in doses.loc[doses["EVID"] == 1, "TIME"]:
+        ax.axvline(t, color="grey", linewidth=0.5, alpha=0.6)
+    for t in future.loc[future["EVID"] == 1, "TIME"]:
+        ax.axvline(t, color="tab:green", linewidth=0.8, linestyle=":")
+    level = target if target is not None else (recommendation.target if recommendation
+                                               else None)
+    if level is not None:
+        ax.axhline(level, color="tab:red", linestyle="--", label=f"target {level:g}")
+    ax.set_xlabel(f"time ({model.time_unit})")
+    ax.set_ylabel(f"concentration ({model.concentration_unit})")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small", loc="upper right")
+    ax.set_title(f"{model.name}: individual profile" + (
+        " and proposed regimen (dotted: proposed doses)" if not future.empty else ""))
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+_RECORD_COLUMNS = ("ID", "TIME", "EVID", "AMT", "RATE", "DUR", "II", "ADDL", "SS", "MDV",
+                   "CMT", "DV", "LLOQ", "ULOQ", "OCC")
+
+
+def _proposed(history: pd.DataFrame, rec: Recommendation | None) -> pd.DataFrame:
+    """The recommended (or closest) regimen as dose records over a year."""
+    if rec is None:
+        return history.iloc[:0]
+    option = rec.recommended or rec.closest
+    tau = option.interval_weeks * 7.0
+    times = rec.next_dose_day + tau * np.arange(int(365.0 // tau) + 1)
+    last_dose = history[history["EVID"] == 1].iloc[-1]
+    hours = last_dose["AMT"] / last_dose["RATE"] if last_dose["RATE"] > 0 else 0.0
+    rows = pd.DataFrame({c: np.repeat(history.iloc[-1][c], times.size)
+                         for c in history.columns})
+    return rows.assign(TIME=times, EVID=1.0, MDV=1.0, AMT=option.dose_mg,
+                       RATE=option.dose_mg / hours if hours else 0.0, DV=np.nan,
+                       CMT=last_dose["CMT"], II=0.0, ADDL=0.0, SS=0.0)
+
+
+def _with_samples(table: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
+    """``table`` with samples (EVID 2) on ``grid``, after the records at the same time."""
+    last = table.iloc[-1]
+    samples = pd.DataFrame({c: np.repeat(last[c], grid.size) for c in table.columns})
+    samples = samples.assign(TIME=grid, EVID=2.0, MDV=1.0, AMT=0.0, RATE=0.0, DV=np.nan,
+                             **{c: 0.0 for c in ("DUR", "II", "ADDL", "SS", "CMT")
+                                if c in table.columns})
+    both = pd.concat([table.assign(_GRID=False), samples.assign(_GRID=True)],
+                     ignore_index=True)
+    order = np.lexsort((both["_GRID"].to_numpy(), both["TIME"].to_numpy()))
+    return both.iloc[order].reset_index(drop=True)
+
+
+def _measured(ax: Any, table: pd.DataFrame) -> None:
+    """Measured values as points; censored ones (below LLOQ) as open marks at the LLOQ,
+    with the LLOQ line."""
+    seen = table[(table["EVID"] == 0) & (table["MDV"] == 0)]
+    if "LLOQ" in seen.columns:
+        below = seen["DV"] < seen["LLOQ"]
+        if below.any():
+            ax.plot(seen.loc[below, "TIME"], seen.loc[below, "LLOQ"], "kv", mfc="none",
+                    label="below LLOQ (drawn at the LLOQ)")
+            ax.axhline(float(seen.loc[below, "LLOQ"].iloc[0]), color="k", linewidth=0.6,
+                       linestyle=":", label="LLOQ")
+        seen = seen[~below]
+    ax.plot(seen["TIME"], seen["DV"], "k^", label="measured")

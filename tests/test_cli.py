@@ -287,7 +287,7 @@ def test_predict_on_a_time_grid(capsys):
     time (day 154, the last trough) the prediction equals the record's."""
     assert main(["predict", str(CHILD), "--json"]) == 0
     records = json.loads(capsys.readouterr().out)["records"]
-    at_154 = [r for r in records if r["time"] == 154.0][0]
+    at_154 = next(r for r in records if r["time"] == 154.0)
     assert main(["predict", str(CHILD), "--times", "140:168:7", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     grid = doc["records"]
@@ -298,3 +298,28 @@ def test_predict_on_a_time_grid(capsys):
     assert doc["time_unit"] == "day"
     with pytest.raises(SystemExit):
         main(["predict", str(CHILD), "--times", "5:1:1"])
+
+
+def test_profile_figure_leaves_the_backend_alone(tmp_path):
+    """plot_profile draws the MAP line, the band, the censored value at its LLOQ and the
+    proposed doses; neither it nor plot_recommendation changes matplotlib's backend."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from pkmodel.dosing import recommend_regimen
+    from pkmodel.estimate import estimate_map, sample_posterior
+    from pkmodel.models import load
+    from pkmodel.plot import plot_profile, plot_recommendation
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend pkmodel would not choose itself
+    model = load("fasanmade2011")
+    child = pd.read_csv(CHILD, na_values=".").assign(LLOQ=1.0)  # day 154: 0.8 < 1.0
+    fit = estimate_map(model, child)
+    rec = recommend_regimen(model, child, 6.0, n_draws=100)
+    fig = plot_profile(fit, posterior=sample_posterior(model, child, n=100, estimate=fit),
+                       recommendation=rec, path=tmp_path / "profile.png")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert {"individual (MAP)", "posterior 80 % band", "LLOQ", "target 6"} <= set(labels)
+    assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    plot_recommendation(rec)
+    assert matplotlib.get_backend() == "svg"
+    matplotlib.use(backend)

@@ -31,6 +31,7 @@ draws never produce a regimen.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,7 @@ from pkmodel.model import (
     PopulationModel,
     check_covariates,
     covariates_outside_range,
+    eta_of,
 )
 from pkmodel.predict import draw_concentrations
 
@@ -276,6 +278,10 @@ class Recommendation:
         """Whether some option within the limits meets the target (False when refused:
         nothing is offered then)."""
         return self.status != "refused" and self.closest.meets_target
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string (``kwargs`` go to :func:`json.dumps`)."""
+        return json.dumps(self.to_dict(), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (NaN and infinities as None); tables as lists of records."""
@@ -792,11 +798,8 @@ def _dose_grid(weight: float, *, vial_mg: float | None, step_mg_per_kg: float | 
 
 def _clearance_eta(model: PopulationModel) -> int | None:
     """Index of the ETA on CL, when exactly one ETA enters CL."""
-    expr = model.parameters.get("CL")
-    if expr is None:
-        return None
-    used = [i for i, n in enumerate(model.eta_names) if n in {str(s) for s in expr.free_symbols}]
-    return used[0] if len(used) == 1 else None
+    name = eta_of(model, "CL")
+    return None if name is None else model.eta_names.index(name)
 
 
 def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[str]]:

@@ -28,6 +28,7 @@ included; the full Hessian does not reproduce NONMEM's ETC); both are reported s
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,10 +39,16 @@ import sympy as sp
 from scipy.special import log_ndtr
 from scipy.stats import qmc
 
-from pkmodel.data import fail_where, validate
+from pkmodel.data import fail_where, plain_json, validate
 from pkmodel.engine import Events, stack_events
 from pkmodel.errors import PlausibilityWarning
-from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
+from pkmodel.model import (
+    PopulationModel,
+    check_covariates,
+    disposition,
+    eta_of,
+    evaluate_parameters,
+)
 from pkmodel.predict import (
     dosing_occasions,
     predict_validated,
@@ -528,6 +535,76 @@ class MAPEstimate:
                 out[i, j] = out[j, i] = row[f"ETC_{i + 1}_{j + 1}"]
         return out
 
+    def summary(self, posterior: PosteriorSample | None = None,
+                level: float = 0.9) -> pd.DataFrame:
+        """Each ID's parameters: the typical value for its covariates (ETAs 0), the
+        individual MAP value, a ``level`` credible interval from ``posterior`` (when
+        given), the ETA's shrinkage (``1 - sqrt(1 - ETC / OMEGA)``: 0 when the data fix the
+        ETA, 1 when they say nothing), and the derived terminal half-life and Vss.
+
+        Returns
+        -------
+        DataFrame
+            ID, PARAMETER, UNIT, TYPICAL, INDIVIDUAL, LOW, HIGH, ETA, SHRINKAGE; units in
+            the model's time unit (L, L/time, 1/time).
+
+        Examples
+        --------
+        >>> from pkmodel.data import infliximab_regimen
+        >>> from pkmodel.models import load
+        >>> table = infliximab_regimen(28.0, until_week=22,
+        ...                            covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
+        >>> table.loc[(table.EVID == 0) & (table.TIME == 98.0), ["MDV", "DV"]] = [0, 3.2]
+        >>> fit = estimate_map(load("fasanmade2011"), table)
+        >>> fit.summary()[["PARAMETER", "UNIT"]].T.to_numpy().tolist()[0]
+        ['CL', 'V1', 'Q', 'V2', 'HALF_LIFE', 'VSS']
+        """
+        model, rows = self.model, []
+        unit_of = {"CL": "L/{t}", "Q": "L/{t}", "Q3": "L/{t}", "V1": "L", "V2": "L",
+                   "V3": "L", "KA": "1/{t}", "HALF_LIFE": "{t}", "VSS": "L"}
+        last = self.records.groupby("ID", sort=False).last()
+        for ident in self.individuals["ID"]:
+            covs = {c: np.array([last.loc[ident, c]]) for c in model.covariate_names}
+            eta = self.individuals.loc[ident, list(model.eta_names)].to_numpy(dtype=float)
+            sets = [np.zeros(len(model.eta_names)), eta]
+            if posterior is not None:
+                draws = posterior.draws[posterior.draws["ID"] == ident]
+                sets += list(draws[list(model.eta_names)].to_numpy(dtype=float))
+            values = evaluate_parameters(model, covs, np.array(sets)[:, None, :])
+            table = {k: np.ravel(v) for k, v in values.items()
+                     if k in model.structure.parameter_names}
+            derived = [disposition(model, {k: v[i] for k, v in table.items()})
+                       for i in range(len(sets))]
+            for name in ("HALF_LIFE", "VSS"):
+                table[name] = np.array([d[name] for d in derived])
+            etc = self.etc(ident)
+            for name, v in table.items():
+                eta_name = eta_of(model, name)
+                shrink = np.nan
+                if eta_name is not None and eta_name in self.names:
+                    k, at = model.eta_names.index(eta_name), self.names.index(eta_name)
+                    ratio = etc[at, at] / model.omega[k, k]
+                    shrink = float(1.0 - np.sqrt(max(0.0, 1.0 - ratio)))
+                low = high = np.nan
+                if posterior is not None and v.size > 2:
+                    low, high = np.percentile(v[2:], [50 * (1 - level), 50 * (1 + level)])
+                rows.append({"ID": ident, "PARAMETER": name,
+                             "UNIT": unit_of.get(name, "").format(t=model.time_unit),
+                             "TYPICAL": v[0], "INDIVIDUAL": v[1], "LOW": low, "HIGH": high,
+                             "ETA": eta_name, "SHRINKAGE": shrink})
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the model name, and the individuals and records as lists of
+        records."""
+        return plain_json({"model": self.model.name, "names": list(self.names),
+                           "individuals": self.individuals.to_dict(orient="records"),
+                           "records": self.records.to_dict(orient="records")})
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string (``kwargs`` go to :func:`json.dumps`)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
 
 def objective(
     model: PopulationModel,
@@ -939,6 +1016,15 @@ class PosteriorSample:
 
     draws: pd.DataFrame
     diagnostics: pd.DataFrame
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: draws and diagnostics as lists of records."""
+        return plain_json({"draws": self.draws.to_dict(orient="records"),
+                           "diagnostics": self.diagnostics.to_dict(orient="records")})
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), **kwargs)
 
 
 def sample_posterior(

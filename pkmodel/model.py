@@ -47,6 +47,8 @@ __all__ = [
     "ResidualError",
     "check_covariates",
     "covariates_outside_range",
+    "disposition",
+    "eta_of",
     "evaluate_parameters",
     "typical_covariates",
 ]
@@ -447,6 +449,48 @@ def evaluate_parameters(
     shape = np.broadcast_shapes(*(np.shape(a) for a in args))
     return {name: np.broadcast_to(np.asarray(f(*args), dtype=float), shape).copy()
             for name, f in model._compiled.items()}
+
+
+def eta_of(model: PopulationModel, parameter: str) -> str | None:
+    """The ETA a parameter's equation uses, when it uses exactly one (else None).
+
+    Examples
+    --------
+    >>> from pkmodel.models import load
+    >>> eta_of(load("xu2012"), "CL")
+    'ETA_CL'
+    """
+    expr = model.parameters.get(parameter)
+    if expr is None:
+        return None
+    used = [n for n in model.eta_names if n in {str(s) for s in expr.free_symbols}]
+    return used[0] if len(used) == 1 else None
+
+
+def disposition(model: PopulationModel, parameters: Mapping[str, float]) -> dict[str, float]:
+    """Terminal half-life (model's time unit) and volume at steady state (L) from one set
+    of individual parameters: the slowest eigenvalue of the disposition rate matrix, and
+    the sum of the volumes.
+
+    Examples
+    --------
+    >>> from pkmodel.engine import Structure
+    >>> m = PopulationModel("one", Structure(1), {}, {"CL": sp.Float(2), "V1": sp.Float(10)},
+    ...                     np.zeros((0, 0)), (), ResidualError(proportional=0.1))
+    >>> {k: round(v, 4) for k, v in disposition(m, {"CL": 2.0, "V1": 10.0}).items()}
+    {'HALF_LIFE': 3.4657, 'VSS': 10.0}
+    """
+    n = model.structure.n_compartments
+    clear = [float(parameters["CL"])] + [float(parameters[q]) for q in ("Q", "Q3")[:n - 1]]
+    volumes = [float(parameters["V1"])] + [float(parameters[v]) for v in ("V2", "V3")[:n - 1]]
+    rates = np.zeros((n, n))
+    rates[0, 0] = -sum(clear) / volumes[0]
+    for j in range(1, n):
+        rates[0, j] = clear[j] / volumes[j]
+        rates[j, 0] = clear[j] / volumes[0]
+        rates[j, j] = -clear[j] / volumes[j]
+    slowest = float(-np.max(np.linalg.eigvals(rates).real))
+    return {"HALF_LIFE": float(np.log(2.0) / slowest), "VSS": float(sum(volumes))}
 
 
 def typical_covariates(model: PopulationModel) -> dict[str, float]:

@@ -36,7 +36,7 @@ from scipy import optimize
 from pkmodel.data import check_concentrations, dose_times, plain_json, validate
 from pkmodel.errors import DatasetError
 from pkmodel.estimate import estimate_map, sample_posterior
-from pkmodel.model import PopulationModel, evaluate_parameters
+from pkmodel.model import PopulationModel, disposition, evaluate_parameters
 from pkmodel.predict import draw_concentrations
 
 __all__ = ["DoseAnswer", "NewDoses", "Target", "dose_for_target", "exposure",
@@ -719,15 +719,4 @@ def _disposition(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
     row = table[table["TIME"] <= time].iloc[-1]
     params = evaluate_parameters(model, {c: np.array([row[c]]) for c in model.covariate_names},
                                  eta[None, :])
-    p = {k: float(np.ravel(v)[0]) for k, v in params.items()}
-    n = model.structure.n_compartments
-    clear = [p["CL"]] + [p[q] for q in ("Q", "Q3")[:n - 1]]
-    volumes = [p["V1"]] + [p[v] for v in ("V2", "V3")[:n - 1]]
-    rates = np.zeros((n, n))
-    rates[0, 0] = -sum(clear) / volumes[0]
-    for j in range(1, n):
-        rates[0, j] = clear[j] / volumes[j]
-        rates[j, 0] = clear[j] / volumes[0]
-        rates[j, j] = -clear[j] / volumes[j]
-    slowest = float(-np.max(np.linalg.eigvals(rates).real))
-    return {"HALF_LIFE": math.log(2.0) / slowest, "VSS": float(sum(volumes))}
+    return disposition(model, {k: float(np.ravel(v)[0]) for k, v in params.items()})

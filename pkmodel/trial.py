@@ -16,6 +16,7 @@ numbers do not depend on where they run.
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from pkmodel.data import plain_json
 from pkmodel.dosing import recommend_regimen
 from pkmodel.engine import Events, solve
 from pkmodel.errors import PlausibilityWarning
@@ -368,14 +370,24 @@ class TrialResult:
     summary: pd.DataFrame
     target: float
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the target, the summary, and the patients and visits as lists of
+        records."""
+        return plain_json({"target": self.target,
+                           "summary": self.summary.to_dict(orient="records"),
+                           "patients": self.patients.to_dict(orient="records"),
+                           "visits": self.visits.to_dict(orient="records")})
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), **kwargs)
+
     def figure(self, path: Any = None) -> Any:
         """Share of patients at or above the target at each visit week, per arm."""
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: the session's backend stays
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         visits = self.visits.assign(WEEK_BIN=np.floor(self.visits["WEEK"] / 4.0) * 4.0 + 2.0)
         for arm, group in visits.groupby("ARM", sort=False):
             share = group.groupby("WEEK_BIN")["TROUGH"].apply(lambda t: np.mean(t >= self.target))

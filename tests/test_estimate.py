@@ -4,6 +4,7 @@ recovery, robustness."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -689,3 +690,28 @@ def test_an_eta_with_variance_fixed_at_zero_is_the_limit_of_a_tiny_variance():
     draws = est.sample_posterior(dataclasses.replace(model, omega=fixed), child, n=50,
                                  estimate=a).draws
     assert (draws["ETA_Q"] == 0.0).all() and draws[others].std().min() > 0
+
+
+def test_parameter_summary_typical_individual_interval_and_derived():
+    """summary(): TYPICAL at ETA 0 and INDIVIDUAL at the MAP equal the model's equations;
+    the 90 % interval holds the MAP's value; shrinkage is 1 - sqrt(1 - ETC/OMEGA); the
+    half-life of the one-compartment model is ln 2 V / CL."""
+    model = one_compartment(eta_v=True)
+    times, dv = np.array([2.0, 10.0, 20.0]), np.array([18.0, 4.0, 1.5])
+    data = observed(times, dv)
+    fit = est.estimate_map(model, data)
+    post = est.sample_posterior(model, data, n=400, seed=2, estimate=fit)
+    table = fit.summary(post).set_index("PARAMETER")
+    eta = fit.individuals[["ETA_CL", "ETA_V"]].iloc[0].to_numpy()
+    cl, v = 0.3 * np.exp(eta[0]), 4.0 * np.exp(eta[1])
+    assert table.loc["CL", "TYPICAL"] == pytest.approx(0.3)
+    assert table.loc["CL", "INDIVIDUAL"] == pytest.approx(cl, rel=1e-12)
+    assert table.loc["CL", "LOW"] < cl < table.loc["CL", "HIGH"]
+    assert table.loc["HALF_LIFE", "INDIVIDUAL"] == pytest.approx(math.log(2) * v / cl)
+    assert table.loc["VSS", "INDIVIDUAL"] == pytest.approx(v)
+    assert table.loc["CL", "UNIT"] == "L/day" and table.loc["HALF_LIFE", "UNIT"] == "day"
+    shrink = 1 - math.sqrt(1 - fit.etc(1)[0, 0] / 0.09)
+    assert table.loc["CL", "SHRINKAGE"] == pytest.approx(shrink)
+    doc = json.loads(fit.to_json())
+    assert doc["individuals"][0]["ID"] == 1 and doc["names"] == ["ETA_CL", "ETA_V"]
+    assert json.loads(post.to_json())["diagnostics"][0]["METHOD"] == "importance"

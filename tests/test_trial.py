@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -146,3 +147,18 @@ def test_bayesian_all_at_once_equals_recommend_regimen_child_by_child():
     slow = run_trial(MODEL, {"bayes": BayesianDosing(MODEL, options={"vial_mg": 100.0})},
                      n=6, seed=21)
     pd.testing.assert_frame_equal(fast.visits, slow.visits)
+
+
+def test_trial_result_serialises_and_runs_on_a_process_pool():
+    """A trial on a process pool (the model pickles after use) gives the same summary as
+    here, and its result is plain JSON."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    model = load("fasanmade2011")
+    arms = {"label": LabelDosing()}
+    here = run_trial(model, arms, n=6, replicates=2, seed=4)
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        pooled = run_trial(model, arms, n=6, replicates=2, seed=4, executor=pool)
+    pd.testing.assert_frame_equal(here.summary, pooled.summary)
+    doc = json.loads(here.to_json(allow_nan=False))
+    assert doc["target"] == 6.0 and len(doc["patients"]) == 12

@@ -177,6 +177,8 @@ def _recommend_arguments(rec: argparse.ArgumentParser) -> None:
                      help="use implausible measurements (caution instead of refused)")
     rec.add_argument("--json", action="store_true", help="print JSON (docs/cli.md)")
     rec.add_argument("--plot", metavar="PNG", help="write the forecast figure here")
+    rec.add_argument("--report", metavar="HTML", help="write a self-contained patient "
+                                                      "report (HTML, figures embedded) here")
 
 
 def recommendation_document(rec: Recommendation, model_name: str,
@@ -284,6 +286,10 @@ def _recommend(args: argparse.Namespace) -> int:
         from pkmodel.plot import plot_recommendation
 
         plot_recommendation(rec, path=args.plot)
+    if args.report:
+        from pkmodel.report import recommendation_report
+
+        recommendation_report(rec, model, data, args.report)
     if args.json:
         json.dump(recommendation_document(rec, args.model, data["ID"].iloc[0]), sys.stdout,
                   indent=2)

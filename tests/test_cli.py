@@ -323,3 +323,43 @@ def test_profile_figure_leaves_the_backend_alone(tmp_path):
     plot_recommendation(rec)
     assert matplotlib.get_backend() == "svg"
     matplotlib.use(backend)
+
+
+def test_patient_report_is_one_self_contained_page(tmp_path):
+    """--report: every section present, the status and its reasons, the figures embedded
+    as data (no external resource), parsed with the standard library's HTML parser."""
+    from html.parser import HTMLParser
+
+    path = tmp_path / "report.html"
+    assert main(["recommend", str(CHILD), "--draws", "100", "--report", str(path)]) == 0
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.headings, self.sources, self.links, self.current = [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.current = tag
+            if tag in ("img", "script"):
+                self.sources.append(attrs.get("src", ""))
+            if tag in ("link", "a") and attrs.get("href"):
+                self.links.append(attrs["href"])
+
+        def handle_endtag(self, tag):
+            self.current = None
+
+        def handle_data(self, data):
+            if self.current == "h2" and data.strip():
+                self.headings.append(data)
+
+    page = Page()
+    text = path.read_text()
+    page.feed(text)
+    assert page.headings == ["Why this status", "Recommendation", "Patient and data",
+                             "Model", "Fit", "Forecast", "Basis of the decision", "Notes"]
+    assert len(page.sources) == 2 and all(s.startswith("data:image/png;base64,")
+                                          for s in page.sources)
+    assert page.links == []
+    assert "Status: OK" in text or "Status: CAUTION" in text
+    assert "Fasanmade AA et al. Clin Ther 2011" in text  # the model's citation

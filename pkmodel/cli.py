@@ -275,13 +275,12 @@ def _read_history(args: argparse.Namespace, model: Any) -> pd.DataFrame:
 def _recommend(args: argparse.Namespace) -> int:
     model = load(args.model)
     data = _read_history(args, model)
-    rec = recommend_regimen(
-        model, data, args.target, probability=args.probability, objective=args.objective,
-        intervals_weeks=args.intervals, vial_mg=args.vial_mg, max_mg_per_kg=args.max_mg_per_kg,
-        horizon_weeks=args.horizon_weeks, n_draws=args.draws, seed=args.seed,
-        current_interval_weeks=args.current_interval_weeks, next_dose_day=args.next_dose_day,
-        next_dose_date=args.next_dose_date, lloq=args.lloq,
-        accept_outliers=args.accept_outliers)
+    with warnings.catch_warnings(record=True) as caught:  # kept for the JSON, then re-said
+        warnings.simplefilter("always")
+        rec = _recommend_with(args, model, data)
+    for item in caught:
+        warnings.warn(item.message, item.category, stacklevel=1)
+    said = [str(item.message) for item in caught]
     if args.plot:
         from pkmodel.plot import plot_recommendation
 
@@ -291,14 +290,25 @@ def _recommend(args: argparse.Namespace) -> int:
 
         recommendation_report(rec, model, data, args.report)
     if args.json:
-        json.dump(recommendation_document(rec, args.model, data["ID"].iloc[0]), sys.stdout,
-                  indent=2)
+        document = recommendation_document(rec, args.model, data["ID"].iloc[0])
+        json.dump({**document, "warnings": said}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         _print_recommendation(rec, args.model, data["ID"].iloc[0])
         if args.plot:
             sys.stdout.write(f"\nFigure written to {args.plot}\n")
     return EXIT_REFUSED if rec.status == "refused" else 0
+
+
+def _recommend_with(args: argparse.Namespace, model: PopulationModel,
+                    data: pd.DataFrame) -> Recommendation:
+    return recommend_regimen(
+        model, data, args.target, probability=args.probability, objective=args.objective,
+        intervals_weeks=args.intervals, vial_mg=args.vial_mg, max_mg_per_kg=args.max_mg_per_kg,
+        horizon_weeks=args.horizon_weeks, n_draws=args.draws, seed=args.seed,
+        current_interval_weeks=args.current_interval_weeks, next_dose_day=args.next_dose_day,
+        next_dose_date=args.next_dose_date, lloq=args.lloq,
+        accept_outliers=args.accept_outliers)
 
 
 def _predict(args: argparse.Namespace) -> int:

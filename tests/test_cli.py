@@ -247,6 +247,8 @@ def test_fit_command_writes_estimates_and_nonmem_files(tmp_path, capsys):
     assert "minimization successful" in printed.out and "iteration" in printed.err
     doc = json.loads((out / "fit.json").read_text())
     assert doc["schema"] == "pkmodel.fit/1" and doc["success"]
+    import json_schema
+    assert json_schema.problems(doc, json_schema.load("fit-1")) == []
     estimates = {e["NAME"]: e["ESTIMATE"] for e in doc["estimates"]}
     assert estimates["TVCL"] == pytest.approx(4.0, rel=0.15)
     assert estimates["TVV"] == pytest.approx(50.0, rel=0.15)
@@ -363,3 +365,28 @@ def test_patient_report_is_one_self_contained_page(tmp_path):
     assert page.links == []
     assert "Status: OK" in text or "Status: CAUTION" in text
     assert "Fasanmade AA et al. Clin Ther 2011" in text  # the model's citation
+
+
+def test_every_json_document_conforms_to_its_shipped_schema(tmp_path, capsys):
+    """recommend (ok and refused), predict and errors with --json, and fit.json, against
+    pkmodel/schemas/*.schema.json (checked by tests/json_schema.py); a deliberately broken
+    document fails the check."""
+    import json_schema
+
+    assert main(["recommend", str(CHILD), "--draws", "50", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert json_schema.problems(doc, json_schema.load("recommendation-2")) == []
+    assert json_schema.problems({**doc, "status": "fine"}, json_schema.load(
+        "recommendation-2")) == ["$.status: 'fine' not in ['ok', 'caution', 'refused']"]
+    outlier = tmp_path / "ng.csv"
+    outlier.write_text(CHILD.read_text().replace(",1.1\n", ",1100\n"))
+    assert main(["recommend", str(outlier), "--draws", "50", "--json"]) == 3
+    refused = json.loads(capsys.readouterr().out)
+    assert refused["status"] == "refused" and isinstance(refused["warnings"], list)
+    assert json_schema.problems(refused, json_schema.load("recommendation-2")) == []
+    assert main(["predict", str(CHILD), "--json"]) == 0
+    assert json_schema.problems(json.loads(capsys.readouterr().out),
+                                json_schema.load("prediction-1")) == []
+    assert main(["recommend", str(tmp_path / "missing.csv"), "--json"]) == 4
+    assert json_schema.problems(json.loads(capsys.readouterr().out),
+                                json_schema.load("error-1")) == []

@@ -39,7 +39,7 @@ from pkmodel.estimate import estimate_map, sample_posterior
 from pkmodel.model import PopulationModel
 from pkmodel.models import available as available_models
 from pkmodel.models import load as load_model
-from pkmodel.plot import plot_profile, plot_recommendation
+from pkmodel.plot import plot_prior_posterior, plot_profile, plot_recommendation
 from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
 from pkmodel.target import (
     NewDoses,
@@ -80,6 +80,7 @@ __all__ = [
     "kang_cohort",
     "load_model",
     "make_cohort",
+    "plot_prior_posterior",
     "plot_profile",
     "plot_recommendation",
     "predict",

@@ -193,6 +193,7 @@ def recommendation_document(rec: Recommendation, model_name: str,
             "eta": {n: ind[n] for n in model.eta_names},
             "parameters": {n: last[n] for n in model.parameters},
             "ofv": ind["OFV"], "converged": bool(ind["SUCCESS"]), "message": ind["MESSAGE"],
+            "summary": rec.estimate.summary().drop(columns="ID").to_dict(orient="records"),
         }
     document = {"schema": SCHEMA_RECOMMENDATION, "pkmodel_version": __version__,
                 "model": model_name,
@@ -224,10 +225,11 @@ def _print_recommendation(rec: Recommendation, model_name: str, pid: Any) -> Non
         out.write("No measured trough: parameters from the population prior.\n\n")
     else:
         ind = rec.estimate.individuals.iloc[0]
-        last = rec.estimate.records.iloc[-1]
-        params = ", ".join(f"{n} {last[n]:.4g}" for n in rec.estimate.model.parameters)
         etas = ", ".join(f"{n} {ind[n]:+.3f}" for n in rec.estimate.model.eta_names)
-        out.write(f"Estimated parameters (MAP, L/day and L): {params}\n")
+        summary = rec.estimate.summary()[["PARAMETER", "UNIT", "TYPICAL", "INDIVIDUAL",
+                                          "SHRINKAGE"]]
+        out.write("Parameters (typical for these covariates, and this patient's MAP):\n")
+        out.write(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n")
         out.write(f"  ETAs: {etas}; fit: {ind['MESSAGE']}\n\n")
     date = f", {rec.next_dose_date}" if rec.next_dose_date else ""
     out.write(f"Next dose due: day {rec.next_dose_day:g} (week {rec.next_dose_day / 7:g}"

@@ -8,6 +8,8 @@ writes it to a file.
 * :func:`plot_profile`: the individual concentration-time profile through the history and
   the forecast: MAP line, posterior 80 % band, measured values, censored ones at their
   LLOQ, doses given and proposed, the target.
+* :func:`plot_prior_posterior`: for each parameter with an ETA, the population's spread for
+  this patient's covariates (prior) against the patient's posterior.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pkmodel.dosing import Recommendation
 from pkmodel.estimate import MAPEstimate, PosteriorSample
 from pkmodel.predict import draw_concentrations
 
-__all__ = ["plot_profile", "plot_recommendation"]
+__all__ = ["plot_prior_posterior", "plot_profile", "plot_recommendation"]
 
 
 def _figure(width: float = 8.0, height: float = 4.5) -> Any:
@@ -209,3 +211,48 @@ def _measured(ax: Any, table: pd.DataFrame) -> None:
                        linestyle=":", label="LLOQ")
         seen = seen[~below]
     ax.plot(seen["TIME"], seen["DV"], "k^", label="measured")
+
+
+def plot_prior_posterior(fit: MAPEstimate, posterior: PosteriorSample, *,
+                         n_prior: int = 4000, seed: int = 0,
+                         path: str | os.PathLike[str] | None = None) -> Any:
+    """For each structural parameter that has an ETA: histograms of the prior (ETAs drawn
+    from OMEGA, this patient's covariates) and of the posterior draws, with the MAP.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from pkmodel.model import eta_of, evaluate_parameters
+
+    model = fit.model
+    ident = fit.individuals["ID"].iloc[0]
+    last = fit.records[fit.records["ID"] == ident].iloc[-1]
+    covs = {c: np.array([last[c]]) for c in model.covariate_names}
+    names = [p for p in model.structure.parameter_names if eta_of(model, p) is not None]
+    rng = np.random.default_rng(seed)
+    prior_eta = rng.multivariate_normal(np.zeros(len(model.eta_names)), model.omega,
+                                        size=n_prior, method="eigh")
+    post_eta = posterior.draws.loc[posterior.draws["ID"] == ident,
+                                   list(model.eta_names)].to_numpy(dtype=float)
+    mode = fit.individuals[list(model.eta_names)].to_numpy(dtype=float)[:1]
+    values = [evaluate_parameters(model, covs, e[:, None, :]) for e in (prior_eta, post_eta,
+                                                                         mode)]
+    fig = _figure(3.2 * max(len(names), 1), 3.2)
+    axes = np.atleast_1d(fig.subplots(1, max(len(names), 1)))
+    for ax, name in zip(axes, names):
+        prior, post, best = (np.ravel(v[name]) for v in values)
+        bins = np.histogram_bin_edges(np.concatenate([prior, post]), bins=40)
+        ax.hist(prior, bins=bins, density=True, color="grey", alpha=0.4, label="prior")
+        ax.hist(post, bins=bins, density=True, color="tab:blue", alpha=0.5,
+                label="posterior")
+        ax.axvline(best[0], color="tab:blue", linewidth=1.2, label="MAP")
+        ax.set_xlabel(name)
+        ax.set_yticks([])
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"{model.name}: prior (population, this patient's covariates) and "
+                 "posterior", fontsize="medium")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -22,7 +22,8 @@ def test_recommend_prints_the_status_first_then_a_readable_table(capsys):
     assert main(["recommend", str(CHILD), "--draws", "200"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Status: OK\n")
-    assert "Estimated parameters (MAP" in out and "Action: change" in out
+    assert "Parameters (typical for these covariates" in out and "Action: change" in out
+    assert "HALF_LIFE" in out
     assert "Recommended:" in out and "Next dose due: day 154" in out
     assert "Troughs (mg/L)" in out
 
@@ -323,6 +324,9 @@ def test_profile_figure_leaves_the_backend_alone(tmp_path):
     assert {"individual (MAP)", "posterior 80 % band", "LLOQ", "target 6"} <= set(labels)
     assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
     plot_recommendation(rec)
+    from pkmodel.plot import plot_prior_posterior
+    panels = plot_prior_posterior(fit, sample_posterior(model, child, n=100, estimate=fit))
+    assert [ax.get_xlabel() for ax in panels.axes] == ["CL", "V1", "V2"]  # the ETA-bearing
     assert matplotlib.get_backend() == "svg"
     matplotlib.use(backend)
 

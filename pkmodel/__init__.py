@@ -39,19 +39,32 @@ from pkmodel.estimate import estimate_map, sample_posterior
 from pkmodel.model import PopulationModel
 from pkmodel.models import available as available_models
 from pkmodel.models import load as load_model
-from pkmodel.plot import plot_prior_posterior, plot_profile, plot_recommendation
 from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
-from pkmodel.target import (
-    NewDoses,
-    Target,
-    dose_for_target,
-    exposure,
-    interval_for_target,
-    time_to_concentration,
-)
-from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, kang_cohort, run_trial
 
 __version__ = "0.1.0"
+
+#: Names loaded on first use (PEP 562), so that ``import pkmodel`` and the command start
+#: fast: the trial module pulls in scipy.stats, the others are not needed by every caller.
+_LAZY = {
+    "plot_prior_posterior": "pkmodel.plot", "plot_profile": "pkmodel.plot",
+    "plot_recommendation": "pkmodel.plot",
+    "NewDoses": "pkmodel.target", "Target": "pkmodel.target",
+    "dose_for_target": "pkmodel.target", "exposure": "pkmodel.target",
+    "interval_for_target": "pkmodel.target", "time_to_concentration": "pkmodel.target",
+    "BayesianDosing": "pkmodel.trial", "KangProactive": "pkmodel.trial",
+    "LabelDosing": "pkmodel.trial", "kang_cohort": "pkmodel.trial",
+    "run_trial": "pkmodel.trial",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pkmodel' has no attribute {name!r}")
 
 __all__ = [
     "BayesianDosing",

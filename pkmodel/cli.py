@@ -179,6 +179,12 @@ def _recommend_arguments(rec: argparse.ArgumentParser) -> None:
     rec.add_argument("--plot", metavar="PNG", help="write the forecast figure here")
     rec.add_argument("--report", metavar="HTML", help="write a self-contained patient "
                                                       "report (HTML, figures embedded) here")
+    rec.add_argument("--models", metavar="A,B,...",
+                     help="weigh these models by their marginal likelihood, recommend with "
+                          "the one the data favour and report each model's answer (the "
+                          "record may then hold SEX, AGE, CRP, DIAGNOSIS)")
+    rec.add_argument("--albumin-unit", choices=("g/dL", "g/L"), default="g/dL",
+                     help="unit of ALB in the records, with --models (g/dL)")
 
 
 def recommendation_document(rec: Recommendation, model_name: str,
@@ -277,9 +283,16 @@ def _read_history(args: argparse.Namespace, model: Any) -> pd.DataFrame:
 def _recommend(args: argparse.Namespace) -> int:
     model = load(args.model)
     data = _read_history(args, model)
+    several = None
     with warnings.catch_warnings(record=True) as caught:  # kept for the JSON, then re-said
         warnings.simplefilter("always")
-        rec = _recommend_with(args, model, data)
+        if args.models:
+            several = _several(args, data)
+            rec, model = several.recommendation, several.comparison.models[
+                several.comparison.selected]
+            data = several.comparison.data[several.comparison.selected]
+        else:
+            rec = _recommend_with(args, model, data)
     for item in caught:
         warnings.warn(item.message, item.category, stacklevel=1)
     said = [str(item.message) for item in caught]
@@ -291,15 +304,51 @@ def _recommend(args: argparse.Namespace) -> int:
         from pkmodel.report import recommendation_report
 
         recommendation_report(rec, model, data, args.report)
+    name = model.name if several is not None else args.model
     if args.json:
-        document = recommendation_document(rec, args.model, data["ID"].iloc[0])
+        document = recommendation_document(rec, name, data["ID"].iloc[0])
+        if several is not None:
+            document["models"] = plain_json({
+                "comparison": several.comparison.table.to_dict(orient="records"),
+                "answers": several.answers.to_dict(orient="records"),
+                "support": several.support, "agree": several.agree,
+                "message": several.message})
         json.dump({**document, "warnings": said}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        _print_recommendation(rec, args.model, data["ID"].iloc[0])
+        if several is not None:
+            _print_models(several)
+        _print_recommendation(rec, name, data["ID"].iloc[0])
         if args.plot:
             sys.stdout.write(f"\nFigure written to {args.plot}\n")
     return EXIT_REFUSED if rec.status == "refused" else 0
+
+
+def _several(args: argparse.Namespace, data: pd.DataFrame) -> Any:
+    from pkmodel.averaging import recommend_with_models
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available()]
+    if unknown or len(names) < 2:
+        raise ValueError(f"--models: give two or more of {', '.join(available())}; got "
+                         f"{args.models!r}")
+    return recommend_with_models(
+        [load(n) for n in names], data, args.target, albumin_unit=args.albumin_unit,
+        probability=args.probability, objective=args.objective,
+        intervals_weeks=args.intervals, vial_mg=args.vial_mg, max_mg_per_kg=args.max_mg_per_kg,
+        horizon_weeks=args.horizon_weeks, n_draws=args.draws, seed=args.seed,
+        current_interval_weeks=args.current_interval_weeks, next_dose_day=args.next_dose_day,
+        next_dose_date=args.next_dose_date, lloq=args.lloq,
+        accept_outliers=args.accept_outliers)
+
+
+def _print_models(several: Any) -> None:
+    table = several.comparison.table[["MODEL", "USABLE", "OBJ", "LOG_ML", "WEIGHT",
+                                      "MESSAGE"]]
+    sys.stdout.write("Models (weight: posterior probability given the measured troughs):\n")
+    sys.stdout.write(table.to_string(index=False, float_format=lambda v: f"{v:.3g}") + "\n")
+    sys.stdout.write(several.answers.to_string(index=False) + "\n")
+    sys.stdout.write(several.message + "\n\n")
 
 
 def _recommend_with(args: argparse.Namespace, model: PopulationModel,

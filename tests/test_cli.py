@@ -394,3 +394,20 @@ def test_every_json_document_conforms_to_its_shipped_schema(tmp_path, capsys):
     assert main(["recommend", str(tmp_path / "missing.csv"), "--json"]) == 4
     assert json_schema.problems(json.loads(capsys.readouterr().out),
                                 json_schema.load("error-1")) == []
+
+
+def test_recommend_with_several_models_from_the_command_line(capsys):
+    """--models: the weights, each model's answer and the selected model's recommendation,
+    in the table and in the JSON document (key "models")."""
+    assert main(["recommend", str(CHILD), "--models", "fasanmade2011,fasanmade2009",
+                 "--draws", "300", "--json"]) in (0, 3)
+    doc = json.loads(capsys.readouterr().out)
+    block = doc["models"]
+    rows = {r["MODEL"]: r for r in block["comparison"]}
+    assert set(rows) == {"fasanmade2011", "fasanmade2009"}
+    # the example file has no SEX: fasanmade2009 cannot be formed, weight 0 and the reason
+    assert rows["fasanmade2009"]["WEIGHT"] == 0 and "needs SEX" in rows["fasanmade2009"][
+        "MESSAGE"]
+    assert rows["fasanmade2011"]["WEIGHT"] == pytest.approx(1.0)
+    assert doc["model"] == "fasanmade2011" and len(block["answers"]) == 1
+    assert main(["recommend", str(CHILD), "--models", "fasanmade2011"]) == 2  # two or more

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 
 import numpy as np
 import pandas as pd
@@ -169,6 +170,36 @@ def test_a_smaller_increase_wins_even_when_both_are_large():
     assert rec.dose_only.change_in_drug_per_week == pytest.approx(1.0)
     assert rec.interval_only.change_in_drug_per_week == pytest.approx(0.6)
     assert (rec.recommended.dose_mg, rec.recommended.interval_weeks) == (300.0, 5.0)
+
+
+def test_fewest_infusions_may_keep_the_current_regimen_and_says_continue():
+    """Narrowly on target at 310 mg every 8 weeks: no longer interval meets the target, so
+    fewest_infusions keeps the current regimen, and that is a 'continue', not a change."""
+    history = child((9.7, 8.7), weight=62.0, ALB=4.1)
+    rec = recommend_regimen(MODEL, history, 6.0, n_draws=0, objective="fewest_infusions")
+    assert (rec.recommended.dose_mg, rec.recommended.interval_weeks) == (310.0, 8.0)
+    assert rec.action == "continue"
+
+
+@pytest.mark.parametrize("n_draws, probability", [(1, 0.5), (60, 0.5), (60, 0.8)])
+def test_lowest_trough_is_the_order_statistic_of_the_draws(n_draws, probability):
+    """The recommended regimen's LOWEST_TROUGH is, over its troughs, the lowest value that
+    a share `probability` of the posterior draws reach or exceed: the ceil(p n)-th largest,
+    computed here from predict() on the same seeded draws (one draw: that draw)."""
+    history = child()
+    rec = recommend_regimen(MODEL, history, 6.0, probability=probability, n_draws=n_draws,
+                            seed=6)
+    option = rec.recommended or rec.closest
+    sets = posterior_sets(history, n_draws, 6)
+    troughs = oracle_troughs(history, sets, option.dose_mg, option.interval_weeks, 154.0)
+    draws = troughs[1:]
+    k = math.ceil(probability * len(draws) - 1e-9)
+    level = np.sort(draws, axis=0)[::-1][k - 1]
+    assert option.lowest_trough == pytest.approx(level.min(), rel=1e-6)
+    assert option.lowest_trough_map == pytest.approx(troughs[0].min(), rel=1e-6)
+    words = ("the posterior median of every trough" if probability == 0.5 else
+             f"at least {probability:.0%} of posterior draws")
+    assert words in rec.message
 
 
 def test_other_objectives_may_leave_the_current_regimen():

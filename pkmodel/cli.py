@@ -369,7 +369,7 @@ def _predict(args: argparse.Namespace) -> int:
     measured = bool(((table["EVID"] == 0) & (table["MDV"] == 0)).any())
     fit = estimate_map(model, data) if measured else None
     if args.times is not None:
-        table = _with_grid(table, args.times)
+        table = _with_grid(table, args.times, model.covariate_names)
         eta = None if fit is None else fit.individuals[["ID", *model.eta_names]]
         out = predict(model, table.drop(columns="GRID"), eta)
         out = out[table["GRID"].to_numpy()]
@@ -434,9 +434,11 @@ def _fit(args: argparse.Namespace) -> int:
     return 0 if result.success else EXIT_REFUSED
 
 
-def _with_grid(table: pd.DataFrame, times: list[float]) -> pd.DataFrame:
+def _with_grid(table: pd.DataFrame, times: list[float],
+               covariates: tuple[str, ...] = ()) -> pd.DataFrame:
     """Each ID's records with a sample (EVID 2) at every time of the grid, after the
-    records at the same time; GRID marks the added rows."""
+    records at the same time, with the next record's covariates (NOCB: they govern the
+    time up to it; the last record's after it); GRID marks the added rows."""
     parts = []
     for ident, rows in table.groupby("ID", sort=False):
         last = rows.iloc[-1]
@@ -444,7 +446,13 @@ def _with_grid(table: pd.DataFrame, times: list[float]) -> pd.DataFrame:
         grid = grid.assign(ID=ident, TIME=times, EVID=2.0, MDV=1.0, AMT=0.0, RATE=0.0,
                            DUR=0.0, II=0.0, ADDL=0.0, SS=0.0, CMT=0.0, DV=np.nan)
         both = pd.concat([rows.assign(GRID=False), grid.assign(GRID=True)], ignore_index=True)
-        parts.append(both.iloc[np.lexsort((both["GRID"].to_numpy(), both["TIME"].to_numpy()))])
+        both = both.iloc[np.lexsort((both["GRID"].to_numpy(), both["TIME"].to_numpy()))]
+        if covariates:
+            mask = np.broadcast_to(both["GRID"].to_numpy()[:, None],
+                                   (len(both), len(covariates)))
+            both[list(covariates)] = both[list(covariates)].astype(float).mask(mask).bfill(
+            ).ffill()
+        parts.append(both)
     return pd.concat(parts, ignore_index=True)
 
 

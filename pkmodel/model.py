@@ -469,8 +469,8 @@ def eta_of(model: PopulationModel, parameter: str) -> str | None:
 
 def disposition(model: PopulationModel, parameters: Mapping[str, float]) -> dict[str, float]:
     """Terminal half-life (model's time unit) and volume at steady state (L) from one set
-    of individual parameters: the slowest eigenvalue of the disposition rate matrix, and
-    the sum of the volumes.
+    of individual parameters: the slowest of the disposition rate matrix's eigenvalues and,
+    with a depot, KA (flip-flop kinetics); and the sum of the volumes.
 
     Examples
     --------
@@ -490,6 +490,8 @@ def disposition(model: PopulationModel, parameters: Mapping[str, float]) -> dict
         rates[j, 0] = clear[j] / volumes[0]
         rates[j, j] = -clear[j] / volumes[j]
     slowest = float(-np.max(np.linalg.eigvals(rates).real))
+    if model.structure.depot and "KA" in parameters:  # flip-flop: absorption is slowest
+        slowest = min(slowest, float(parameters["KA"]))
     return {"HALF_LIFE": float(np.log(2.0) / slowest), "VSS": float(sum(volumes))}
 
 

@@ -130,7 +130,7 @@ def plot_profile(fit: MAPEstimate, *, posterior: PosteriorSample | None = None,
     grid = np.unique(np.concatenate([np.linspace(0.0, end, 600), given["TIME"].to_numpy(),
                                      ends.to_numpy()]))
     grid = grid[grid <= end]
-    frame = _with_samples(doses, grid)
+    frame = _with_samples(doses, grid, model.covariate_names)
     names = list(model.eta_names)
     eta = fit.individuals[names].to_numpy(dtype=float)
     if posterior is not None:
@@ -185,8 +185,10 @@ def _proposed(history: pd.DataFrame, rec: Recommendation | None) -> pd.DataFrame
                        CMT=last_dose["CMT"], II=0.0, ADDL=0.0, SS=0.0)
 
 
-def _with_samples(table: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
-    """``table`` with samples (EVID 2) on ``grid``, after the records at the same time."""
+def _with_samples(table: pd.DataFrame, grid: np.ndarray,
+                  covariates: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``table`` with samples (EVID 2) on ``grid``, after the records at the same time,
+    with the next record's covariates (NOCB; the last record's after it)."""
     last = table.iloc[-1]
     samples = pd.DataFrame({c: np.repeat(last[c], grid.size) for c in table.columns})
     samples = samples.assign(TIME=grid, EVID=2.0, MDV=1.0, AMT=0.0, RATE=0.0, DV=np.nan,
@@ -195,7 +197,11 @@ def _with_samples(table: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
     both = pd.concat([table.assign(_GRID=False), samples.assign(_GRID=True)],
                      ignore_index=True)
     order = np.lexsort((both["_GRID"].to_numpy(), both["TIME"].to_numpy()))
-    return both.iloc[order].reset_index(drop=True)
+    both = both.iloc[order].reset_index(drop=True)
+    if covariates:
+        mask = np.broadcast_to(both["_GRID"].to_numpy()[:, None], (len(both), len(covariates)))
+        both[list(covariates)] = both[list(covariates)].astype(float).mask(mask).bfill().ffill()
+    return both
 
 
 def _measured(ax: Any, table: pd.DataFrame) -> None:

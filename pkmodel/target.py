@@ -19,7 +19,8 @@ length of the last dose, never to one drug's constants.
 Every measure is linear in the new dose ``D``: ``m = H + D U``, with ``H`` from the history
 alone and ``U`` from a regimen of unit doses, both solved exactly by the engine. AUCs are
 Gauss-Legendre sums of the exact solution split at every dose and infusion end (exact to
-rounding for sums of exponentials over such short pieces; checked against ``F D / CL``).
+rounding for sums of exponentials over such pieces, checked against ``F D / CL``; to about
+1e-5 relative where a lag time or a modelled duration puts a kink between the splits).
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ class NewDoses:
         Infusion length (model's time unit), 0 for a bolus or an absorbed dose. Default:
         that of the last dose into the same compartment.
     count : int, optional
-        Number of new doses. Default: as many as start within the horizon.
+        Number of new doses. Default: as many as start within the horizon (and, for a
+        concentration or an AUC, enough to cover its time).
+    rate : {-1, -2}, optional
+        A modelled rate (-1) or duration (-2, the model's D parameter), as NONMEM's RATE.
+        Default: as the last dose into the same compartment, when that was modelled.
     """
 
     interval: float
@@ -114,8 +119,14 @@ class NewDoses:
     cmt: int | None = None
     duration: float | None = None
     count: int | None = None
+    rate: float | None = None
 
     def __post_init__(self) -> None:
+        if self.count is not None and (int(self.count) != self.count):
+            raise ValueError(f"`count` must be a whole number; got {self.count!r}")
+        if self.rate is not None and self.rate not in (-1, -2):
+            raise ValueError(f"`rate` must be -1 (modelled rate) or -2 (modelled duration); "
+                             f"got {self.rate!r}")
         if not (np.isfinite(self.interval) and self.interval > 0):
             raise ValueError(f"`interval` must be a positive time; got {self.interval!r}")
         if self.duration is not None and not (np.isfinite(self.duration)
@@ -208,8 +219,9 @@ def _resolve(model: PopulationModel, patient: _Patient, doses: NewDoses,
         if times.size == 0:
             raise DatasetError("the history has no dose: give NewDoses(start=...) for the "
                                "first dose")
+        last_ii = float(table.loc[patient.dose_rows[-1], "II"])
         gap = current_interval if current_interval is not None else (
-            float(times[-1] - times[-2]) if times.size > 1 else None)
+            float(times[-1] - times[-2]) if times.size > 1 else last_ii or None)
         if gap is None or not gap > 0:
             raise DatasetError("one dose in the history and no interval to continue: give "
                                "NewDoses(start=...) or current_interval")
@@ -223,21 +235,25 @@ def _resolve(model: PopulationModel, patient: _Patient, doses: NewDoses,
         raise DatasetError(f"the history has a dose at {later[0]:g} {model.time_unit}, at or "
                            f"after the first new dose ({start:g}): end its ADDL before, or "
                            "start the new doses after it")
-    cmt, duration = doses.cmt, doses.duration
+    cmt, duration, rate = doses.cmt, doses.duration, doses.rate
     same = table.loc[patient.dose_rows] if times.size else table.iloc[:0]
     if cmt is None:
         if same.empty:
             raise DatasetError("the history has no dose: give NewDoses(cmt=...)")
         cmt = int(same["CMT"].iloc[-1]) or 1
+    same = same[same["CMT"].replace(0, 1) == cmt]
+    last = same.iloc[-1] if not same.empty else None
+    if rate is None and duration is None and last is not None and last["RATE"] < 0:
+        rate = float(last["RATE"])  # modelled rate or duration, as before
     if duration is None:
-        same = same[same["CMT"].replace(0, 1) == cmt]
-        last = same.iloc[-1] if not same.empty else None
-        duration = 0.0 if last is None else (
+        duration = 0.0 if last is None or rate is not None else (
             float(last["AMT"] / last["RATE"]) if last["RATE"] > 0 else float(last["DUR"]))
         duration = min(duration, doses.interval)
+    if not (horizon > 0):
+        raise ValueError(f"`horizon` must be positive; got {horizon!r}")
     count = doses.count or max(1, math.floor(horizon / doses.interval + _TOL))
     return replace(doses, start=float(start), cmt=int(cmt), duration=float(duration),
-                   count=int(count))
+                   count=int(count), rate=rate)
 
 
 # --------------------------------------------------------------------------- the draws
@@ -249,6 +265,8 @@ def _etas(model: PopulationModel, table: pd.DataFrame, eta: Any, probability: fl
     names = list(model.eta_names)
     n_draws = n_draws if probability is not None else 0
     notes: list[str] = []
+    if isinstance(eta, str) and eta != "population":
+        raise ValueError(f"`eta` must be 'population', ETAs, or None (the MAP); got {eta!r}")
     if eta is not None and not (isinstance(eta, str) and eta == "population"):
         if probability is not None:
             raise ValueError("`probability` needs draws: not with given ETAs")
@@ -300,7 +318,8 @@ def _regimen(template: pd.Series, pid: Any, doses: NewDoses, steady: bool,
     before a dose at the same time, so that it is the trough)."""
     # Written dose by dose: an ADDL dose would come before a sample at its time.
     given = _rows(template, pid, doses.start + doses.interval * np.arange(doses.count))
-    rate = 1.0 / doses.duration if doses.duration else 0.0
+    rate = (doses.rate if doses.rate is not None
+            else 1.0 / doses.duration if doses.duration else 0.0)
     given = given.assign(EVID=1.0, AMT=1.0, RATE=rate, CMT=float(doses.cmt))
     if steady:
         given.loc[0, ["II", "SS"]] = [doses.interval, 1.0]
@@ -359,6 +378,9 @@ def _plan(target: Target, patient: _Patient, doses: NewDoses) -> _Plan:
         return _Plan(nodes, weights)
     after = target.time
     if after is None:  # peak: the end of the infusion
+        if doses.rate is not None:
+            raise ValueError("the infusion's length is modelled (RATE -1 or -2): give the "
+                             "peak's time, Target('peak', value, time=...)")
         if not doses.duration:
             raise ValueError("a peak after a bolus or an absorbed dose needs Target(time=...)")
         after = doses.duration
@@ -366,12 +388,13 @@ def _plan(target: Target, patient: _Patient, doses: NewDoses) -> _Plan:
 
 
 def _measures(model: PopulationModel, patient: _Patient, eta: np.ndarray, target: Target,
-              doses: NewDoses) -> tuple[np.ndarray, np.ndarray]:
+              doses: NewDoses, fixed_count: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``H, U (M, K)``: the measure is ``H + D U`` for a dose ``D`` (per draw, per trough
-    or a single column)."""
+    or a single column). Doses are added to cover the measure's time unless the count was
+    the user's (``fixed_count``)."""
     plan = _plan(target, patient, doses)
-    count = max(doses.count, math.ceil((plan.times.max() - doses.start) / doses.interval
-                                       - _TOL))
+    count = doses.count if fixed_count else max(
+        doses.count, math.ceil((plan.times.max() - doses.start) / doses.interval - _TOL))
     regimen = replace(doses, count=count)
     template = patient.table.iloc[-1]
     unit = _regimen(template, "unit", regimen, target.steady_state, plan.times)
@@ -483,9 +506,13 @@ def dose_for_target(
     horizon = horizon if horizon is not None else 365.0 / model.days_per_time_unit
     resolved = _resolve(model, patient, doses, current_interval, horizon)
     eta_rows, basis, notes = _etas(model, patient.table, eta, probability, n_draws, seed)
-    h, u = _measures(model, patient, eta_rows, target, resolved)
+    h, u = _measures(model, patient, eta_rows, target, resolved,
+                     fixed_count=doses.count is not None)
     need = _needed(target, h, u)
     dose = _quantile_dose(need, probability)
+    if dose == 0.0:
+        notes.append(f"the history alone already reaches the {target.kind} target "
+                     f"({float(h[0].min()):.4g} at the MAP): no new dose is needed for it")
     if not np.isfinite(dose):
         raise DatasetError(f"no dose every {resolved.interval:g} {model.time_unit} reaches "
                            f"the {target.kind} target of {target.value:g}: the history "
@@ -573,16 +600,27 @@ def interval_for_target(
 
 
 def _profile(model: PopulationModel, patient: _Patient, eta: np.ndarray,
-             times: np.ndarray) -> np.ndarray:
-    """Concentrations ``(M, T)`` at ``times`` (each after the records at its time), with
-    no doses beyond the history's."""
+             times: np.ndarray, before: float | None = None) -> np.ndarray:
+    """Concentrations ``(M, T)`` at ``times``, with no doses beyond the history's: each
+    sample after the records at its time (before them at the time ``before``, the end of
+    a window), with the covariates of the next record (NONMEM's NOCB: they govern the time
+    up to it; the last record's after it)."""
     template = patient.table.iloc[-1]
     times = np.asarray(times, dtype=float)
     samples = _rows(template, template["ID"], times)
     frame = pd.concat([patient.table.assign(_SAMPLE=-1), samples.assign(
         _SAMPLE=np.arange(times.size))], ignore_index=True)
-    frame = frame.iloc[np.lexsort((frame["_SAMPLE"].to_numpy() >= 0,
+    sample = frame["_SAMPLE"].to_numpy() >= 0
+    first = sample & (before is not None) & np.isclose(frame["TIME"].to_numpy(),
+                                                      before if before is not None else 0.0)
+    frame = frame.iloc[np.lexsort((np.where(first, -1, sample.astype(int)),
                                    frame["TIME"].to_numpy()))].reset_index(drop=True)
+    sample = frame["_SAMPLE"].to_numpy() >= 0
+    covariates = list(model.covariate_names)
+    if covariates:
+        hide = np.broadcast_to(sample[:, None], (sample.size, len(covariates)))
+        values = frame[covariates].astype(float).mask(hide)
+        frame[covariates] = values.bfill().ffill()
     (conc,) = draw_concentrations(model, [frame.drop(columns="_SAMPLE")], eta)
     where = frame["_SAMPLE"].to_numpy()
     out = np.empty((eta.shape[0], times.size))
@@ -615,8 +653,9 @@ def time_to_concentration(
     Returns
     -------
     float or None
-        The time (model's time unit, to 1e-9 relative), or None when the concentration is
-        below ``value`` already or stays above it for ``within``.
+        The time (model's time unit, to 1e-9 relative) the concentration first falls
+        through ``value`` (after rising to it, during an infusion or absorption), or None
+        when it never reaches ``value`` or stays above it for ``within``.
     """
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"`value` must be a positive concentration; got {value!r}")
@@ -630,12 +669,12 @@ def time_to_concentration(
     span = within if within is not None else 365.0 / model.days_per_time_unit
     grid = start + np.linspace(0.0, span, 4001)
     conc = _profile(model, patient, eta_rows, grid)[0]
-    if conc[0] < value:
+    # The first fall through the value (a running infusion or an absorbing dose may first
+    # carry the concentration up to it).
+    falls = np.flatnonzero((conc[:-1] >= value) & (conc[1:] < value))
+    if falls.size == 0:
         return None
-    below = np.flatnonzero(conc < value)
-    if below.size == 0:
-        return None
-    lo, hi = grid[below[0] - 1], grid[below[0]]
+    lo, hi = grid[falls[0]], grid[falls[0] + 1]
     return float(optimize.brentq(
         lambda t: _profile(model, patient, eta_rows, np.array([t]))[0, 0] - value, lo, hi,
         xtol=1e-12, rtol=1e-12))
@@ -657,18 +696,22 @@ def exposure(
     dict
         ``AUC`` (concentration x time), ``CMAX`` and ``TMAX``, ``CMIN`` and ``TMIN``
         (model's units; extremes located on the dose and infusion-end times and a 2,000
-        point grid, then refined), ``TIME_ABOVE`` ``threshold`` (when given),
-        ``HALF_LIFE`` (terminal, from the individual parameters at ``end``) and ``VSS``
-        (sum of the volumes).
+        point grid, then refined; at ``end`` the value before a dose given then),
+        ``TIME_ABOVE`` ``threshold`` (when given), ``HALF_LIFE`` (terminal: the slowest
+        of the disposition rates and, for an absorbed dose, KA; from the individual
+        parameters at ``end``) and ``VSS`` (sum of the volumes).
     """
     if not end > start:
         raise ValueError(f"`end` must come after `start`; got {start!r}, {end!r}")
     patient = _patient(model, data)
+    if start < float(patient.table["TIME"].min()):
+        raise ValueError(f"the window starts at {start:g}, before the first record "
+                         f"({float(patient.table['TIME'].min()):g})")
     eta_rows, _, _ = _etas(model, patient.table, eta, None, 0, 0)
     kinks = _kinks(patient, np.zeros(0), 0.0, start, end)
     nodes, weights = _gauss(kinks)
     grid = np.unique(np.concatenate([kinks, np.linspace(start, end, 2001)]))
-    values = _profile(model, patient, eta_rows, np.concatenate([nodes, grid]))[0]
+    values = _profile(model, patient, eta_rows, np.concatenate([nodes, grid]), before=end)[0]
     auc = float(values[:nodes.size] @ weights)
     conc = values[nodes.size:]
     out: dict[str, float] = {"AUC": auc}
@@ -690,7 +733,7 @@ def _extreme(model: PopulationModel, patient: _Patient, eta: np.ndarray, grid: n
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
     if hi > lo:
         found = optimize.minimize_scalar(
-            lambda x: sign * _profile(model, patient, eta, np.array([x]))[0, 0],
+            lambda x: sign * _profile(model, patient, eta, np.array([x]), before=grid[-1])[0, 0],
             bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
         if found.fun < sign * c:
             t, c = float(found.x), float(sign * found.fun)
@@ -705,7 +748,8 @@ def _time_above(model: PopulationModel, patient: _Patient, eta: np.ndarray,
     edges = [float(grid[0])] if above[0] else []
     for i in np.flatnonzero(above[1:] != above[:-1]):
         crossing = optimize.brentq(
-            lambda t: _profile(model, patient, eta, np.array([t]))[0, 0] - threshold,
+            lambda t: _profile(model, patient, eta, np.array([t]), before=grid[-1])[0, 0]
+            - threshold,
             grid[i], grid[i + 1], xtol=1e-12, rtol=1e-12)
         edges.append(float(crossing))
     if above[-1]:

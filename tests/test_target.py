@@ -20,7 +20,7 @@ import sympy as sp
 from pkmodel.engine import Structure
 from pkmodel.errors import DatasetError
 from pkmodel.estimate import estimate_map, sample_posterior
-from pkmodel.model import PopulationModel, ResidualError
+from pkmodel.model import Covariate, PopulationModel, ResidualError
 from pkmodel.predict import predict
 from pkmodel.target import (
     NewDoses,
@@ -254,3 +254,95 @@ def test_answers_serialise_to_plain_json():
     doc = json.loads(json.dumps(answer.to_dict(), allow_nan=False))
     assert doc["units"] == {"time": "h", "dose": "mg", "concentration": "mg/L"}
     assert doc["target"]["kind"] == "trough" and doc["basis"] == "map"
+
+
+# ------------------------------------------------------------ regressions from a review
+
+
+def test_exposure_uses_each_interval_s_own_covariates():
+    """Weight doubles at a record on day 48 h: over [0, 12] h the clearance is that of
+    70 kg (NOCB: a record's covariates govern the time up to it, not before the previous
+    one): AUC = 1000/4 (1 - e^-0.96), Cmin = 20 e^-0.96."""
+    wt = sp.Symbol("WT")
+    model = PopulationModel("wt", Structure(1), {}, {"CL": 4 * (wt / 70) * sp.exp(ETA_CL),
+                                                      "V1": sp.Float(50)}, [[0.1]],
+                            ("ETA_CL",), ResidualError(proportional=0.1),
+                            covariates=(Covariate("WT", "kg", "weight", (1, 300)),),
+                            time_unit="h")
+    table = pd.DataFrame({"ID": 1, "TIME": [0.0, 12.0, 48.0], "AMT": [1000.0, 1000.0, 0.0],
+                          "EVID": [1, 1, 2], "WT": [70.0, 70.0, 140.0]})
+    out = exposure(model, table, 0.0, 12.0, eta=np.zeros(1))
+    assert out["AUC"] == pytest.approx(250.0 * (1 - math.exp(-0.96)), rel=1e-9)
+    assert out["CMIN"] == pytest.approx(20.0 * math.exp(-0.96), rel=1e-9)
+    assert out["CMAX"] == pytest.approx(20.0, rel=1e-9)  # at 0, not the next dose at 12
+
+
+def test_modelled_duration_history_gives_modelled_new_doses():
+    """Doses with RATE=-2 and D1 = 2 h: new doses keep the modelled 2-h infusion (not a
+    bolus). Steady-state trough 5 mg/L every 24 h: D = 5 T CL (1 - e^-k tau) /
+    ((1 - e^-kT) e^-k(tau - T))."""
+    model = one_compartment(D1=sp.Float(2.0))
+    history = pd.DataFrame({"ID": 1, "TIME": [0.0, 24.0], "AMT": [1000.0, 0.0],
+                            "RATE": [-2.0, 0.0], "EVID": [1, 2]})
+    answer = dose_for_target(model, history, Target("trough", 5.0, steady_state=True),
+                             NewDoses(24.0, start=24.0), eta=TYPICAL)
+    tau, length = 24.0, 2.0
+    expected = 5 * length * CL * (1 - math.exp(-K * tau)) / (
+        (1 - math.exp(-K * length)) * math.exp(-K * (tau - length)))
+    assert answer.doses.rate == -2.0
+    assert answer.dose == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="modelled"):
+        dose_for_target(model, history, Target("peak", 30.0), NewDoses(24.0, start=24.0),
+                        eta=TYPICAL)
+
+
+def test_an_explicit_count_is_kept():
+    """One new dose only (count=1): the concentration 30 h after it owes nothing to later
+    doses; D = (5 - C_history(54)) / C_unit(30) for 0.5-h infusions."""
+    history = pd.DataFrame({"ID": 1, "TIME": [0.0, 24.0], "AMT": [1000.0, 0.0],
+                            "RATE": [2000.0, 0.0], "EVID": [1, 2]})
+    answer = dose_for_target(MODEL, history, Target("concentration", 5.0, time=30.0),
+                             NewDoses(12.0, start=24.0, count=1), eta=TYPICAL)
+
+    def infusion(dose, t):  # 0.5-h infusion at 0, t after its end
+        return dose / 0.5 / CL * (1 - math.exp(-K * 0.5)) * math.exp(-K * (t - 0.5))
+    expected = (5.0 - infusion(1000.0, 54.0)) / infusion(1.0, 30.0)
+    assert answer.doses.count == 1
+    assert answer.dose == pytest.approx(expected, rel=1e-9)
+
+
+def test_time_to_concentration_waits_for_a_running_infusion():
+    """A 2-h infusion of 1000 mg starts at the last record: the concentration rises to
+    C(2) = 250 (1 - e^-0.16) / ... and falls through 5 mg/L at 2 + ln(C(2)/5)/k."""
+    history = pd.DataFrame({"ID": 1, "TIME": [0.0], "AMT": [1000.0], "RATE": [500.0],
+                            "EVID": [1]})
+    peak = 500.0 / CL * (1 - math.exp(-K * 2.0))
+    got = time_to_concentration(MODEL, history, 5.0, eta=TYPICAL)
+    assert got == pytest.approx(2.0 + math.log(peak / 5.0) / K, rel=1e-9)
+
+
+def test_a_target_the_history_already_reaches_needs_no_dose_and_says_so():
+    history = pd.DataFrame({"ID": 1, "TIME": [0.0, 0.5], "AMT": [5000.0, 0.0],
+                            "EVID": [1, 2]})
+    answer = dose_for_target(MODEL, history, Target("concentration", 5.0, time=1.0),
+                             NewDoses(12.0, start=0.5), eta=TYPICAL)
+    assert answer.dose == 0.0 and any("already reaches" in n for n in answer.notes)
+
+
+def test_exposure_of_the_infliximab_child_matches_an_integral_of_predict():
+    """fasanmade2011 (four covariates, IOV) over weeks 14-22 of the example child: the
+    Gauss-Legendre AUC equals Simpson's rule on predict() over a 0.01-day grid (1e-6)."""
+    from scipy.integrate import simpson
+
+    from pkmodel.data import read_nonmem
+    from pkmodel.models import load
+    model = load("fasanmade2011")
+    child = read_nonmem("examples/child.csv")
+    eta = np.zeros(len(model.eta_names))
+    out = exposure(model, child, 98.0 + 2 / 24, 154.0, eta=eta)  # from the infusion's end
+    grid = np.linspace(98.0 + 2 / 24, 154.0, 5001)
+    rows = child.iloc[[3] * grid.size].assign(TIME=grid, EVID=2, MDV=1, DV=np.nan)
+    table = pd.concat([child, rows]).sort_values("TIME", kind="stable").reset_index(drop=True)
+    conc = predict(model, table)
+    values = conc.loc[conc["EVID"] == 2, "PRED"].to_numpy()
+    assert out["AUC"] == pytest.approx(simpson(values, x=grid), rel=1e-6)

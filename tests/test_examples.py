@@ -18,3 +18,14 @@ def test_trough_example_runs(capsys):
              if "after induction" in line}
     assert "misses the 6 mg/L target" in lines["140 mg (5 mg/kg) every 8 weeks"]
     assert "meets the 6 mg/L target" in lines["140 mg (5 mg/kg) every 4 weeks"]
+
+
+def test_model_averaging_example_reports_every_method(capsys, monkeypatch):
+    """The measurement of docs/several_models.md, on 6 children: one line per method with
+    a positive error (the 90-child numbers are in the docs)."""
+    monkeypatch.setattr("sys.argv", ["model_averaging_forecasts.py", "6"])
+    runpy.run_path(str(EXAMPLES / "model_averaging_forecasts.py"), run_name="__main__")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "mean absolute" in line]
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "fasanmade2011", "xu2012", "dubinsky2017", "BMA", "SELECTED"]
+    assert all(float(line.split()[-2]) > 0 for line in lines)

@@ -116,31 +116,33 @@ class _Layout:
 
 
 def _layout(model: PopulationModel, fix: tuple[str, ...]) -> _Layout:
-    names = set(model.theta) | {"OMEGA", "SIGMA"}
-    unknown = [f for f in fix if f not in names and not f.startswith(("OMEGA(", "SIGMA("))]
+    sigma_names = {f"SIGMA({k})" for k in ("proportional", "additive")}
+    names = set(model.theta) | {"OMEGA", "SIGMA"} | sigma_names
+    unknown = [f for f in fix if f not in names]
     if unknown:
-        raise ValueError(f"cannot fix {unknown}: not THETA names of {model.name}, "
-                         "'OMEGA(i,j)' or 'SIGMA(kind)'")
+        raise ValueError(f"cannot fix {unknown}: expected THETA names of {model.name}, "
+                         "'OMEGA' (all of it), 'SIGMA', 'SIGMA(proportional)' or "
+                         "'SIGMA(additive)'")
     thetas = tuple(n for n in model.theta if n not in fix)
     omega = model.omega
     variances = np.diag(omega)
-    if "OMEGA" in fix:
-        pairs: tuple[tuple[int, int], ...] = ()
-    else:
-        pairs = tuple((i, j) for i in range(len(variances)) for j in range(i + 1)
-                      if variances[i] > 0 and variances[j] > 0
-                      and (i == j or omega[i, j] != 0)
-                      and f"OMEGA({i + 1},{j + 1})" not in fix)
-    fixed_diagonal = [i for i in range(len(variances)) if variances[i] > 0
-                      and (i, i) not in pairs]
-    if fixed_diagonal and pairs:
-        raise ValueError("fix OMEGA whole or not at all (a part of it fixed is not yet "
-                         "supported)")
+    pairs: tuple[tuple[int, int], ...] = () if "OMEGA" in fix else tuple(
+        (i, j) for i in range(len(variances)) for j in range(i + 1)
+        if variances[i] > 0 and variances[j] > 0 and (i == j or omega[i, j] != 0))
     sigmas = tuple(kind for kind in ("proportional", "additive")
                    if getattr(model.residual, kind) > 0 and f"SIGMA({kind})" not in fix
                    and "SIGMA" not in fix)
     scale = np.array([abs(model.theta[n]) or 1.0 for n in thetas])
-    return _Layout(model, thetas, pairs, sigmas, scale)
+    layout = _Layout(model, thetas, pairs, sigmas, scale)
+    if not layout.names:
+        raise ValueError("every parameter is fixed: nothing to estimate "
+                         "(population_objective gives the objective)")
+    start = layout.natural(model)
+    if not np.allclose(layout.from_x(layout.to_x(start)), start, rtol=1e-10, atol=1e-14):
+        raise ValueError("OMEGA's non-zero entries do not form blocks (each block full "
+                         "within itself, as NONMEM's BLOCK): give the covariances of a "
+                         "block a non-zero start")
+    return layout
 
 
 # --------------------------------------------------------------------------- objective
@@ -168,7 +170,8 @@ def population_objective(model: PopulationModel, data: pd.DataFrame, *,
     """
     _check_method(method)
     if method == "fo":
-        return _first_order(model, validate(data, covariates=model.covariate_names))
+        return _first_order(model, validate(data, covariates=model.covariate_names),
+                            covariates)
     fit = estimate_map(model, data, covariates=covariates, tol=_INNER_TOL,
                        interaction=method == "foce-i")
     return float(fit.individuals["OBJ"].sum()) if fit.success else math.inf
@@ -183,15 +186,15 @@ def _check_method(method: str) -> None:
                          f"{method!r}")
 
 
-def _linearisation(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _linearisation(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
+                   covariates: str = "nocb") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: the prediction at ``eta (IDs, n_eta)``, its derivatives ``G`` with respect
     to the ETAs (central differences, step 1e-5) and the residual variance there."""
     ids = pd.unique(table["ID"])
 
     def at(e: np.ndarray) -> np.ndarray:
         frame = pd.DataFrame(e, columns=list(model.eta_names)).assign(ID=ids)
-        return predict(model, table, frame)["IPRED"].to_numpy()
+        return predict(model, table, frame, covariates=covariates)["IPRED"].to_numpy()
 
     f = at(eta)
     steps = []
@@ -202,19 +205,35 @@ def _linearisation(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray
     return f, np.stack(steps, axis=1), model.residual.sd(f) ** 2
 
 
-def _first_order(model: PopulationModel, table: pd.DataFrame) -> float:
+def _censored(table: pd.DataFrame) -> np.ndarray:
+    """Measured records below their LLOQ or above their ULOQ."""
+    out = np.zeros(len(table), dtype=bool)
+    dv = table["DV"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        if "LLOQ" in table.columns:
+            out |= dv < table["LLOQ"].to_numpy(dtype=float)
+        if "ULOQ" in table.columns:
+            out |= dv > table["ULOQ"].to_numpy(dtype=float)
+    measured = ((table["EVID"] == 0) & (table["MDV"] == 0)).to_numpy()
+    return out & measured
+
+
+def _first_order(model: PopulationModel, table: pd.DataFrame,
+                 covariates: str = "nocb") -> float:
     """NONMEM's FO objective: ``sum_i [ln det C_i + e_i' C_i^-1 e_i]`` at ETA 0."""
-    return float(_first_order_terms(model, table).sum())
+    return float(_first_order_terms(model, table, covariates).sum())
 
 
-def _first_order_terms(model: PopulationModel, table: pd.DataFrame) -> np.ndarray:
+def _first_order_terms(model: PopulationModel, table: pd.DataFrame,
+                       covariates: str = "nocb") -> np.ndarray:
     """Each ID's FO objective ``ln det C_i + e_i' C_i^-1 e_i`` (inf where C_i is not
     positive definite)."""
-    if model.residual.log_scale:
-        raise ValueError("FO with a log-additive error is not supported; use 'foce-i'")
+    if model.residual.log_scale or model.iov or _censored(table).any():
+        raise ValueError("FO is implemented without IOV, censored records (LLOQ, ULOQ) and "
+                         "log-additive error; use 'foce-i' (or 'foce') for this model")
     ids = pd.unique(table["ID"])
     f, grad, variance = _linearisation(model, table,
-                                       np.zeros((len(ids), len(model.eta_names))))
+                                       np.zeros((len(ids), len(model.eta_names))), covariates)
     used = ((table["EVID"] == 0) & (table["MDV"] == 0)).to_numpy()
     row_ids, dv = table["ID"].to_numpy(), table["DV"].to_numpy(dtype=float)
     out = np.zeros(len(ids))
@@ -279,7 +298,8 @@ class _Objective:
         if self.method == "fo":
             self.evaluations += 1
             try:
-                out = _first_order_terms(self.layout.model_at(values), self.data)
+                out = _first_order_terms(self.layout.model_at(values), self.data,
+                                         self.covariates)
             except (ValueError, np.linalg.LinAlgError):
                 return None
             return out if np.isfinite(out).all() else None
@@ -336,7 +356,8 @@ class PopulationFit:
     shrinkage : dict
         ETA shrinkage (SD-based, ``1 - SD(ETA) / sqrt(OMEGA)``) per ETA.
     records : DataFrame
-        Every record with PRED, IPRED, RES, IWRES, WRES and CWRES on observations.
+        Every record with PRED, IPRED, RES, IWRES, WRES and CWRES on observations (NaN on
+        censored ones; WRES and CWRES linearise the ETAs, not IOV's KAPPAs).
     history : DataFrame
         ITERATION, OFV and the natural parameters at each outer iteration.
     """
@@ -381,12 +402,16 @@ class PopulationFit:
         """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        head = "TABLE NO.     1: First Order Conditional Estimation with Interaction"
-        est = self.estimates[~self.estimates["FIXED"].astype(bool)]
-        labels = [_nonmem_label(n) for n in est["NAME"]]
-        ext = pd.DataFrame([[-1000000000, *est["ESTIMATE"], self.ofv],
-                            [-1000000001, *est["SE"].fillna(0.0), 0.0]],
-                           columns=["ITERATION", *labels, "OBJ"])
+        head = "TABLE NO.     1: " + {
+            "foce-i": "First Order Conditional Estimation with Interaction",
+            "foce": "First Order Conditional Estimation", "fo": "First Order"}[self.method]
+        est = self.estimates
+        fixed = est["FIXED"].astype(bool).to_numpy()
+        labels = _nonmem_labels(list(est["NAME"]))
+        rows = [[-1000000000, *est["ESTIMATE"], self.ofv]]
+        if self.covariance is not None:  # NONMEM writes SEs only after a covariance step
+            rows.append([-1000000001, *np.where(fixed, 1e10, est["SE"].fillna(0.0)), 0.0])
+        ext = pd.DataFrame(rows, columns=["ITERATION", *labels, "OBJ"])
         files = [out / f"{name}.ext", out / f"{name}.phi", out / f"{name}.cov",
                  out / f"{name}.tab"]
         _write_table(files[0], head, ext)
@@ -397,9 +422,10 @@ class PopulationFit:
             "_", ",") + ")" if c.startswith("ETC_") else c)
         phi.insert(0, "SUBJECT_NO", np.arange(1, len(phi) + 1))
         _write_table(files[1], head, phi)
-        cov = self.covariance if self.covariance is not None else np.zeros((len(est),) * 2)
-        frame = pd.DataFrame(cov, columns=labels)
-        frame.insert(0, "NAME", labels)
+        free = [lab for lab, f in zip(labels, fixed) if not f]
+        cov = self.covariance if self.covariance is not None else np.zeros((len(free),) * 2)
+        frame = pd.DataFrame(cov, columns=free)
+        frame.insert(0, "NAME", free)
         _write_table(files[2], head, frame)
         columns = [c for c in ("ID", "TIME", "DV", "PRED", "IPRED", "RES", "IWRES", "WRES",
                                "CWRES") if c in self.records.columns]
@@ -414,25 +440,34 @@ class PopulationFit:
                 f"covariance step: {self.covariance_status}")
 
 
-def _nonmem_label(name: str) -> str:
-    """NONMEM's column label of a parameter: THETAn stays, SIGMA(kind) becomes SIGMA(k,k)."""
-    if name.startswith("SIGMA("):
-        k = 1 if "proportional" in name else 2
-        return f"SIGMA({k},{k})"
-    return name
+def _nonmem_labels(names: list[str]) -> list[str]:
+    """NONMEM's column labels: THETA and OMEGA names stay, SIGMA(kind) becomes SIGMA(k,k)
+    numbered in order (the proportional part first when both are there)."""
+    out, k = [], 0
+    for name in names:
+        if name.startswith("SIGMA("):
+            k += 1
+            out.append(f"SIGMA({k},{k})")
+        else:
+            out.append(name)
+    return out
 
 
 def _write_table(path: Path, title: str, frame: pd.DataFrame) -> None:
     """NONMEM's layout: a title line, a header line, right-aligned E-format numbers."""
-    def cell(value: Any) -> str:
+    def cell(value: Any, column: str) -> str:
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             return f"{value:>13d}"
         try:
+            if column == "OBJ":  # NONMEM writes the objective with all its digits
+                return f"  {float(value):.17g}"
             return f"{float(value):>13.5E}"
         except (TypeError, ValueError):
             return f"{value!s:>13}"
-    lines = [title, "".join(f" {c:<12}" for c in frame.columns)]
-    lines += ["".join(cell(v) for v in row) for row in frame.itertuples(index=False)]
+    columns = list(frame.columns)
+    lines = [title, "".join(f" {c:<12}" for c in columns)]
+    lines += ["".join(cell(v, c) for v, c in zip(row, columns))
+              for row in frame.itertuples(index=False)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -520,9 +555,12 @@ def estimate_population(
                        initial=objective.warm, interaction=method != "foce")
     final_terms = objective.per_id(final_values)
     ofv = float(final_terms.sum()) if final_terms is not None else math.inf
-    success = bool(result.success or np.max(np.abs(result.jac)) < 10 * gtol) and fit.success
+    converged = bool(result.success or np.max(np.abs(result.jac)) < 10 * gtol)
+    success = converged and fit.success and final_terms is not None
     status = ("minimization successful" if success else
-              f"minimization terminated: {result.message}")
+              f"minimization terminated: {result.message}" if not converged else
+              "minimization terminated: the conditional modes at the estimates failed "
+              f"({fit.individuals.loc[~fit.individuals['SUCCESS'], 'MESSAGE'].head(1).tolist()})")
     cov, r_only, cov_status = (_covariance(objective, layout, final_values, fit)
                                if covariance and success else
                                (None, None, "not run" if not covariance
@@ -532,24 +570,43 @@ def estimate_population(
         estimates=_estimates(layout, start, final_values, model, fix, cov, r_only),
         covariance=cov, covariance_status=cov_status,
         condition_number=_condition(cov), individuals=fit.individuals,
-        shrinkage=_shrinkage(final_model, fit), records=_residuals(final_model, table, fit),
+        shrinkage=_shrinkage(final_model, fit),
+        records=_residuals(final_model, table, fit, covariates),
         history=pd.DataFrame(history), evaluations=objective.evaluations)
 
 
 def _estimates(layout: _Layout, start: np.ndarray, final: np.ndarray,
                model: PopulationModel, fix: tuple[str, ...], cov: np.ndarray | None,
                r_only: np.ndarray | None) -> pd.DataFrame:
+    """Every parameter in NONMEM's order (THETA, OMEGA, SIGMA), the fixed ones included
+    with FIXED True and no SE."""
     se = np.sqrt(np.diag(cov)) if cov is not None else np.full(final.size, np.nan)
     se_r = np.sqrt(np.diag(r_only)) if r_only is not None else np.full(final.size, np.nan)
-    kinds = (["THETA"] * len(layout.thetas) + ["OMEGA"] * len(layout.omega_pairs)
-             + ["SIGMA"] * len(layout.sigmas))
-    frame = pd.DataFrame({"NAME": layout.names, "KIND": kinds, "ESTIMATE": final,
-                          "INITIAL": start, "FIXED": False, "SE": se,
-                          "RSE": 100 * se / np.abs(final), "SE_R": se_r})
-    fixed = [{"NAME": n, "KIND": "THETA", "ESTIMATE": v, "INITIAL": v, "FIXED": True,
-              "SE": np.nan, "RSE": np.nan, "SE_R": np.nan}
-             for n, v in model.theta.items() if n in fix]
-    return pd.concat([frame, pd.DataFrame(fixed)], ignore_index=True) if fixed else frame
+    estimated = {name: (v, s0, e, r) for name, v, s0, e, r in
+                 zip(layout.names, final, start, se, se_r)}
+    rows = []
+
+    def add(name: str, kind: str, value: float) -> None:
+        if name in estimated:
+            v, s0, e, r = estimated[name]
+            rows.append({"NAME": name, "KIND": kind, "ESTIMATE": v, "INITIAL": s0,
+                         "FIXED": False, "SE": e, "RSE": 100 * e / abs(v) if v else np.nan,
+                         "SE_R": r})
+        else:
+            rows.append({"NAME": name, "KIND": kind, "ESTIMATE": value, "INITIAL": value,
+                         "FIXED": True, "SE": np.nan, "RSE": np.nan, "SE_R": np.nan})
+
+    for name, value in model.theta.items():
+        add(name, "THETA", float(value))
+    variances = np.diag(model.omega)
+    for i in range(len(variances)):
+        for j in range(i + 1):
+            if variances[i] > 0 and variances[j] > 0 and (i == j or model.omega[i, j] != 0):
+                add(f"OMEGA({i + 1},{j + 1})", "OMEGA", float(model.omega[i, j]))
+    for kind in ("proportional", "additive"):
+        if getattr(model.residual, kind) > 0:
+            add(f"SIGMA({kind})", "SIGMA", getattr(model.residual, kind) ** 2)
+    return pd.DataFrame(rows)
 
 
 def _condition(cov: np.ndarray | None) -> float:
@@ -613,25 +670,27 @@ def _shrinkage(model: PopulationModel, fit: MAPEstimate) -> dict[str, float]:
     return out
 
 
-def _residuals(model: PopulationModel, table: pd.DataFrame, fit: MAPEstimate) -> pd.DataFrame:
+def _residuals(model: PopulationModel, table: pd.DataFrame, fit: MAPEstimate,
+               covariates: str = "nocb") -> pd.DataFrame:
     """PRED, IPRED, RES, IWRES, WRES (at ETA 0) and CWRES (at the conditional modes,
     Hooker et al. 2007) on the measured records."""
     records = fit.records.copy()
-    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
+    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy() & ~_censored(records)
     records["RES"] = np.where(used, records["DV"] - records["PRED"], np.nan)
     eta = fit.individuals[list(model.eta_names)]
-    records["WRES"] = _weighted(model, table, records, np.zeros(eta.shape), used)
-    records["CWRES"] = _weighted(model, table, records, eta.to_numpy(dtype=float), used)
+    records["WRES"] = _weighted(model, table, records, np.zeros(eta.shape), used, covariates)
+    records["CWRES"] = _weighted(model, table, records, eta.to_numpy(dtype=float), used,
+                                 covariates)
     return records
 
 
 def _weighted(model: PopulationModel, table: pd.DataFrame, records: pd.DataFrame,
-              eta: np.ndarray, used: np.ndarray) -> np.ndarray:
+              eta: np.ndarray, used: np.ndarray, covariates: str = "nocb") -> np.ndarray:
     """``C^-1/2 (y - f + G eta)`` per ID with ``C = G OMEGA G' + diag(R)``, ``G = df/deta``
     at ``eta`` and ``R`` the residual variance at ``f``; ``C^-1/2`` is the symmetric
     inverse square root, as NONMEM's CWRES (a Cholesky factor differs by up to 1.5 on
     pheno_real)."""
-    f, grad, variance = _linearisation(model, table, eta)
+    f, grad, variance = _linearisation(model, table, eta, covariates)
     out = np.full(len(table), np.nan)
     row_ids = table["ID"].to_numpy()
     dv = records["DV"].to_numpy(dtype=float)

@@ -283,3 +283,42 @@ def test_the_same_estimates_on_a_process_pool_and_a_dask_cluster():
         assert other.ofv == pytest.approx(here.ofv, abs=1e-9)
         np.testing.assert_allclose(other.estimates["ESTIMATE"], here.estimates["ESTIMATE"],
                                    rtol=1e-9)
+
+
+def test_fixed_parameters_are_listed_and_partial_fixes_refused(tmp_path):
+    """fix=("OMEGA", "TVCL"): both stay at their start and appear in estimates (FIXED, no
+    SE) in NONMEM's order; names that are not parameters, a part of OMEGA, or everything
+    fixed are refused; to_nonmem writes the OFV with all its digits and no SE row without a
+    covariance step."""
+    start, data = simulated_population()
+    fit = estimate_population(start, data, fix=("OMEGA", "TVCL"), covariance=False)
+    table = fit.estimates.set_index("NAME")
+    assert list(table.index) == ["TVCL", "TVV", "OMEGA(1,1)", "OMEGA(2,2)",
+                                 "SIGMA(proportional)"]
+    assert table.loc["TVCL", "FIXED"] and table.loc["OMEGA(1,1)", "FIXED"]
+    assert table.loc["TVCL", "ESTIMATE"] == 3.0 and np.isnan(table.loc["TVCL", "SE"])
+    assert fit.model.omega[0, 0] == pytest.approx(0.1)
+    for bad in (("OMEGA(2,1)",), ("SIGMA(prop)",), ("TVCL", "TVV", "OMEGA", "SIGMA")):
+        with pytest.raises(ValueError):
+            estimate_population(start, data, fix=bad, covariance=False)
+    ext = fit.to_nonmem(tmp_path)[0].read_text().splitlines()
+    assert len(ext) == 3 and ext[2].split()[0] == "-1000000000"
+    assert float(ext[2].split()[-1]) == pytest.approx(fit.ofv, abs=1e-9)
+
+
+def test_fo_refuses_what_it_does_not_model_and_follows_locf():
+    """FO with censored records is refused (not silently ignored); with covariates changing
+    over time, covariates='locf' changes the FO objective as it changes FOCE-I's."""
+    start, data = simulated_population()
+    censored = data.assign(LLOQ=3.0)
+    assert (censored["DV"] < 3.0).any()
+    with pytest.raises(ValueError, match="FO is implemented without"):
+        population_objective(start, censored, method="fo")
+    wt = sp.Symbol("WT")
+    model = replace(start, parameters={**start.parameters,
+                                       "CL": start.parameters["CL"] * wt / 70},
+                    covariates=(Covariate("WT", "kg", "weight", (1, 300)),))
+    changing = data.assign(WT=np.where(data["TIME"] >= 4.0, 90.0, 60.0))
+    nocb = population_objective(model, changing, method="fo")
+    locf = population_objective(model, changing, method="fo", covariates="locf")
+    assert abs(nocb - locf) > 1e-3

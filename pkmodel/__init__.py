@@ -47,7 +47,8 @@ __version__ = "0.1.0"
 #: fast: the trial module pulls in scipy.stats, the others are not needed by every caller.
 _LAZY = {
     "plot_prior_posterior": "pkmodel.plot", "plot_profile": "pkmodel.plot",
-    "plot_recommendation": "pkmodel.plot",
+    "plot_recommendation": "pkmodel.plot", "plot_goodness_of_fit": "pkmodel.plot",
+    "plot_vpc": "pkmodel.plot",
     "NewDoses": "pkmodel.target", "Target": "pkmodel.target",
     "dose_for_target": "pkmodel.target", "exposure": "pkmodel.target",
     "interval_for_target": "pkmodel.target", "time_to_concentration": "pkmodel.target",
@@ -93,9 +94,11 @@ __all__ = [
     "kang_cohort",
     "load_model",
     "make_cohort",
+    "plot_goodness_of_fit",
     "plot_prior_posterior",
     "plot_profile",
     "plot_recommendation",
+    "plot_vpc",
     "predict",
     "predict_troughs",
     "read_nonmem",

@@ -10,6 +10,9 @@ writes it to a file.
   LLOQ, doses given and proposed, the target.
 * :func:`plot_prior_posterior`: for each parameter with an ETA, the population's spread for
   this patient's covariates (prior) against the patient's posterior.
+* :func:`plot_goodness_of_fit`: a population fit's DV against PRED and IPRED, CWRES against
+  time and PRED.
+* :func:`plot_vpc`: a visual predictive check (optionally prediction-corrected).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pkmodel.dosing import Recommendation
 from pkmodel.estimate import MAPEstimate, PosteriorSample
 from pkmodel.predict import draw_concentrations
 
-__all__ = ["plot_prior_posterior", "plot_profile", "plot_recommendation"]
+__all__ = ["plot_goodness_of_fit", "plot_prior_posterior", "plot_profile",
+           "plot_recommendation", "plot_vpc"]
 
 
 def _figure(width: float = 8.0, height: float = 4.5) -> Any:
@@ -262,3 +266,109 @@ def plot_prior_posterior(fit: MAPEstimate, posterior: PosteriorSample, *,
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_goodness_of_fit(fit: Any, *, path: str | os.PathLike[str] | None = None) -> Any:
+    """Four panels of a population fit (:class:`~pkmodel.population.PopulationFit`): DV
+    against PRED and against IPRED (with the identity line), CWRES against time and against
+    PRED (with 0 and +-2).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    records = fit.records
+    seen = records[(records["EVID"] == 0) & (records["MDV"] == 0)]
+    unit, time_unit = fit.model.concentration_unit, fit.model.time_unit
+    fig = _figure(9.0, 7.5)
+    axes = fig.subplots(2, 2)
+    for ax, column in zip(axes[0], ("PRED", "IPRED")):
+        ax.plot(seen[column], seen["DV"], "o", ms=3, alpha=0.6)
+        top = float(np.nanmax([seen[column].max(), seen["DV"].max()]))
+        ax.plot([0, top], [0, top], "k-", linewidth=0.8)
+        ax.set_xlabel(f"{column} ({unit})")
+        ax.set_ylabel(f"DV ({unit})")
+    for ax, column, label in ((axes[1][0], "TIME", f"time ({time_unit})"),
+                              (axes[1][1], "PRED", f"PRED ({unit})")):
+        ax.plot(seen[column], seen["CWRES"], "o", ms=3, alpha=0.6)
+        for level, style in ((0.0, "-"), (2.0, ":"), (-2.0, ":")):
+            ax.axhline(level, color="k", linewidth=0.8, linestyle=style)
+        ax.set_xlabel(label)
+        ax.set_ylabel("CWRES")
+    fig.suptitle(f"{fit.model.name}: goodness of fit ({fit.method.upper()}, OFV "
+                 f"{fit.ofv:.2f})", fontsize="medium")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_vpc(model: Any, data: pd.DataFrame, *, n: int = 200, bins: int = 8,
+             prediction_corrected: bool = False, seed: int = 0,
+             path: str | os.PathLike[str] | None = None) -> Any:
+    """Visual predictive check: the 10th, 50th and 90th percentiles of the observations
+    per time bin (quantile bins), against the 95 % interval of the same percentiles over
+    ``n`` simulated replicates of the design. With ``prediction_corrected``, observations
+    and simulations are scaled by the bin's median PRED over each record's PRED
+    (Bergstrand et al., AAPS J 2011).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from pkmodel.data import validate
+    from pkmodel.predict import predict, simulate
+
+    table = validate(data, covariates=model.covariate_names)
+    measured = ((table["EVID"] == 0) & (table["MDV"] == 0)).to_numpy()
+    every = (table["EVID"] == 0).to_numpy()
+    obs = table[measured]
+    sims = simulate(model, table, n=n, seed=seed)
+    keep = measured[every]  # simulated records that are measured in the data
+    per_id = sims.groupby("SOURCE_ID", sort=False)
+    sim_dv = np.concatenate([rows["DV"].to_numpy().reshape(n, -1)[:, keep[pos:pos + len(
+        rows) // n]] for pos, (_, rows) in _positions(per_id, n)], axis=1)  # (n, N_obs)
+    times, dv = obs["TIME"].to_numpy(dtype=float), obs["DV"].to_numpy(dtype=float)
+    edges = np.unique(np.quantile(times, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 2)
+    if prediction_corrected:
+        pred = predict(model, table)["PRED"].to_numpy()[measured]
+        median = np.array([np.median(pred[which == b]) for b in range(len(edges) - 1)])
+        scale = median[which] / np.where(pred > 0, pred, np.nan)
+        dv, sim_dv = dv * scale, sim_dv * scale
+    centres, observed, bands = [], [], []
+    for b in range(len(edges) - 1):
+        inside = which == b
+        if not inside.any():
+            continue
+        centres.append(float(np.median(times[inside])))
+        observed.append(np.nanpercentile(dv[inside], [10, 50, 90]))
+        per_rep = np.nanpercentile(sim_dv[:, inside], [10, 50, 90], axis=1)  # (3, n)
+        bands.append(np.nanpercentile(per_rep, [2.5, 97.5], axis=1))  # (2, 3)
+    centres, observed, bands = np.array(centres), np.array(observed), np.array(bands)
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot(times, dv, "o", ms=2.5, color="grey", alpha=0.5, label="observed")
+    for k, (name, colour) in enumerate((("10th", "tab:blue"), ("50th", "tab:red"),
+                                        ("90th", "tab:blue"))):
+        ax.fill_between(centres, bands[:, 0, k], bands[:, 1, k], color=colour, alpha=0.2,
+                        linewidth=0, label=f"simulated {name} percentile, 95 % interval")
+        ax.plot(centres, observed[:, k], "-", color=colour, label=f"observed {name}")
+    ax.set_xlabel(f"time ({model.time_unit})")
+    ax.set_ylabel(("prediction-corrected " if prediction_corrected else "")
+                  + f"concentration ({model.concentration_unit})")
+    ax.legend(fontsize="x-small")
+    ax.set_title(f"{model.name}: {'prediction-corrected ' if prediction_corrected else ''}"
+                 f"VPC, {n} replicates")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _positions(groups: Any, n: int) -> Any:
+    """(start offset in the data's EVID-0 records, (id, rows)) per simulated ID."""
+    offset = 0
+    for key, rows in groups:
+        yield offset, (key, rows)
+        offset += len(rows) // n

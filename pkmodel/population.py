@@ -41,7 +41,7 @@ from pkmodel.estimate import MAPEstimate, estimate_map
 from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
 
-__all__ = ["PopulationFit", "estimate_population", "population_objective"]
+__all__ = ["PopulationFit", "estimate_population", "npde", "population_objective"]
 
 _FD_STEP = 1e-3  # central-difference step of the outer gradient, in transformed units
 _COV_STEP = 1e-2  # step of the covariance step, in transformed units
@@ -703,4 +703,55 @@ def _weighted(model: PopulationModel, table: pd.DataFrame, records: pd.DataFrame
         centred = dv[rows] - f[rows] + g @ eta[b]
         w, v = np.linalg.eigh(cov)
         out[rows] = v @ ((v.T @ centred) / np.sqrt(w))
+    return out
+
+
+def npde(model: PopulationModel, data: pd.DataFrame, *, n: int = 1000, seed: int = 0,
+         covariates: str = "nocb") -> pd.DataFrame:
+    """Normalised prediction distribution errors (Brendel et al., Pharm Res 2006; Comets
+    et al. 2008), by simulation.
+
+    Each ID's design is simulated ``n`` times with IIV, IOV and residual error; its
+    observations and the simulated vectors are decorrelated with the symmetric inverse
+    square root of the simulated covariance (as NONMEM's NPDE; a Cholesky factor agrees
+    less with it on pheno_real), PDE is the share of simulated values below the observed
+    one (kept within ``[1/2n, 1 - 1/2n]``) and NPDE its normal quantile. Under the model
+    NPDE is standard normal and independent within an ID.
+
+    Returns
+    -------
+    DataFrame
+        The validated records with PDE and NPDE on measured records (NaN elsewhere and on
+        censored records).
+    """
+    from scipy.stats import norm  # here: scipy.stats takes 0.4 s to import
+
+    from pkmodel.predict import simulate
+
+    table = validate(data, covariates=model.covariate_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CovariateWarning)
+        sims = simulate(model, table, n=n, seed=seed, covariates=covariates)
+    measured = ((table["EVID"] == 0) & (table["MDV"] == 0)).to_numpy()
+    every = (table["EVID"] == 0).to_numpy()
+    usable = measured & ~_censored(table)
+    out = table.copy()
+    out["PDE"], out["NPDE"] = np.nan, np.nan
+    ids, dv = table["ID"].to_numpy(), table["DV"].to_numpy(dtype=float)
+    for ident, rows in sims.groupby("SOURCE_ID", sort=False):
+        positions = np.flatnonzero((ids == ident) & every)
+        values = rows["DV"].to_numpy(dtype=float).reshape(n, positions.size)
+        keep = usable[positions]
+        if not keep.any():
+            continue
+        values, at = values[:, keep], positions[keep]
+        mean = values.mean(axis=0)
+        cov = np.atleast_2d(np.cov(values, rowvar=False))
+        w, v = np.linalg.eigh(cov)
+        root = v / np.sqrt(np.maximum(w, 1e-300)) @ v.T
+        observed = root @ (dv[at] - mean)
+        simulated = (values - mean) @ root.T
+        pde = np.clip((simulated < observed).mean(axis=0), 1 / (2 * n), 1 - 1 / (2 * n))
+        out.loc[out.index[at], "PDE"] = pde
+        out.loc[out.index[at], "NPDE"] = norm.ppf(pde)
     return out

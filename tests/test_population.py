@@ -12,7 +12,7 @@ import sympy as sp
 
 from pkmodel.engine import Structure
 from pkmodel.model import Covariate, PopulationModel, ResidualError
-from pkmodel.population import estimate_population, population_objective
+from pkmodel.population import estimate_population, npde, population_objective
 
 THETA1, THETA2, THETA3 = sp.symbols("THETA1 THETA2 THETA3")
 ETA1, ETA2 = sp.symbols("ETA1 ETA2")
@@ -322,3 +322,51 @@ def test_fo_refuses_what_it_does_not_model_and_follows_locf():
     nocb = population_objective(model, changing, method="fo")
     locf = population_objective(model, changing, method="fo", covariates="locf")
     assert abs(nocb - locf) > 1e-3
+
+
+def test_npde_agree_with_nonmem_on_pheno_real(population_dir):
+    """NPDE at NONMEM's final pheno_real estimates against pheno_real.tab (NONMEM drew 300
+    samples, so loosely: correlation above 0.98, mean absolute difference below 0.15)."""
+    model = pheno_model((4.69555e-3, 0.984258, 0.158920), (0.0293508, 0.0279060), 0.0132410)
+    data = pheno_data(population_dir)
+    out = npde(model, data, n=1000, seed=1)
+    table = pd.read_csv(population_dir / "pheno_real.tab", sep=r"\s+", skiprows=1)
+    obs = (data["AMT"] == 0).to_numpy()
+    ours, theirs = out.loc[obs, "NPDE"].to_numpy(), table.loc[obs, "NPDE"].to_numpy()
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.98
+    assert np.mean(np.abs(ours - theirs)) < 0.15
+    assert out.loc[~obs, "NPDE"].isna().all()
+
+
+def test_npde_of_data_from_the_model_itself_are_standard_normal():
+    """Data simulated from the model: NPDE have mean near 0 and SD near 1 (96 values:
+    within 0.3 and 0.25)."""
+    start, data = simulated_population()
+    truth = replace(start, theta={"TVCL": 4.0, "TVV": 50.0}, omega=np.diag([0.09, 0.04]),
+                    residual=ResidualError(proportional=0.1))
+    values = npde(truth, data, n=500, seed=3)["NPDE"].dropna().to_numpy()
+    assert values.size == 96
+    assert abs(values.mean()) < 0.3 and abs(values.std() - 1) < 0.25
+
+
+def test_goodness_of_fit_and_vpc_figures():
+    """The four goodness-of-fit panels of a fit, and a VPC whose observed median lies inside
+    the simulated interval in most bins for data simulated from the same model (plain and
+    prediction-corrected)."""
+    pytest.importorskip("matplotlib")
+    from pkmodel.plot import plot_goodness_of_fit, plot_vpc
+    start, data = simulated_population()
+    fit = estimate_population(start, data, covariance=False, max_iter=2)
+    panels = plot_goodness_of_fit(fit)
+    assert [ax.get_ylabel() for ax in panels.axes] == ["DV (mg/L)", "DV (mg/L)", "CWRES",
+                                                       "CWRES"]
+    truth = replace(start, theta={"TVCL": 4.0, "TVV": 50.0}, omega=np.diag([0.09, 0.04]),
+                    residual=ResidualError(proportional=0.1))
+    for corrected in (False, True):
+        figure = plot_vpc(truth, data, n=100, bins=4, prediction_corrected=corrected)
+        ax = figure.axes[0]
+        median = next(line for line in ax.get_lines() if line.get_label() == "observed 50th")
+        band = next(c for c in ax.collections if "50th" in c.get_label())
+        low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[
+            :, 1].max()
+        assert np.all((median.get_ydata() > low) & (median.get_ydata() < high))

@@ -858,9 +858,40 @@ def estimate_map(
         _derivatives(obj, eta, take, newton=n <= _NEWTON_MAX))
     etc, pd_ok = _etc(fisher, hess)
 
+    individuals = _individuals(problem, fit, best, eta, final_ofv, etc, pd_ok,
+                               starts=starts, max_iter=max_iter)
+    names = problem.names
+
+    records = predict_validated(model, full,
+                                to_events(full, model.structure, covariates=covariates),
+                                individuals[["ID", *model.eta_names]])
+    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
+    # The fitted prediction of each observation, with its occasion's KAPPAs (the
+    # observations of the problem are those of the table, ID by ID, in file order).
+    fitted = obj.predictions(eta[:, None, :], take)[:, 0, :]
+    records["IPRED_OCC"] = np.nan
+    records.loc[used, "IPRED_OCC"] = fitted[problem.obs_mask]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = records["IPRED_OCC"]
+        if model.residual.log_scale:
+            iwres = (np.log(records["DV"]) - np.log(f)) / model.residual.additive
+        else:
+            iwres = (records["DV"] - f) / model.residual.sd(f)
+    records["IWRES"] = np.where(used, iwres, np.nan)
+    _explain_non_finite(model, individuals, records, used)
+    _mark_plausibility(model, individuals, records)
+    return MAPEstimate(individuals=individuals, records=records, model=model,
+                       names=tuple(names), _problem=(problem, covariates))
+
+
+def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,
+                 final_ofv: np.ndarray, etc: np.ndarray, pd_ok: np.ndarray, *, starts: int,
+                 max_iter: int) -> pd.DataFrame:
+    """One row per ID: the ETAs, OFV, OBJ, N_OBS, SUCCESS, ITERATIONS, MESSAGE and ETC."""
     rows = []
     names = problem.names
-    for b in range(b_count):
+    n = problem.n_params
+    for b in range(len(problem.ids)):
         others = fit.ofv[b][fit.converged[b]]
         message = "converged"
         success = bool(fit.converged[b, best[b]] and pd_ok[b] and np.isfinite(final_ofv[b]))
@@ -891,27 +922,7 @@ def estimate_map(
         rows.append(row)
     individuals = pd.DataFrame(rows).set_index("ID", drop=False)
     individuals.index.name = None
-
-    records = predict_validated(model, full,
-                                to_events(full, model.structure, covariates=covariates),
-                                individuals[["ID", *model.eta_names]])
-    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
-    # The fitted prediction of each observation, with its occasion's KAPPAs (the
-    # observations of the problem are those of the table, ID by ID, in file order).
-    fitted = obj.predictions(eta[:, None, :], take)[:, 0, :]
-    records["IPRED_OCC"] = np.nan
-    records.loc[used, "IPRED_OCC"] = fitted[problem.obs_mask]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f = records["IPRED_OCC"]
-        if model.residual.log_scale:
-            iwres = (np.log(records["DV"]) - np.log(f)) / model.residual.additive
-        else:
-            iwres = (records["DV"] - f) / model.residual.sd(f)
-    records["IWRES"] = np.where(used, iwres, np.nan)
-    _explain_non_finite(model, individuals, records, used)
-    _mark_plausibility(model, individuals, records)
-    return MAPEstimate(individuals=individuals, records=records, model=model,
-                       names=tuple(names), _problem=(problem, covariates))
+    return individuals
 
 
 def _explain_non_finite(model: PopulationModel, individuals: pd.DataFrame,

@@ -11,6 +11,7 @@ second for this run (not measured here: no NONMEM on this machine).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ FOLDER = Path(__file__).resolve().parents[2] / "shared" / "validation" / "popula
 class PhenoReal:
     """FOCE-I fit of pheno_real from the initial values of its .ext."""
 
-    ofv: dict[str, float] = {}  # kept across the runner's setup() calls
+    ofv: ClassVar[dict[str, float]] = {}  # kept across the runner's setup() calls
 
     def setup(self) -> None:
         path = FOLDER / "pheno.dta"

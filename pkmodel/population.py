@@ -139,7 +139,12 @@ def _layout(model: PopulationModel, fix: tuple[str, ...]) -> _Layout:
         raise ValueError("every parameter is fixed: nothing to estimate "
                          "(population_objective gives the objective)")
     start = layout.natural(model)
-    if not np.allclose(layout.from_x(layout.to_x(start)), start, rtol=1e-10, atol=1e-14):
+    try:
+        round_trip = layout.from_x(layout.to_x(start))
+    except np.linalg.LinAlgError:
+        raise ValueError("the initial OMEGA is not positive definite: each ETA needs a "
+                         "positive variance, and each block correlations below 1") from None
+    if not np.allclose(round_trip, start, rtol=1e-10, atol=1e-14):
         raise ValueError("OMEGA's non-zero entries do not form blocks (each block full "
                          "within itself, as NONMEM's BLOCK): give the covariances of a "
                          "block a non-zero start")
@@ -672,8 +677,31 @@ def _covariance(objective: _Objective, layout: _Layout, values: np.ndarray,
                     / (2 * h * 1e-3) for k in range(n)], axis=1)  # d natural / d x
     inverse = np.linalg.inv(hess)
     sandwich = jac @ inverse @ (grads.T @ grads) @ inverse @ jac.T
-    return sandwich, 2 * jac @ inverse @ jac.T, ("successful (sandwich R^-1 S R^-1, "
-                                                 "central differences)")
+    r_only = 2 * jac @ inverse @ jac.T
+    singular = _unidentified(r_only, layout.names)
+    if singular:
+        return None, None, f"failed: {singular}"
+    return sandwich, r_only, "successful (sandwich R^-1 S R^-1, central differences)"
+
+
+#: Condition number of the estimates' correlation matrix above which the covariance step
+#: fails as NONMEM's "R matrix algorithmically singular" would.
+MAX_CONDITION = 1e5
+
+
+def _unidentified(cov: np.ndarray, names: list[str]) -> str:
+    """Why ``cov`` cannot be trusted (parameters the data cannot tell apart), or ''."""
+    sd = np.sqrt(np.diag(cov))
+    corr = cov / np.outer(sd, sd)
+    eig = np.linalg.eigvalsh(corr)
+    condition = eig.max() / eig.min() if eig.min() > 0 else np.inf
+    if condition <= MAX_CONDITION:
+        return ""
+    off = np.abs(corr - np.eye(len(sd)))
+    i, j = np.unravel_index(np.argmax(off), off.shape)
+    return (f"the R matrix is nearly singular (condition number {condition:.3g}; {names[i]} "
+            f"and {names[j]} correlate {corr[i, j]:+.4f}): these data cannot tell them "
+            "apart; fix one or reparameterise")
 
 
 def _shrinkage(model: PopulationModel, fit: MAPEstimate) -> dict[str, float]:

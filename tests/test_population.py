@@ -370,3 +370,19 @@ def test_goodness_of_fit_and_vpc_figures():
         low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[
             :, 1].max()
         assert np.all((median.get_ydata() > low) & (median.get_ydata() < high))
+
+
+def test_unidentifiable_parameters_and_a_bad_omega_are_said():
+    """CL = TVCL * TX with both free: the minimisation ends, but the covariance step fails
+    naming the pair (correlation +-1), with no SE; an OMEGA that is not positive definite is
+    a named error, not a linear-algebra traceback."""
+    start, data = simulated_population()
+    tx = sp.Symbol("TX")
+    ridge = replace(start, theta={**start.theta, "TX": 1.0},
+                    parameters={**start.parameters, "CL": start.parameters["CL"] * tx})
+    fit = estimate_population(ridge, data)
+    assert fit.covariance is None and fit.covariance_status.startswith("failed")
+    assert "TVCL" in fit.covariance_status and "TX" in fit.covariance_status
+    assert fit.estimates["SE"].isna().all()
+    with pytest.raises(ValueError, match="not positive definite"):
+        estimate_population(replace(start, omega=np.full((2, 2), 0.1)), data)

@@ -470,9 +470,12 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         choice = np.argmax(armijo, axis=1)
         eta[at[moved]] = trial[moved, choice[moved]]
         known[at[moved]] = False
-        # No decrease along the step: at the optimum to rounding if the step is tiny.
+        # No decrease along the step: at the optimum to rounding if the step is tiny or
+        # the decrease it predicts is below what OFV's rounding can show.
         stuck = at[~moved]
-        converged[stuck[np.abs(step[~moved]).max(axis=1) < 1e-7]] = True
+        tiny = (np.abs(step[~moved]).max(axis=1) < 1e-7) | (
+            decrease[~moved] < 1e-12 * (1.0 + np.abs(ofv[stuck])))
+        converged[stuck[tiny]] = True
         active[stuck] = False
     final = obj.ofv(eta[:, None, :], ids)[:, 0]
     shape = (b_count, s_count)

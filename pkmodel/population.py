@@ -290,7 +290,12 @@ class _Objective:
         """Every ID's MAP fit at ``values`` (its ``individuals``; None where one fails),
         the IDs in parts on the executor when there is one."""
         self.evaluations += 1
-        model = self.layout.model_at(values)
+        if not np.isfinite(values).all():
+            return None
+        try:  # a line search may try values no model takes (an overflowed OMEGA)
+            model = self.layout.model_at(values)
+        except ValueError:
+            return None
         jobs = [(model, part, self.covariates, warm, self.method == "foce-i")
                 for part in self.parts]
         results = (list(self.executor.map(_fit_part, jobs)) if self.executor is not None
@@ -565,8 +570,13 @@ def estimate_population(
                          "MAP fit fails): check the data and the initial estimates")
     objective.warm = first
     record(x0)
+    # The first step: of length about 1 in the transformed coordinates (BFGS would take the
+    # whole gradient, thousands of units from a poor start, and overflow).
+    g0 = objective.gradient(x0)
+    scale = 1.0 / max(1.0, float(np.linalg.norm(g0))) if np.isfinite(g0).all() else 1e-3
     result = optimize.minimize(objective.at_x, x0, jac=objective.gradient, method="BFGS",
-                               callback=record, options={"gtol": gtol, "maxiter": max_iter})
+                               callback=record, options={"gtol": gtol, "maxiter": max_iter,
+                                                         "hess_inv0": np.eye(x0.size) * scale})
     final_values = layout.from_x(result.x)
     final_model = layout.model_at(final_values)
     # The conditional modes (POSTHOC) and the objective of the method at the estimates.

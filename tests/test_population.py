@@ -222,6 +222,27 @@ def test_wang_2007_objectives_of_the_three_methods(population_dir, error, expect
             value, abs=1e-3), method
 
 
+def test_schoemaker_one_compartment_fit_from_nonmem_s_initial_values(population_dir):
+    """runN001 from the first row of its .ext (OFV 20666.55 there): the OFV is never more
+    than 0.1 above NONMEM's 20058.4761 and the estimates are within 1 % (README 3)."""
+    raw = pd.read_csv(population_dir / "BOLUS_1CPT.csv")
+    data = raw[raw["SD"] == 1].drop(columns=["SS", "II", "V", "CL"])
+    data = data.assign(DV=np.where(data["EVID"] == 1, np.nan, data["DV"]))
+    first = (population_dir / "runN001.ext").read_text().splitlines()[2].split()[1:]
+    th1, th2, prop, _, om1, _, om2 = (float(v) for v in first[:7])
+    model = PopulationModel(
+        "runN001", Structure(1), {"THETA1": th1, "THETA2": th2},
+        {"CL": sp.exp(THETA1 + ETA1), "V1": sp.exp(THETA2 + ETA2)}, np.diag([om1, om2]),
+        ("ETA1", "ETA2"), ResidualError(proportional=prop), time_unit="h")
+    fit = estimate_population(model, data, covariance=False)
+    assert fit.success and fit.ofv <= 20058.4761 + 0.1
+    est = fit.estimates.set_index("NAME")["ESTIMATE"]
+    expected = {"THETA1": 1.36831, "THETA2": 4.20533, "OMEGA(1,1)": 0.0725899,
+                "OMEGA(2,2)": 0.0914409, "SIGMA(proportional)": 0.198077**2}
+    for name, value in expected.items():
+        assert est[name] == pytest.approx(value, rel=0.01), name
+
+
 def test_a_bad_start_is_a_named_error_not_a_silent_answer(population_dir):
     model = pheno_model((4.69307e-3, 1.00916, 0.1), (0.0309626, 0.031128), 0.0130865)
     with pytest.raises(ValueError, match="SAEM is not yet there"):

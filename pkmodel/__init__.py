@@ -4,10 +4,12 @@ Layers, from the bottom: :mod:`pkmodel.errors`, :mod:`pkmodel.data` (NONMEM-styl
 tables and regimens), :mod:`pkmodel.engine` (exact linear-compartment solutions),
 :mod:`pkmodel.model` and :mod:`pkmodel.models` (population models, published ones),
 :mod:`pkmodel.predict` (prediction, simulation), :mod:`pkmodel.estimate` (MAP and
-posterior), :mod:`pkmodel.dosing` (the infliximab recommendation and its dose
-optimisation) beside :mod:`pkmodel.target` (dosing questions for any drug, in the model's
-units), :mod:`pkmodel.trial` (virtual trials), :mod:`pkmodel.cli` (the ``pkmodel``
-command). Units are the model's (``time_unit``, ``dose_unit``, ``concentration_unit``):
+posterior) beside :mod:`pkmodel.population` (FOCE-I, FOCE and FO population estimation),
+:mod:`pkmodel.dosing` (the infliximab recommendation and its dose optimisation) beside
+:mod:`pkmodel.target` (dosing questions for any drug, in the model's units) and
+:mod:`pkmodel.averaging` (several models for one patient), :mod:`pkmodel.trial` (virtual
+trials), :mod:`pkmodel.plot` and :mod:`pkmodel.report` (figures, the patient report),
+:mod:`pkmodel.cli` (the ``pkmodel`` command). Units are the model's (``time_unit``, ``dose_unit``, ``concentration_unit``):
 day, mg, L, L/day, mg/L for the infliximab models.
 
 Examples
@@ -55,6 +57,9 @@ _LAZY = {
     "BayesianDosing": "pkmodel.trial", "KangProactive": "pkmodel.trial",
     "LabelDosing": "pkmodel.trial", "kang_cohort": "pkmodel.trial",
     "run_trial": "pkmodel.trial",
+    "estimate_population": "pkmodel.population", "population_objective": "pkmodel.population",
+    "npde": "pkmodel.population",
+    "compare_models": "pkmodel.averaging", "recommend_with_models": "pkmodel.averaging",
 }
 
 
@@ -82,10 +87,12 @@ __all__ = [
     "Recommendation",
     "Target",
     "available_models",
+    "compare_models",
     "dose_for_target",
     "dose_for_target_trough",
     "dosing_table",
     "estimate_map",
+    "estimate_population",
     "exposure",
     "from_clinical",
     "infliximab_regimen",
@@ -94,15 +101,18 @@ __all__ = [
     "kang_cohort",
     "load_model",
     "make_cohort",
+    "npde",
     "plot_goodness_of_fit",
     "plot_prior_posterior",
     "plot_profile",
     "plot_recommendation",
     "plot_vpc",
+    "population_objective",
     "predict",
     "predict_troughs",
     "read_nonmem",
     "recommend_regimen",
+    "recommend_with_models",
     "run_trial",
     "sample_posterior",
     "simulate",

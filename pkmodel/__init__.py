@@ -9,8 +9,8 @@ posterior) beside :mod:`pkmodel.population` (FOCE-I, FOCE and FO population esti
 :mod:`pkmodel.target` (dosing questions for any drug, in the model's units) and
 :mod:`pkmodel.averaging` (several models for one patient), :mod:`pkmodel.trial` (virtual
 trials), :mod:`pkmodel.plot` and :mod:`pkmodel.report` (figures, the patient report),
-:mod:`pkmodel.cli` (the ``pkmodel`` command). Units are the model's (``time_unit``, ``dose_unit``, ``concentration_unit``):
-day, mg, L, L/day, mg/L for the infliximab models.
+:mod:`pkmodel.cli` (the ``pkmodel`` command). Units are the model's (``time_unit``,
+``dose_unit``, ``concentration_unit``): day, mg, L, L/day, mg/L for the infliximab models.
 
 Examples
 --------

@@ -3,8 +3,8 @@
 
 Errors are reported as one message on standard error (exit status 2 for usage, 4 for the
 data; with ``--json`` also as a JSON document), never as a traceback; a refused
-recommendation, or a population fit whose minimisation did not succeed, exits with status 3. ``--json`` prints a stable
-document for programs (schema in docs/cli.md).
+recommendation, or a population fit whose minimisation did not succeed, exits with status
+3. ``--json`` prints a stable document for programs (schema in docs/cli.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pkmodel.errors import PKModelError
 from pkmodel.estimate import estimate_map
 from pkmodel.model import PopulationModel
 from pkmodel.models import DEFAULT, available, load
-from pkmodel.predict import predict
+from pkmodel.predict import predict, with_samples
 
 __all__ = ["main"]
 
@@ -369,10 +369,10 @@ def _predict(args: argparse.Namespace) -> int:
     measured = bool(((table["EVID"] == 0) & (table["MDV"] == 0)).any())
     fit = estimate_map(model, data) if measured else None
     if args.times is not None:
-        table = _with_grid(table, args.times, model.covariate_names)
+        table = with_samples(table, args.times, model.covariate_names)
         eta = None if fit is None else fit.individuals[["ID", *model.eta_names]]
-        out = predict(model, table.drop(columns="GRID"), eta)
-        out = out[table["GRID"].to_numpy()]
+        out = predict(model, table.drop(columns="SAMPLE"), eta)
+        out = out[table["SAMPLE"].to_numpy() >= 0]
     else:
         out = fit.records if fit is not None else predict(model, data)
     columns = [c for c in ("ID", "TIME", "EVID", "AMT", "DV", "PRED", "IPRED") if c in out]
@@ -401,8 +401,9 @@ def _load_model(spec: str) -> PopulationModel:
     namespace = runpy.run_path(spec)
     model = namespace.get("model")
     if not isinstance(model, PopulationModel):
-        raise ValueError(f"{spec}: expected a variable `model` holding a PopulationModel; "  # noqa: TRY004
-                         f"got {type(model).__name__}")
+        message = (f"{spec}: expected a variable `model` holding a PopulationModel; got "
+                   f"{type(model).__name__}")
+        raise ValueError(message)  # noqa: TRY004 - the user's file, a usage error
     return model
 
 
@@ -432,28 +433,6 @@ def _fit(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(result.summary() + "\n")
     return 0 if result.success else EXIT_REFUSED
-
-
-def _with_grid(table: pd.DataFrame, times: list[float],
-               covariates: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Each ID's records with a sample (EVID 2) at every time of the grid, after the
-    records at the same time, with the next record's covariates (NOCB: they govern the
-    time up to it; the last record's after it); GRID marks the added rows."""
-    parts = []
-    for ident, rows in table.groupby("ID", sort=False):
-        last = rows.iloc[-1]
-        grid = pd.DataFrame({c: np.repeat(last[c], len(times)) for c in rows.columns})
-        grid = grid.assign(ID=ident, TIME=times, EVID=2.0, MDV=1.0, AMT=0.0, RATE=0.0,
-                           DUR=0.0, II=0.0, ADDL=0.0, SS=0.0, CMT=0.0, DV=np.nan)
-        both = pd.concat([rows.assign(GRID=False), grid.assign(GRID=True)], ignore_index=True)
-        both = both.iloc[np.lexsort((both["GRID"].to_numpy(), both["TIME"].to_numpy()))]
-        if covariates:
-            mask = np.broadcast_to(both["GRID"].to_numpy()[:, None],
-                                   (len(both), len(covariates)))
-            both[list(covariates)] = both[list(covariates)].astype(float).mask(mask).bfill(
-            ).ffill()
-        parts.append(both)
-    return pd.concat(parts, ignore_index=True)
 
 
 def _trial(args: argparse.Namespace) -> int:

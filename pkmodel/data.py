@@ -15,6 +15,7 @@ table into the engine's events: this module stays above the engine in the layers
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from pkmodel.errors import CovariateError, DatasetError
 
 __all__ = [
     "NONMEM_COLUMNS",
+    "JsonDocument",
     "check_concentrations",
     "days_since",
     "dose_amount",
@@ -52,6 +54,17 @@ MAX_SS_SPAN = 1000.0
 #: Magnitudes no dose, rate, interval or concentration reaches in any unit a model uses
 #: (a picogram to a tonne in mg): values outside are data errors, and would overflow.
 SMALLEST_DOSE, LARGEST_VALUE = 1e-9, 1e12
+
+
+class JsonDocument:
+    """``to_json()`` for a result class with a ``to_dict()`` of plain JSON types."""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string (``kwargs`` go to :func:`json.dumps`)."""
+        return json.dumps(self.to_dict(), **kwargs)
 
 
 def read_nonmem(path: str | os.PathLike[str]) -> pd.DataFrame:

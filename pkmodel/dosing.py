@@ -31,7 +31,6 @@ draws never produce a regimen.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import check_concentrations, dose_times, plain_json, validate
+from pkmodel.data import JsonDocument, check_concentrations, dose_times, plain_json, validate
 from pkmodel.errors import CovariateWarning, DatasetError, PlausibilityWarning
 from pkmodel.estimate import (
     PLAUSIBLE_SD,
@@ -182,7 +181,7 @@ class Checks:
 
 
 @dataclass(frozen=True)
-class Recommendation:
+class Recommendation(JsonDocument):
     """What to give next, why, how far to trust it, and what every alternative would do.
 
     Attributes
@@ -279,9 +278,6 @@ class Recommendation:
         nothing is offered then)."""
         return self.status != "refused" and self.closest.meets_target
 
-    def to_json(self, **kwargs: Any) -> str:
-        """:meth:`to_dict` as a JSON string (``kwargs`` go to :func:`json.dumps`)."""
-        return json.dumps(self.to_dict(), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (NaN and infinities as None); tables as lists of records."""

@@ -28,7 +28,6 @@ included; the full Hessian does not reproduce NONMEM's ETC); both are reported s
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,7 +37,7 @@ import pandas as pd
 import sympy as sp
 from scipy.special import log_ndtr
 
-from pkmodel.data import fail_where, plain_json, validate
+from pkmodel.data import JsonDocument, fail_where, plain_json, validate
 from pkmodel.engine import Events, stack_events
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
@@ -487,7 +486,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
 
 
 @dataclass(frozen=True)
-class MAPEstimate:
+class MAPEstimate(JsonDocument):
     """Maximum a posteriori (empirical Bayes) estimates, as NONMEM's POSTHOC reports them.
 
     Attributes
@@ -603,9 +602,6 @@ class MAPEstimate:
                            "individuals": self.individuals.to_dict(orient="records"),
                            "records": self.records.to_dict(orient="records")})
 
-    def to_json(self, **kwargs: Any) -> str:
-        """:meth:`to_dict` as a JSON string (``kwargs`` go to :func:`json.dumps`)."""
-        return json.dumps(self.to_dict(), **kwargs)
 
 
 def objective(
@@ -798,8 +794,8 @@ def estimate_map(
     data : DataFrame
         NONMEM-style records; observations are EVID 0, MDV 0 with DV in mg/L (also for a
         log-additive model). An ``LLOQ`` column (mg/L) makes records with DV < LLOQ
-        censored (M3), a ``ULOQ`` column those with DV > ULOQ censored from above. An ``OCC`` column sets occasions for IOV (default: dosing
-        intervals).
+        censored (M3), a ``ULOQ`` column those with DV > ULOQ censored from above. An
+        ``OCC`` column sets occasions for IOV (default: dosing intervals).
     covariates : {"nocb", "locf"}
         Which record's covariates govern the interval before a record (NONMEM: NOCB).
     starts : int
@@ -1016,7 +1012,7 @@ def _etc(fisher: np.ndarray, hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class PosteriorSample:
+class PosteriorSample(JsonDocument):
     """Draws from the posterior of one or more IDs' ETAs, with diagnostics.
 
     Attributes
@@ -1037,9 +1033,6 @@ class PosteriorSample:
         return plain_json({"draws": self.draws.to_dict(orient="records"),
                            "diagnostics": self.diagnostics.to_dict(orient="records")})
 
-    def to_json(self, **kwargs: Any) -> str:
-        """:meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), **kwargs)
 
 
 def sample_posterior(

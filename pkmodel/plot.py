@@ -25,7 +25,7 @@ import pandas as pd
 
 from pkmodel.dosing import Recommendation
 from pkmodel.estimate import MAPEstimate, PosteriorSample
-from pkmodel.predict import draw_concentrations
+from pkmodel.predict import draw_concentrations, with_samples
 
 __all__ = ["plot_goodness_of_fit", "plot_prior_posterior", "plot_profile",
            "plot_recommendation", "plot_vpc"]
@@ -134,13 +134,13 @@ def plot_profile(fit: MAPEstimate, *, posterior: PosteriorSample | None = None,
     grid = np.unique(np.concatenate([np.linspace(0.0, end, 600), given["TIME"].to_numpy(),
                                      ends.to_numpy()]))
     grid = grid[grid <= end]
-    frame = _with_samples(doses, grid, model.covariate_names)
+    frame = with_samples(doses, grid, model.covariate_names)
     names = list(model.eta_names)
     eta = fit.individuals[names].to_numpy(dtype=float)
     if posterior is not None:
         eta = np.vstack([eta, posterior.draws[names].to_numpy(dtype=float)])
-    (conc,) = draw_concentrations(model, [frame.drop(columns="_GRID")], eta)
-    at = frame["_GRID"].to_numpy()
+    (conc,) = draw_concentrations(model, [frame.drop(columns="SAMPLE")], eta)
+    at = frame["SAMPLE"].to_numpy() >= 0
     fig = _figure()
     ax = fig.subplots()
     if posterior is not None:
@@ -187,25 +187,6 @@ def _proposed(history: pd.DataFrame, rec: Recommendation | None) -> pd.DataFrame
     return rows.assign(TIME=times, EVID=1.0, MDV=1.0, AMT=option.dose_mg,
                        RATE=option.dose_mg / hours if hours else 0.0, DV=np.nan,
                        CMT=last_dose["CMT"], II=0.0, ADDL=0.0, SS=0.0)
-
-
-def _with_samples(table: pd.DataFrame, grid: np.ndarray,
-                  covariates: tuple[str, ...] = ()) -> pd.DataFrame:
-    """``table`` with samples (EVID 2) on ``grid``, after the records at the same time,
-    with the next record's covariates (NOCB; the last record's after it)."""
-    last = table.iloc[-1]
-    samples = pd.DataFrame({c: np.repeat(last[c], grid.size) for c in table.columns})
-    samples = samples.assign(TIME=grid, EVID=2.0, MDV=1.0, AMT=0.0, RATE=0.0, DV=np.nan,
-                             **{c: 0.0 for c in ("DUR", "II", "ADDL", "SS", "CMT")
-                                if c in table.columns})
-    both = pd.concat([table.assign(_GRID=False), samples.assign(_GRID=True)],
-                     ignore_index=True)
-    order = np.lexsort((both["_GRID"].to_numpy(), both["TIME"].to_numpy()))
-    both = both.iloc[order].reset_index(drop=True)
-    if covariates:
-        mask = np.broadcast_to(both["_GRID"].to_numpy()[:, None], (len(both), len(covariates)))
-        both[list(covariates)] = both[list(covariates)].astype(float).mask(mask).bfill().ffill()
-    return both
 
 
 def _measured(ax: Any, table: pd.DataFrame) -> None:

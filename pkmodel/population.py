@@ -14,10 +14,11 @@ they do there.
 The outer problem runs in transformed parameters (THETAs scaled by their initial values,
 the Cholesky factor of OMEGA with log diagonal, log residual SDs) by BFGS. Its gradient is
 taken by forward differences of the objective (central near the optimum), whose inner
-modes are converged to 1e-14 in OFV: not yet the exact sensitivities the method calls for (an open item of the
-project). The covariance step follows NONMEM's: the R matrix (Hessian of the objective in
-the natural parameters: THETA, OMEGA elements, SIGMA variances) and the sandwich
-``R^-1 S R^-1`` (``S`` from each ID's objective gradient), by central differences.
+modes are converged to 1e-14 in OFV: not yet the exact sensitivities the method calls
+for (an open item of the project). The covariance step follows NONMEM's: the R matrix
+(Hessian of the objective in the natural parameters: THETA, OMEGA elements, SIGMA
+variances) and the sandwich ``R^-1 S R^-1`` (``S`` from each ID's objective gradient), by
+central differences.
 """
 
 from __future__ import annotations

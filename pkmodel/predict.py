@@ -4,6 +4,7 @@
 * :func:`predict_troughs`: the concentration just before each dose.
 * :func:`simulate`: virtual patients with IIV, IOV and residual error, vectorised.
 * :func:`make_cohort`: covariates of virtual patients drawn from stated distributions.
+* :func:`with_samples`: records with sample rows added on a time grid (NOCB covariates).
 * :func:`draw_concentrations`: concentrations of validated tables for many ETA draws.
 * :func:`to_events`: a validated table as the engine's events (the bridge between the
   pandas layer and the numpy engine).
@@ -23,7 +24,7 @@ from pkmodel.engine import Events, Structure, at_rows, expand_records, solve, st
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 
-__all__ = ["make_cohort", "predict", "predict_troughs", "simulate"]
+__all__ = ["make_cohort", "predict", "predict_troughs", "simulate", "with_samples"]
 
 
 def to_events(
@@ -253,6 +254,46 @@ def draw_concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta:
         values[:, events.source_row[b, keep]] = conc[b][:, keep]
     bounds = np.cumsum([0] + [t.shape[0] for t in tables])
     return [values[:, lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def with_samples(table: pd.DataFrame, times: Any, covariates: Any = (), *,
+                 before: float | None = None) -> pd.DataFrame:
+    """Each ID's records with a sample record (EVID 2, MDV 1) at every time of ``times``.
+
+    A sample comes after the records at its time (before them at the time ``before``, the
+    end of a window), and carries the covariates of the next record (NONMEM's NOCB: they
+    govern the time up to it; the last record's after it). The column SAMPLE holds each
+    added row's position in ``times`` and -1 on the table's own rows.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"ID": 1, "TIME": [0.0, 10.0], "AMT": [100.0, 0.0],
+    ...                       "EVID": [1, 2], "WT": [20.0, 30.0]})
+    >>> out = with_samples(table, [5.0, 12.0], ["WT"])
+    >>> out[["TIME", "WT", "SAMPLE"]].to_numpy().tolist()
+    [[0.0, 20.0, -1.0], [5.0, 30.0, 0.0], [10.0, 30.0, -1.0], [12.0, 30.0, 1.0]]
+    """
+    times = np.asarray(times, dtype=float)
+    covariates = list(covariates)
+    zero = [c for c in ("AMT", "RATE", "DUR", "II", "ADDL", "SS", "CMT") if c in table]
+    parts = []
+    for ident, rows in table.groupby("ID", sort=False):
+        added = pd.DataFrame({c: np.repeat(rows[c].iloc[-1], times.size) for c in rows})
+        added = added.assign(ID=ident, TIME=times, EVID=2.0, MDV=1.0, DV=np.nan,
+                             **{c: 0.0 for c in zero})
+        both = pd.concat([rows.assign(SAMPLE=-1), added.assign(SAMPLE=np.arange(times.size))],
+                         ignore_index=True)
+        sample = both["SAMPLE"].to_numpy() >= 0
+        first = sample & (before is not None) & np.isclose(
+            both["TIME"].to_numpy(), before if before is not None else 0.0)
+        both = both.iloc[np.lexsort((np.where(first, -1, sample.astype(int)),
+                                     both["TIME"].to_numpy()))].reset_index(drop=True)
+        if covariates:
+            hide = np.broadcast_to((both["SAMPLE"].to_numpy() >= 0)[:, None],
+                                   (len(both), len(covariates)))
+            both[covariates] = both[covariates].astype(float).mask(hide).bfill().ffill()
+        parts.append(both)
+    return pd.concat(parts, ignore_index=True)
 
 
 def predict_troughs(

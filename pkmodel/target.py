@@ -38,7 +38,7 @@ from pkmodel.data import check_concentrations, dose_times, plain_json, validate
 from pkmodel.errors import DatasetError
 from pkmodel.estimate import estimate_map, sample_posterior
 from pkmodel.model import PopulationModel, disposition, evaluate_parameters
-from pkmodel.predict import draw_concentrations
+from pkmodel.predict import draw_concentrations, with_samples
 
 __all__ = ["DoseAnswer", "NewDoses", "Target", "dose_for_target", "exposure",
            "interval_for_target", "time_to_concentration"]
@@ -601,28 +601,13 @@ def interval_for_target(
 
 def _profile(model: PopulationModel, patient: _Patient, eta: np.ndarray,
              times: np.ndarray, before: float | None = None) -> np.ndarray:
-    """Concentrations ``(M, T)`` at ``times``, with no doses beyond the history's: each
-    sample after the records at its time (before them at the time ``before``, the end of
-    a window), with the covariates of the next record (NONMEM's NOCB: they govern the time
-    up to it; the last record's after it)."""
-    template = patient.table.iloc[-1]
+    """Concentrations ``(M, T)`` at ``times``, with no doses beyond the history's
+    (:func:`~pkmodel.predict.with_samples`: NOCB covariates; at ``before``, the value before
+    the records at that time)."""
     times = np.asarray(times, dtype=float)
-    samples = _rows(template, template["ID"], times)
-    frame = pd.concat([patient.table.assign(_SAMPLE=-1), samples.assign(
-        _SAMPLE=np.arange(times.size))], ignore_index=True)
-    sample = frame["_SAMPLE"].to_numpy() >= 0
-    first = sample & (before is not None) & np.isclose(frame["TIME"].to_numpy(),
-                                                      before if before is not None else 0.0)
-    frame = frame.iloc[np.lexsort((np.where(first, -1, sample.astype(int)),
-                                   frame["TIME"].to_numpy()))].reset_index(drop=True)
-    sample = frame["_SAMPLE"].to_numpy() >= 0
-    covariates = list(model.covariate_names)
-    if covariates:
-        hide = np.broadcast_to(sample[:, None], (sample.size, len(covariates)))
-        values = frame[covariates].astype(float).mask(hide)
-        frame[covariates] = values.bfill().ffill()
-    (conc,) = draw_concentrations(model, [frame.drop(columns="_SAMPLE")], eta)
-    where = frame["_SAMPLE"].to_numpy()
+    frame = with_samples(patient.table, times, model.covariate_names, before=before)
+    (conc,) = draw_concentrations(model, [frame.drop(columns="SAMPLE")], eta)
+    where = frame["SAMPLE"].to_numpy()
     out = np.empty((eta.shape[0], times.size))
     out[:, where[where >= 0]] = conc[:, where >= 0]
     return out

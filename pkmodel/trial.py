@@ -16,7 +16,6 @@ numbers do not depend on where they run.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pkmodel.data import plain_json
+from pkmodel.data import JsonDocument, plain_json
 from pkmodel.dosing import recommend_regimen
 from pkmodel.engine import Events, solve
 from pkmodel.errors import PlausibilityWarning
@@ -346,7 +345,7 @@ def kang_cohort(n: int, *, seed: int | None = None) -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
-class TrialResult:
+class TrialResult(JsonDocument):
     """Outcomes of a virtual trial.
 
     Attributes
@@ -378,9 +377,6 @@ class TrialResult:
                            "patients": self.patients.to_dict(orient="records"),
                            "visits": self.visits.to_dict(orient="records")})
 
-    def to_json(self, **kwargs: Any) -> str:
-        """:meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), **kwargs)
 
     def figure(self, path: Any = None) -> Any:
         """Share of patients at or above the target at each visit week, per arm."""

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     trial.add_argument("--model", default=DEFAULT, choices=available())
     trial.add_argument("--json", action="store_true")
     trial.add_argument("--plot", metavar="PNG", help="write the figure here")
-    fit = sub.add_parser("fit", help="estimate a population model (FOCE-I) from a NONMEM-"
+    fit = sub.add_parser("fit", help="estimate a population model (FOCE-I, SAEM) from a NONMEM-"
                                      "style CSV, with standard errors and diagnostics")
     fit.add_argument("model", help="a built-in model name (its numbers are the initial "
                                    "values) or a Python file defining `model`, a "
@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--fix", default="", help="comma-separated parameters to keep at "
                                                "their initial values (THETA names, OMEGA, "
                                                "SIGMA)")
+    fit.add_argument("--method", default="foce-i", choices=["foce-i", "foce", "fo", "saem"],
+                     help="estimation method (foce-i)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of SAEM's draws (0)")
     fit.add_argument("--no-covariance", action="store_true", help="skip the covariance step")
     fit.add_argument("--json", action="store_true", help="print fit.json instead of the table")
     pred = sub.add_parser("predict", help="PRED (and IPRED at the MAP when troughs are "
@@ -409,16 +412,20 @@ def _load_model(spec: str) -> PopulationModel:
 
 def _fit(args: argparse.Namespace) -> int:
     from pkmodel.population import estimate_population
+    from pkmodel.saem import SAEMOptions
 
     model = _load_model(args.model)
     data = read_nonmem(args.data)
     fix = tuple(f.strip() for f in args.fix.split(",") if f.strip())
+    label = "-2 ln p(y | ETA) of the chains" if args.method == "saem" else "OFV"
 
     def progress(iteration: int, ofv: float) -> None:
-        sys.stderr.write(f"pkmodel: iteration {iteration:3d}  OFV {ofv:.4f}\n")
+        if args.method != "saem" or iteration % 50 == 0:
+            sys.stderr.write(f"pkmodel: iteration {iteration:3d}  {label} {ofv:.4f}\n")
 
-    result = estimate_population(model, data, fix=fix, covariance=not args.no_covariance,
-                                 progress=progress)
+    result = estimate_population(model, data, method=args.method, fix=fix,
+                                 covariance=not args.no_covariance, progress=progress,
+                                 saem=SAEMOptions(seed=args.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     document = {"schema": SCHEMA_FIT, "pkmodel_version": __version__, "model": model.name,

@@ -42,6 +42,7 @@ from pkmodel.engine import Events, stack_events
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
     PopulationModel,
+    ResidualError,
     check_covariates,
     disposition,
     eta_of,
@@ -54,8 +55,8 @@ from pkmodel.predict import (
     to_events,
 )
 
-__all__ = ["PLAUSIBLE_SD", "MAPEstimate", "PosteriorSample", "estimate_map", "objective",
-           "outlier_sd", "sample_posterior"]
+__all__ = ["PLAUSIBLE_SD", "ConditionalLikelihood", "MAPEstimate", "PosteriorSample",
+           "estimate_map", "objective", "outlier_sd", "sample_posterior"]
 
 #: A measured value or an ETA further than this many SDs from the model's expectation
 #: marks the fit as implausible (PLAUSIBLE False, a PlausibilityWarning).
@@ -266,10 +267,12 @@ class _Objective:
         where = np.repeat(p.obs_record[ids][:, None, :], m_count, axis=1)
         return np.take_along_axis(conc, where, axis=2)
 
-    def terms(self, f: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                              np.ndarray]:
-        """Per-observation -2 log-likelihood, and the prediction and SD on the fitted scale."""
-        p, residual = self.p, self.p.model.residual
+    def terms(self, f: np.ndarray, ids: np.ndarray, residual: ResidualError | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-observation -2 log-likelihood, and the prediction and SD on the fitted scale
+        (under ``residual``, by default the model's)."""
+        p = self.p
+        residual = residual or p.model.residual
         y, lloq, uloq = (a[ids][:, None, :] for a in (p.y, p.lloq, p.uloq))
         # Trial points far from the optimum may overflow: their OFV becomes inf (rejected).
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -678,6 +681,86 @@ def objective(
                        for e in etc])
     return pd.DataFrame({"ID": list(problem.ids), "OFV": ofv,
                          "OBJ": ofv + problem.omega_logdet - logdet})
+
+
+class ConditionalLikelihood:
+    """``-2 ln p(y_i | eta)`` of every ID's records for many candidate ETA vectors at once:
+    the data part of :func:`objective`'s OFV (no prior, no ``ln 2 pi`` constant), censored
+    records (M3, ULOQ) included, for samplers and population methods.
+
+    Parameters
+    ----------
+    model : PopulationModel
+        Without IOV; every ETA with a positive variance.
+    data : DataFrame
+        NONMEM-style records of every ID.
+    covariates : {"nocb", "locf"}
+
+    Examples
+    --------
+    >>> from pkmodel.data import infliximab_regimen
+    >>> from pkmodel.models import load
+    >>> table = infliximab_regimen(28.0, until_week=22,
+    ...                            covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
+    >>> table.loc[(table.EVID == 0) & (table.TIME == 98.0), ["MDV", "DV"]] = [0, 3.2]
+    >>> model = load("fasanmade2011").without_iov()
+    >>> density = ConditionalLikelihood(model, table)
+    >>> density(np.zeros((1, 3, len(model.eta_names)))).shape
+    (1, 3)
+    """
+
+    def __init__(self, model: PopulationModel, data: pd.DataFrame, *,
+                 covariates: str = "nocb") -> None:
+        if model.iov:
+            raise ValueError(f"{model.name} has IOV: ConditionalLikelihood takes ETAs only "
+                             "(use model.without_iov())")
+        problem, _ = _build_problem(model, data, covariates)
+        self._objective = _Objective(problem)
+        self._everyone = np.arange(len(problem.ids))
+
+    @property
+    def model(self) -> PopulationModel:
+        return self._objective.p.model
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The IDs, in order of appearance (axis 0 of the ETA arrays)."""
+        return self._objective.p.ids
+
+    @property
+    def observations(self) -> np.ndarray:
+        """The number of measured records of each ID."""
+        return self._objective.p.obs_mask.sum(axis=1)
+
+    def __call__(self, eta: np.ndarray) -> np.ndarray:
+        """``(n_ids, M)`` values for ``eta (n_ids, M, n_eta)``; +inf where a prediction is
+        unusable."""
+        value = self.terms(self.predictions(eta))
+        return value.sum(axis=2)
+
+    def predictions(self, eta: np.ndarray) -> np.ndarray:
+        """Individual predictions ``(n_ids, M, K)`` at the measured records (padded to the
+        longest ID; see :meth:`terms`). Candidates no model takes (a negative volume) give
+        non-finite values, which :meth:`terms` makes +inf."""
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            return self._objective.predictions(eta, self._everyone)
+
+    def terms(self, predictions: np.ndarray, residual: ResidualError | None = None
+              ) -> np.ndarray:
+        """Per-record ``-2 ln p`` ``(n_ids, M, K)`` of ``predictions`` under ``residual``
+        (by default the model's residual error; 0 on padding)."""
+        return self._objective.terms(predictions, self._everyone, residual)[0]
+
+    def at(self, model: PopulationModel) -> ConditionalLikelihood:
+        """The same records under other THETA, OMEGA and residual values of the model
+        (same structure, equations, ETAs and covariates), without rebuilding them."""
+        if model.iov or len(model.eta_names) != len(self.model.eta_names):
+            raise ValueError("`model` must have this model's ETAs and no IOV")
+        out = object.__new__(ConditionalLikelihood)
+        out._objective = _Objective(replace(self._objective.p, model=model))
+        out._objective._cache = self._objective._cache
+        out._everyone = self._everyone
+        return out
 
 
 def _fixed_etas(model: PopulationModel) -> list[str]:

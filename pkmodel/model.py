@@ -27,6 +27,7 @@ Example: a one-compartment model with allometric weight on clearance.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -339,6 +340,34 @@ class PopulationModel:
                                  "dose modifier (F1, ALAG1, D1, R1, ...)")
         new = {k: v if isinstance(v, sp.Expr) else sp.Float(v) for k, v in values.items()}
         return replace(self, parameters={**self.parameters, **new})
+
+    def with_values(self, theta: Mapping[str, float] | None = None, omega: Any = None,
+                    residual: ResidualError | None = None) -> PopulationModel:
+        """The model with other THETA values, OMEGA or residual error, the equations kept
+        (not re-checked, nor recompiled): the steps of a population fit.
+
+        Examples
+        --------
+        >>> from pkmodel.models import load
+        >>> model = load("xu2012")
+        >>> model.with_values({"TVCL": 0.3}).theta["TVCL"]
+        0.3
+        """
+        new = copy.copy(self)
+        if theta is not None:
+            unknown = sorted(set(theta) - set(self.theta))
+            if unknown:
+                raise ValueError(f"{unknown} are not THETAs of {self.name}")
+            object.__setattr__(new, "theta", {**self.theta,
+                                              **{k: float(v) for k, v in theta.items()}})
+        if omega is not None:
+            omega = np.atleast_2d(np.asarray(omega, dtype=float))
+            if omega.shape != self.omega.shape or not np.allclose(omega, omega.T):
+                raise ValueError(f"`omega` must be a symmetric {self.omega.shape} matrix")
+            object.__setattr__(new, "omega", omega)
+        if residual is not None:
+            object.__setattr__(new, "residual", residual)
+        return new
 
     def with_aliases(self, aliases: Mapping[str, str]) -> PopulationModel:
         """The model reading each covariate from another data column: ``{"ADA": "ATI"}``

@@ -41,6 +41,7 @@ from pkmodel.errors import CovariateWarning, PlausibilityWarning
 from pkmodel.estimate import MAPEstimate, estimate_map
 from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
+from pkmodel.saem import SAEMOptions, importance_sampling, run_saem
 
 __all__ = ["PopulationFit", "estimate_population", "npde", "population_objective"]
 
@@ -163,7 +164,10 @@ def population_objective(model: PopulationModel, data: pd.DataFrame, *,
     ``"foce-i"``: the sum of every ID's OBJ at its conditional mode. ``"foce"``: the same
     with the residual variance at the prediction with ETAs 0 (no interaction), at the
     modes of that objective. ``"fo"``: ``sum_i [ln det C_i + e_i' C_i^-1 e_i]`` with ``e_i``
-    the residuals of the ETA-0 prediction and ``C_i = G OMEGA G' + R`` there.
+    the residuals of the ETA-0 prediction and ``C_i = G OMEGA G' + R`` there. ``"imp"``:
+    the exact ``-2 ln L`` by importance sampling (NONMEM's ``METHOD=IMP EONLY=1``; seeded,
+    see :func:`~pkmodel.saem.importance_sampling`), the objective SAEM's estimates are
+    compared by.
 
     Examples
     --------
@@ -175,7 +179,9 @@ def population_objective(model: PopulationModel, data: pd.DataFrame, *,
     >>> round(population_objective(load("fasanmade2011"), table), 3)
     2.771
     """
-    _check_method(method)
+    if method == "imp":
+        return importance_sampling(model, data, covariates=covariates).ofv
+    _check_method(method, METHODS)
     if method == "fo":
         return _first_order(model, validate(data, covariates=model.covariate_names),
                             covariates)
@@ -187,10 +193,9 @@ def population_objective(model: PopulationModel, data: pd.DataFrame, *,
 METHODS = ("foce-i", "foce", "fo")
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS} (SAEM is not yet there); got "
-                         f"{method!r}")
+def _check_method(method: str, allowed: tuple[str, ...]) -> None:
+    if method not in allowed:
+        raise ValueError(f"`method` must be one of {allowed}; got {method!r}")
 
 
 def _linearisation(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
@@ -429,7 +434,8 @@ class PopulationFit:
         out.mkdir(parents=True, exist_ok=True)
         head = "TABLE NO.     1: " + {
             "foce-i": "First Order Conditional Estimation with Interaction",
-            "foce": "First Order Conditional Estimation", "fo": "First Order"}[self.method]
+            "foce": "First Order Conditional Estimation", "fo": "First Order",
+            "saem": "Stochastic Approximation Expectation-Maximization"}[self.method]
         est = self.estimates
         fixed = est["FIXED"].astype(bool).to_numpy()
         labels = _nonmem_labels(list(est["NAME"]))
@@ -512,8 +518,10 @@ def estimate_population(
     progress: Callable[[int, float], None] | None = None,
     executor: Executor | None = None,
     chunks: int = 4,
+    saem: SAEMOptions | None = None,
 ) -> PopulationFit:
-    """Estimate THETA, OMEGA and SIGMA from a population's data by FOCE-I.
+    """Estimate THETA, OMEGA and SIGMA from a population's data by FOCE-I (or FOCE, FO,
+    SAEM).
 
     Parameters
     ----------
@@ -523,10 +531,11 @@ def estimate_population(
         residual SDs.
     data : DataFrame
         NONMEM-style records of every ID.
-    method : {"foce-i", "foce", "fo"}
+    method : {"foce-i", "foce", "fo", "saem"}
         NONMEM's ``METHOD=1 INTERACTION``, ``METHOD=1`` or ``METHOD=0`` (see
-        :func:`population_objective`). The conditional modes reported are FOCE-I's (FOCE's
-        for ``"foce"``).
+        :func:`population_objective`), or SAEM (:mod:`pkmodel.saem`; its OFV is the
+        importance-sampling ``-2 ln L``, it has no covariance step yet). The conditional
+        modes reported are FOCE-I's (FOCE's for ``"foce"``).
     fix : tuple of str
         Parameters kept at their initial value: THETA names, ``"OMEGA"``, ``"SIGMA"``
         or ``"SIGMA(proportional)"`` / ``"SIGMA(additive)"``.
@@ -543,6 +552,8 @@ def estimate_population(
         pool, or a Dask ``Client.get_executor()``); the estimates do not depend on it.
     chunks : int
         Parts the IDs are split into on the executor.
+    saem : SAEMOptions, optional
+        Iterations, chains and seed of SAEM (``method="saem"``).
 
     Returns
     -------
@@ -550,9 +561,11 @@ def estimate_population(
         Never raises on a failed minimisation: ``success`` and ``status`` say what
         happened.
     """
-    _check_method(method)
+    _check_method(method, (*METHODS, "saem"))
     table = validate(data, covariates=model.covariate_names)
     layout = _layout(model, tuple(fix))
+    if method == "saem":
+        return _saem_fit(layout, table, covariates, saem or SAEMOptions(), progress)
     objective = _Objective(layout, table, covariates, method, executor, chunks)
     start = layout.natural(model)
     x0 = layout.to_x(start)
@@ -603,6 +616,39 @@ def estimate_population(
         shrinkage=_shrinkage(final_model, fit),
         records=_residuals(final_model, table, fit, covariates),
         history=pd.DataFrame(history), evaluations=objective.evaluations)
+
+
+def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SAEMOptions,
+              progress: Callable[[int, float], None] | None) -> PopulationFit:
+    """SAEM's estimates; the importance-sampling ``-2 ln L`` as OFV (proposals from the
+    chains' conditional means and covariances); FOCE-I's modes for the diagnostics."""
+    model = layout.model
+    run = run_saem(model, table, thetas=layout.thetas, omega=layout.omega_pairs,
+                   sigmas=layout.sigmas, options=options, covariates=covariates,
+                   progress=progress)
+    final = run.model
+    sampled = importance_sampling(final, table, samples=options.samples, seed=options.seed,
+                                  mean=run.mean, covariance=run.covariance,
+                                  covariates=covariates)
+    fit = estimate_map(final, table, covariates=covariates, tol=_INNER_TOL)
+    success = not run.drift and math.isfinite(sampled.ofv) and fit.success
+    status = ("stochastic approximation completed" if success else
+              f"minimization terminated: {run.drift}" if run.drift else
+              "minimization terminated: the likelihood at the estimates is not finite"
+              if not math.isfinite(sampled.ofv) else
+              "minimization terminated: the conditional modes at the estimates failed")
+    notes = ((f"OFV is the importance-sampling -2 ln L ({options.samples} samples per ID, "
+              f"seed {options.seed}; Monte-Carlo SE {sampled.se:.3f})"),
+             (f"SAEM: {options.burn_in} burn-in and {options.iterations} main iterations, "
+              f"{options.chains} chains per ID; centred ETAs {list(run.centred)}"))
+    return PopulationFit(
+        model=final, method="saem", ofv=sampled.ofv, success=success, status=status,
+        estimates=_estimates(layout, layout.natural(model), layout.natural(final), model,
+                             (), None, None),
+        covariance=None, covariance_status="not run: SAEM has no covariance step yet",
+        condition_number=float("nan"), individuals=fit.individuals,
+        shrinkage=_shrinkage(final, fit), records=_residuals(final, table, fit, covariates),
+        history=run.history, notes=notes)
 
 
 def _estimates(layout: _Layout, start: np.ndarray, final: np.ndarray,

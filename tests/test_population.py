@@ -294,8 +294,8 @@ def test_schoemaker_one_compartment_fit_from_nonmem_s_initial_values(population_
 
 def test_a_bad_start_is_a_named_error_not_a_silent_answer(population_dir):
     model = pheno_model((4.69307e-3, 1.00916, 0.1), (0.0309626, 0.031128), 0.0130865)
-    with pytest.raises(ValueError, match="SAEM is not yet there"):
-        estimate_population(model, pheno_data(population_dir), method="saem")
+    with pytest.raises(ValueError, match="must be one of"):
+        estimate_population(model, pheno_data(population_dir), method="its")
     with pytest.raises(ValueError, match="cannot fix"):
         estimate_population(model, pheno_data(population_dir), fix=("THETA9",))
 

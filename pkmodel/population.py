@@ -627,22 +627,29 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
                    sigmas=layout.sigmas, options=options, covariates=covariates,
                    progress=progress)
     final = run.model
-    sampled = importance_sampling(final, table, samples=options.samples, seed=options.seed,
-                                  mean=run.mean, covariance=run.covariance,
-                                  covariates=covariates)
+    try:
+        sampled = importance_sampling(final, table, samples=options.samples,
+                                      seed=options.seed, mean=run.mean,
+                                      covariance=run.covariance, covariates=covariates)
+    except np.linalg.LinAlgError:
+        sampled = None
     fit = estimate_map(final, table, covariates=covariates, tol=_INNER_TOL)
-    success = not run.drift and math.isfinite(sampled.ofv) and fit.success
+    ofv = sampled.ofv if sampled is not None else math.inf
+    success = not run.drift and math.isfinite(ofv) and fit.success
     status = ("stochastic approximation completed" if success else
               f"minimization terminated: {run.drift}" if run.drift else
               "minimization terminated: the likelihood at the estimates is not finite"
-              if not math.isfinite(sampled.ofv) else
-              "minimization terminated: the conditional modes at the estimates failed")
+              if not math.isfinite(ofv) else
+              "stochastic approximation completed, but the FOCE-I conditional modes at its "
+              "estimates (the diagnostics) failed")
+    se = sampled.se if sampled is not None else math.nan
     notes = ((f"OFV is the importance-sampling -2 ln L ({options.samples} samples per ID, "
-              f"seed {options.seed}; Monte-Carlo SE {sampled.se:.3f})"),
+              f"seed {options.seed}; Monte-Carlo SE {se:.3f}, of the OFV only, not of "
+              "the estimates)"),
              (f"SAEM: {options.burn_in} burn-in and {options.iterations} main iterations, "
               f"{options.chains} chains per ID; centred ETAs {list(run.centred)}"))
     return PopulationFit(
-        model=final, method="saem", ofv=sampled.ofv, success=success, status=status,
+        model=final, method="saem", ofv=ofv, success=success, status=status,
         estimates=_estimates(layout, layout.natural(model), layout.natural(final), model,
                              (), None, None),
         covariance=None, covariance_status="not run: SAEM has no covariance step yet",

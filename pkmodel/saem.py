@@ -65,7 +65,8 @@ class SAEMOptions:
     burn_in : int
         Iterations with step 1 (exploration; NONMEM's NBURN).
     iterations : int
-        Iterations with step ``1/k`` after the burn-in (NONMEM's NITER).
+        Iterations with step ``k^-0.7`` after the burn-in (NONMEM's NITER); the estimates
+        are the mean of the iterates over the last half of them.
     chains : int
         Markov chains per ID (NONMEM's ISAMPLE).
     seed : int
@@ -96,7 +97,9 @@ class SAEMRun:
     model : PopulationModel
         The model at the final estimates.
     history : DataFrame
-        ITERATION, PHASE (``"burn-in"``, ``"main"``) and every estimated parameter.
+        ITERATION, PHASE (``"burn-in"``, ``"main"``) and every estimated parameter at each
+        iteration (the estimates are the mean over the last half of the main phase, not
+        the last row).
     mean : ndarray
         ``(n_ids, n_eta)`` conditional means of the ETAs over the second half of the main
         phase, at the final estimates.
@@ -156,25 +159,21 @@ def _centring(model: PopulationModel, table: pd.DataFrame,
     ids = table["ID"].to_numpy()
     first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     per_row = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
-    rows = evaluate_parameters(model, per_row) if per_row else {}
+    lengths = np.diff(np.r_[first, len(ids)])
+    varying = {c for c, v in per_row.items()
+               if not np.array_equal(v, np.repeat(v[first], lengths), equal_nan=True)}
     parameter: list[str | None] = []
     log: list[bool] = []
     for name in model.eta_names:
         eta = sp.Symbol(name)
-        chosen, scale = None, True
-        for pname, expr in model.parameters.items():
-            kind = _centre_on(expr, eta, etas)
-            if kind is None or pname in parameter:
-                continue
-            if per_row:  # mu must be constant within each ID
-                value = rows[pname]
-                starts = np.repeat(value[first], np.diff(np.r_[first, len(ids)]))
-                if not np.allclose(value, starts, rtol=1e-12, atol=0):
-                    continue
-            chosen, scale = pname, kind
-            break
-        parameter.append(chosen)
-        log.append(scale)
+        users = [p for p, expr in model.parameters.items() if eta in expr.free_symbols]
+        kind = _centre_on(model.parameters[users[0]], eta, etas) if len(users) == 1 else None
+        # mu must be one number per ID: no covariate of it may change within an ID
+        if kind is not None and {str(x) for x in model.parameters[users[0]].free_symbols
+                                 } & varying:
+            kind = None
+        parameter.append(users[0] if kind is not None else None)
+        log.append(bool(kind))
     centred = {p for p in parameter if p is not None}
     used_elsewhere = set()
     for pname, expr in model.parameters.items():
@@ -306,8 +305,8 @@ def _updated_omega(omega: np.ndarray, pattern: np.ndarray, means: np.ndarray,
     if anneal:
         diagonal = np.maximum(np.diag(out), _ANNEAL * np.diag(omega))
         np.fill_diagonal(out, diagonal)
-    if np.linalg.eigvalsh(out).min() <= 0:  # a block lost definiteness: keep the variances
-        out = np.where(pattern & np.eye(len(out), dtype=bool), full, omega)
+    if np.linalg.eigvalsh(out).min() <= 0:  # a degenerate update: keep the last OMEGA
+        return omega
     return out
 
 
@@ -444,6 +443,9 @@ def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, .
     count = tail * options.chains
     mean_phi = phi_sum / count
     cov = phi_square / count - np.einsum("bi,bj->bij", mean_phi, mean_phi)
+    # A chain that never moved (or a single sample) has no spread: OMEGA stands in.
+    degenerate = np.linalg.eigvalsh(cov).min(axis=1) <= 1e-6 * np.diag(current.omega).min()
+    cov[degenerate] = current.omega
     frame = pd.DataFrame(history)
     current = _average(averaged, thetas, sigmas)
     return SAEMRun(model=current, history=frame,
@@ -496,7 +498,8 @@ def _drift(history: pd.DataFrame, names: list[str], burn_in: int) -> str:
     of its size (for an OMEGA covariance, of the two SDs' product)."""
     window = history.iloc[int(0.6 * burn_in):burn_in]
     if len(window) < 10:
-        return ""
+        return (f"a burn-in of {burn_in} iterations is too short to check that the "
+                "parameters settled (at least 25 are needed)")
     half = len(window) // 2
     for name in names:
         values = window[name].to_numpy(dtype=float)

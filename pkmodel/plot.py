@@ -25,10 +25,11 @@ import pandas as pd
 
 from pkmodel.dosing import Recommendation
 from pkmodel.estimate import MAPEstimate, PosteriorSample
+from pkmodel.population import eta_covariates
 from pkmodel.predict import draw_concentrations, with_samples
 
-__all__ = ["plot_goodness_of_fit", "plot_prior_posterior", "plot_profile",
-           "plot_recommendation", "plot_vpc"]
+__all__ = ["plot_eta_covariates", "plot_goodness_of_fit", "plot_prior_posterior",
+           "plot_profile", "plot_recommendation", "plot_vpc"]
 
 
 def _figure(width: float = 8.0, height: float = 4.5) -> Any:
@@ -278,6 +279,50 @@ def plot_goodness_of_fit(fit: Any, *, path: str | os.PathLike[str] | None = None
         ax.set_ylabel("CWRES")
     fig.suptitle(f"{fit.model.name}: goodness of fit ({fit.method.upper()}, OFV "
                  f"{fit.ofv:.2f})", fontsize="medium")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_eta_covariates(fit: Any, covariates: tuple[str, ...] | None = None, *,
+                        path: str | os.PathLike[str] | None = None) -> Any:
+    """ETAs against covariates, one panel per pair (rows ETAs, columns covariates): a
+    scatter with its least-squares line and Pearson's r for a continuous covariate, the
+    ETAs per level for a 0/1 one (see :func:`~pkmodel.population.eta_covariates`). A
+    trend says the
+    covariate explains variability the model leaves to the ETA.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    table = eta_covariates(fit, covariates)
+    correlation = table.attrs["correlation"]
+    etas = list(dict.fromkeys(eta for eta, _ in correlation))
+    names = list(dict.fromkeys(name for _, name in correlation))
+    fig = _figure(3.0 * len(names) + 1.0, 2.6 * len(etas) + 0.8)
+    axes = np.atleast_2d(fig.subplots(len(etas), len(names), squeeze=False))
+    for i, eta in enumerate(etas):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            x, y = table[name].to_numpy(dtype=float), table[eta].to_numpy(dtype=float)
+            levels = np.unique(x[np.isfinite(x)])
+            if len(levels) <= 2 and set(levels) <= {0.0, 1.0}:
+                ax.boxplot([y[x == lv] for lv in levels], positions=list(range(len(levels))))
+                ax.set_xticks(range(len(levels)), [f"{lv:g}" for lv in levels])
+            else:
+                ax.plot(x, y, "o", ms=3, alpha=0.6)
+                usable = np.isfinite(x) & np.isfinite(y)
+                if np.isfinite(correlation[(eta, name)]):
+                    slope, intercept = np.polyfit(x[usable], y[usable], 1)
+                    grid = np.linspace(x[usable].min(), x[usable].max(), 2)
+                    ax.plot(grid, intercept + slope * grid, "k-", linewidth=0.8)
+            ax.axhline(0.0, color="grey", linewidth=0.6, linestyle=":")
+            ax.set_title(f"r = {correlation[(eta, name)]:+.2f}", fontsize="small")
+            ax.set_xlabel(name)
+            ax.set_ylabel(eta)
+    fig.suptitle(f"{fit.model.name}: ETAs against covariates", fontsize="medium")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -43,7 +43,8 @@ from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
 from pkmodel.saem import SAEMOptions, importance_sampling, run_saem
 
-__all__ = ["PopulationFit", "estimate_population", "npde", "population_objective"]
+__all__ = ["PopulationFit", "estimate_population", "eta_covariates", "npde",
+           "population_objective"]
 
 _FD_STEP = 1e-5  # forward-difference step of the outer gradient, in transformed units
 _CENTRAL_STEP, _NEAR = 1e-3, 1.0  # central differences once the gradient is below _NEAR
@@ -810,6 +811,46 @@ def _weighted(model: PopulationModel, table: pd.DataFrame, records: pd.DataFrame
         w, v = np.linalg.eigh(cov)
         out[rows] = v @ ((v.T @ centred) / np.sqrt(w))
     return out
+
+
+def eta_covariates(fit: Any, covariates: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Each ID's ETAs (conditional modes) beside its baseline covariates (first record), and
+    the Pearson correlation of every ETA-covariate pair, for covariate model building.
+
+    Parameters
+    ----------
+    fit : PopulationFit or MAPEstimate
+        Anything with ``individuals`` (ID and ETA columns), ``records`` and ``model``.
+    covariates : tuple of str, optional
+        Data columns; the model's covariates by default.
+
+    Returns
+    -------
+    DataFrame
+        ID, the ETAs and the covariates; ``.attrs["correlation"]`` maps ``(ETA, covariate)``
+        to Pearson's r (NaN when a column is constant).
+    """
+    names = tuple(covariates) if covariates is not None else fit.model.covariate_names
+    if not names:
+        raise ValueError(f"{fit.model.name} has no covariates: name the data columns to "
+                         "plot the ETAs against in `covariates`")
+    missing = [c for c in names if c not in fit.records.columns]
+    if missing:
+        raise ValueError(f"covariate columns {missing} are not in the records")
+    variances = np.diag(fit.model.omega)
+    etas = [e for e, v in zip(fit.model.eta_names, variances) if v > 0]
+    first = fit.records.groupby("ID", sort=False)[list(names)].first()
+    table = fit.individuals[["ID", *etas]].join(first, on="ID")
+    correlation = {}
+    for eta in etas:
+        for name in names:
+            x, y = table[name].to_numpy(dtype=float), table[eta].to_numpy(dtype=float)
+            usable = np.isfinite(x) & np.isfinite(y)
+            constant = usable.sum() < 3 or np.ptp(x[usable]) == 0 or np.ptp(y[usable]) == 0
+            correlation[(eta, name)] = (np.nan if constant
+                                        else float(np.corrcoef(x[usable], y[usable])[0, 1]))
+    table.attrs["correlation"] = correlation
+    return table
 
 
 def npde(model: PopulationModel, data: pd.DataFrame, *, n: int = 1000, seed: int = 0,

@@ -442,6 +442,36 @@ def test_goodness_of_fit_and_vpc_figures():
         assert np.all((median.get_ydata() > low) & (median.get_ydata() < high))
 
 
+def test_eta_against_covariates_shows_what_the_model_leaves_out(population_dir, pheno_fit):
+    """Pheno base (no covariates) leaves the weight effect to the ETAs: at its NONMEM
+    estimates ETA(V) correlates with birth weight (r above 0.8); pheno_real, with CL and V
+    proportional to weight, leaves none (|r| below 0.3). The r shown on each panel is
+    Pearson's of the table."""
+    from pkmodel.estimate import estimate_map
+    from pkmodel.population import eta_covariates
+
+    data = pheno_data(population_dir)
+    base = estimate_map(pheno_model((5.81756e-3, 1.44555), (0.111053, 0.201526), 0.0164177,
+                                    covariates=False), data)
+    table = eta_covariates(base, ("WGT", "APGRLOW"))
+    assert len(table) == 59 and list(table.columns) == ["ID", "ETA1", "ETA2", "WGT",
+                                                        "APGRLOW"]
+    r = table.attrs["correlation"]
+    assert r[("ETA2", "WGT")] > 0.8 and r[("ETA2", "WGT")] == pytest.approx(
+        np.corrcoef(table["ETA2"], table["WGT"])[0, 1])
+    real = eta_covariates(pheno_fit).attrs["correlation"]
+    assert abs(real[("ETA1", "WGT")]) < 0.3 and abs(real[("ETA2", "WGT")]) < 0.3
+    with pytest.raises(ValueError, match="no covariates"):
+        eta_covariates(base)
+    with pytest.raises(ValueError, match="HEIGHT"):
+        eta_covariates(base, ("HEIGHT",))
+    pytest.importorskip("matplotlib")
+    from pkmodel.plot import plot_eta_covariates
+    figure = plot_eta_covariates(base, ("WGT", "APGRLOW"))
+    assert [ax.get_xlabel() for ax in figure.axes] == ["WGT", "APGRLOW"] * 2
+    assert figure.axes[2].get_title() == f"r = {r[('ETA2', 'WGT')]:+.2f}"
+
+
 def test_unidentifiable_parameters_and_a_bad_omega_are_said():
     """CL = TVCL * TX with both free: the minimisation ends, but the covariance step fails
     naming the pair (correlation +-1), with no SE; an OMEGA that is not positive definite is

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +64,8 @@ class _Layout:
     omega_pairs: tuple[tuple[int, int], ...]  # estimated OMEGA entries (i >= j)
     sigmas: tuple[str, ...]  # "proportional", "additive" (variances estimated)
     scale: np.ndarray  # THETA scales
+    lower: np.ndarray  # THETA bounds (-inf, +inf where none)
+    upper: np.ndarray
 
     @property
     def names(self) -> list[str]:
@@ -99,8 +101,28 @@ class _Layout:
         position = {k: i for i, k in enumerate(self._free)}
         lower = [np.log(chol[position[i], position[i]]) if i == j
                  else chol[position[i], position[j]] for i, j in self.omega_pairs]
-        return np.concatenate([values[:n_t] / self.scale, lower,
+        return np.concatenate([self._theta_to_x(values[:n_t]), lower,
                                0.5 * np.log(values[n_t + n_o:])])
+
+    def _theta_to_x(self, theta: np.ndarray) -> np.ndarray:
+        """THETAs to unconstrained units: scaled where free, ``ln(THETA - lower)`` or
+        ``ln(upper - THETA)`` with one bound, the logit of its place between two."""
+        lo, hi = self.lower, self.upper
+        with np.errstate(divide="ignore", invalid="ignore"):
+            both = np.log((theta - lo) / (hi - theta))
+            return np.where(np.isfinite(lo) & np.isfinite(hi), both,
+                            np.where(np.isfinite(lo), np.log(theta - lo),
+                                     np.where(np.isfinite(hi), np.log(hi - theta),
+                                              theta / self.scale)))
+
+    def _theta_from_x(self, x: np.ndarray) -> np.ndarray:
+        lo, hi = self.lower, self.upper
+        with np.errstate(over="ignore", invalid="ignore"):
+            both = lo + (hi - lo) / (1 + np.exp(-x))
+            return np.where(np.isfinite(lo) & np.isfinite(hi), both,
+                            np.where(np.isfinite(lo), lo + np.exp(x),
+                                     np.where(np.isfinite(hi), hi - np.exp(x),
+                                              x * self.scale)))
 
     def from_x(self, x: np.ndarray) -> np.ndarray:
         """Natural values of transformed ``x``."""
@@ -112,32 +134,54 @@ class _Layout:
             chol[position[i], position[j]] = np.exp(v) if i == j else v
         omega = chol @ chol.T
         entries = [omega[position[i], position[j]] for i, j in self.omega_pairs]
-        return np.concatenate([x[:n_t] * self.scale, entries, np.exp(2 * x[n_t + n_o:])])
+        return np.concatenate([self._theta_from_x(x[:n_t]), entries,
+                               np.exp(2 * x[n_t + n_o:])])
 
     @property
     def _free(self) -> list[int]:
         return sorted({i for i, _ in self.omega_pairs})
 
 
-def _layout(model: PopulationModel, fix: tuple[str, ...]) -> _Layout:
+def _omega_pairs(model: PopulationModel, fix: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """The OMEGA entries to estimate: the non-zero pattern (diagonal, blocks) less what
+    ``fix`` names; a block is fixed whole or not at all."""
+    omega = model.omega
+    variances = np.diag(omega)
+    pattern = [(i, j) for i in range(len(variances)) for j in range(i + 1)
+               if variances[i] > 0 and variances[j] > 0 and (i == j or omega[i, j] != 0)]
+    if "OMEGA" in fix:
+        return ()
+    named = {f"OMEGA({i + 1},{j + 1})": (i, j) for i, j in pattern}
+    fixed = {named[f] for f in fix if f in named}
+    for i, j in pattern:  # the blocks: ETAs joined by a non-zero covariance
+        if i != j:
+            block = {(a, b) for a, b in pattern if {a, b} & {i, j}}
+            if fixed & block and not block <= fixed:
+                entries = sorted(f"OMEGA({a + 1},{b + 1})" for a, b in block)
+                raise ValueError(f"fix all of OMEGA's block {entries} or none of it (part "
+                                 "of a block cannot be fixed)")
+    return tuple(p for p in pattern if p not in fixed)
+
+
+def _layout(model: PopulationModel, fix: tuple[str, ...],
+            bounds: Mapping[str, tuple[float | None, float | None]] | None = None) -> _Layout:
     sigma_names = {f"SIGMA({k})" for k in ("proportional", "additive")}
-    names = set(model.theta) | {"OMEGA", "SIGMA"} | sigma_names
+    n_eta = len(model.eta_names)
+    omega_names = {f"OMEGA({i + 1},{j + 1})" for i in range(n_eta) for j in range(i + 1)}
+    names = set(model.theta) | {"OMEGA", "SIGMA"} | sigma_names | omega_names
     unknown = [f for f in fix if f not in names]
     if unknown:
         raise ValueError(f"cannot fix {unknown}: expected THETA names of {model.name}, "
-                         "'OMEGA' (all of it), 'SIGMA', 'SIGMA(proportional)' or "
-                         "'SIGMA(additive)'")
+                         "'OMEGA' (all of it) or 'OMEGA(i,j)', 'SIGMA', "
+                         "'SIGMA(proportional)' or 'SIGMA(additive)'")
     thetas = tuple(n for n in model.theta if n not in fix)
-    omega = model.omega
-    variances = np.diag(omega)
-    pairs: tuple[tuple[int, int], ...] = () if "OMEGA" in fix else tuple(
-        (i, j) for i in range(len(variances)) for j in range(i + 1)
-        if variances[i] > 0 and variances[j] > 0 and (i == j or omega[i, j] != 0))
+    pairs = _omega_pairs(model, fix)
     sigmas = tuple(kind for kind in ("proportional", "additive")
                    if getattr(model.residual, kind) > 0 and f"SIGMA({kind})" not in fix
                    and "SIGMA" not in fix)
     scale = np.array([abs(model.theta[n]) or 1.0 for n in thetas])
-    layout = _Layout(model, thetas, pairs, sigmas, scale)
+    lower, upper = _bounds(model, thetas, bounds or {})
+    layout = _Layout(model, thetas, pairs, sigmas, scale, lower, upper)
     if not layout.names:
         raise ValueError("every parameter is fixed: nothing to estimate "
                          "(population_objective gives the objective)")
@@ -152,6 +196,23 @@ def _layout(model: PopulationModel, fix: tuple[str, ...]) -> _Layout:
                          "within itself, as NONMEM's BLOCK): give the covariances of a "
                          "block a non-zero start")
     return layout
+
+
+def _bounds(model: PopulationModel, thetas: tuple[str, ...],
+            bounds: Mapping[str, tuple[float | None, float | None]]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    unknown = sorted(set(bounds) - set(model.theta))
+    if unknown:
+        raise ValueError(f"`bounds` names {unknown}, which are not THETAs of {model.name}")
+    lower, upper = np.full(len(thetas), -np.inf), np.full(len(thetas), np.inf)
+    for k, name in enumerate(thetas):
+        low, high = bounds.get(name, (None, None))
+        lower[k] = -np.inf if low is None else float(low)
+        upper[k] = np.inf if high is None else float(high)
+        if not lower[k] < model.theta[name] < upper[k]:
+            raise ValueError(f"{name}'s initial value {model.theta[name]} must lie strictly "
+                             f"between its bounds ({lower[k]}, {upper[k]})")
+    return lower, upper
 
 
 # --------------------------------------------------------------------------- objective
@@ -512,6 +573,7 @@ def estimate_population(
     *,
     method: str = "foce-i",
     fix: tuple[str, ...] = (),
+    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
     covariance: bool = True,
     covariates: str = "nocb",
     max_iter: int = 200,
@@ -538,8 +600,13 @@ def estimate_population(
         importance-sampling ``-2 ln L``, it has no covariance step yet). The conditional
         modes reported are FOCE-I's (FOCE's for ``"foce"``).
     fix : tuple of str
-        Parameters kept at their initial value: THETA names, ``"OMEGA"``, ``"SIGMA"``
-        or ``"SIGMA(proportional)"`` / ``"SIGMA(additive)"``.
+        Parameters kept at their initial value: THETA names, ``"OMEGA"`` (all of it) or
+        entries ``"OMEGA(i,j)"`` (a block whole), ``"SIGMA"`` or ``"SIGMA(proportional)"``
+        / ``"SIGMA(additive)"``.
+    bounds : mapping of str to (float or None, float or None), optional
+        Lower and upper bounds of THETAs (NONMEM's ``$THETA (low, init, up)``; None for
+        none); the initial value must lie strictly inside. An estimate that ends within
+        0.1 % of the range (or 1e-6 of the value) from a bound is said in ``notes``.
     covariance : bool
         Run the covariance step (sandwich and R matrix).
     max_iter : int
@@ -564,7 +631,7 @@ def estimate_population(
     """
     _check_method(method, (*METHODS, "saem"))
     table = validate(data, covariates=model.covariate_names)
-    layout = _layout(model, tuple(fix))
+    layout = _layout(model, tuple(fix), bounds)
     if method == "saem":
         return _saem_fit(layout, table, covariates, saem or SAEMOptions(), progress)
     objective = _Objective(layout, table, covariates, method, executor, chunks)
@@ -616,7 +683,20 @@ def estimate_population(
         condition_number=_condition(cov), individuals=fit.individuals,
         shrinkage=_shrinkage(final_model, fit),
         records=_residuals(final_model, table, fit, covariates),
-        history=pd.DataFrame(history), evaluations=objective.evaluations)
+        history=pd.DataFrame(history), evaluations=objective.evaluations,
+        notes=_at_bounds(layout, final_values))
+
+
+def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:
+    """A note per THETA estimate that ended at one of its bounds."""
+    out = []
+    for name, v, lo, hi in zip(layout.thetas, values, layout.lower, layout.upper):
+        span = hi - lo if np.isfinite(hi - lo) else abs(v)
+        for bound, side in ((lo, "lower"), (hi, "upper")):
+            if np.isfinite(bound) and abs(v - bound) <= max(1e-3 * span, 1e-6 * abs(v)):
+                out.append(f"{name} = {v:.6g} is at its {side} bound {bound:g}: the data "
+                           "may want it beyond; the SE there is not to be trusted")
+    return tuple(out)
 
 
 def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SAEMOptions,
@@ -626,7 +706,8 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
     model = layout.model
     run = run_saem(model, table, thetas=layout.thetas, omega=layout.omega_pairs,
                    sigmas=layout.sigmas, options=options, covariates=covariates,
-                   progress=progress)
+                   progress=progress, bounds={n: (lo, hi) for n, lo, hi in zip(
+                       layout.thetas, layout.lower, layout.upper)})
     final = run.model
     try:
         sampled = importance_sampling(final, table, samples=options.samples,
@@ -648,7 +729,8 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
               f"seed {options.seed}; Monte-Carlo SE {se:.3f}, of the OFV only, not of "
               "the estimates)"),
              (f"SAEM: {options.burn_in} burn-in and {options.iterations} main iterations, "
-              f"{options.chains} chains per ID; centred ETAs {list(run.centred)}"))
+              f"{options.chains} chains per ID; centred ETAs {list(run.centred)}"),
+             *_at_bounds(layout, layout.natural(final)))
     return PopulationFit(
         model=final, method="saem", ofv=ofv, success=success, status=status,
         estimates=_estimates(layout, layout.natural(model), layout.natural(final), model,

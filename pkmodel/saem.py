@@ -34,7 +34,7 @@ degrees of freedom) centred on the conditional mean with the conditional covaria
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -272,8 +272,16 @@ def _with_thetas(model: PopulationModel, names: tuple[str, ...],
     return model.with_values(dict(zip(names, map(float, values)))) if names else model
 
 
-def _fit_centred_thetas(model: PopulationModel, centring: _Centring,
-                        means: np.ndarray) -> PopulationModel:
+def _limits(names: tuple[str, ...], limits: Mapping[str, tuple[float, float]],
+            scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds of the scaled THETAs ``names`` (``-inf``, ``inf`` where none)."""
+    lo = np.array([limits.get(n, (-np.inf, np.inf))[0] for n in names]) / scale
+    hi = np.array([limits.get(n, (-np.inf, np.inf))[1] for n in names]) / scale
+    return lo, hi
+
+
+def _fit_centred_thetas(model: PopulationModel, centring: _Centring, means: np.ndarray,
+                        limits: Mapping[str, tuple[float, float]]) -> PopulationModel:
     """The THETAs of the centred ``mu``: ``min sum_i (s_i - mu_i)' OMEGA^-1 (s_i - mu_i)``
     over the approximated per-ID means ``s_i`` of ``phi``."""
     names = centring.thetas
@@ -290,7 +298,8 @@ def _fit_centred_thetas(model: PopulationModel, centring: _Centring,
         return np.where(np.isfinite(out), out, 1e6)
 
     result = optimize.least_squares(residuals, start / scale, method="trf", xtol=1e-12,
-                                    ftol=1e-12, gtol=1e-12)
+                                    ftol=1e-12, gtol=1e-12,
+                                    bounds=_limits(names, limits, scale))
     return _with_thetas(model, names, result.x * scale)
 
 
@@ -311,7 +320,8 @@ def _updated_omega(omega: np.ndarray, pattern: np.ndarray, means: np.ndarray,
 
 
 def _fit_rest(model: PopulationModel, density: ConditionalLikelihood, eta: np.ndarray,
-              names: tuple[str, ...], sigmas: tuple[str, ...]) -> np.ndarray:
+              names: tuple[str, ...], sigmas: tuple[str, ...],
+              limits: Mapping[str, tuple[float, float]]) -> np.ndarray:
     """The other THETAs and the residual SDs (log) that maximise the likelihood of the
     current samples (predictions reused when no THETA changes them)."""
     start = np.array([model.theta[n] for n in names], dtype=float)
@@ -330,7 +340,10 @@ def _fit_rest(model: PopulationModel, density: ConditionalLikelihood, eta: np.nd
         return float(total) if np.isfinite(total) else 1e300
 
     x0 = np.concatenate([start / scale, np.log(sds)])
-    result = optimize.minimize(value, x0, method="L-BFGS-B",
+    lo, hi = _limits(names, limits, scale)
+    box = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None)
+           for a, b in zip(lo, hi)] + [(None, None)] * len(sigmas)
+    result = optimize.minimize(value, x0, method="L-BFGS-B", bounds=box,
                                options={"maxiter": 30 if fixed is not None else 10})
     return np.concatenate([result.x[:len(names)] * scale, np.exp(result.x[len(names):])])
 
@@ -363,7 +376,8 @@ def _check(model: PopulationModel) -> None:
 def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, ...],
              omega: tuple[tuple[int, int], ...], sigmas: tuple[str, ...],
              options: SAEMOptions = SAEMOptions(), covariates: str = "nocb",
-             progress: Callable[[int, float], None] | None = None) -> SAEMRun:
+             progress: Callable[[int, float], None] | None = None,
+             bounds: Mapping[str, tuple[float, float]] | None = None) -> SAEMRun:
     """Run SAEM from the values of ``model``.
 
     Parameters
@@ -381,6 +395,8 @@ def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, .
     options : SAEMOptions
     progress : callable, optional
         Called with the iteration and the sum of the chains' ``-2 ln p(y | eta)``.
+    bounds : mapping of str to (float, float), optional
+        Lower and upper bounds of THETAs (``-inf``, ``inf`` for none).
 
     Returns
     -------
@@ -390,6 +406,7 @@ def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, .
     table = validate(data, covariates=model.covariate_names)
     density = ConditionalLikelihood(model, table, covariates=covariates)
     centring = _centring(model, table, thetas)
+    limits = {n: (float(lo), float(hi)) for n, (lo, hi) in (bounds or {}).items()}
     n_ids, n_eta, total = len(density.ids), len(model.eta_names), (options.burn_in
                                                                     + options.iterations)
     rng = np.random.default_rng(options.seed)
@@ -422,7 +439,7 @@ def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, .
         if k >= total - tail:
             phi_sum += phi.sum(axis=1)
             phi_square += np.einsum("bci,bcj->bij", phi, phi)
-        current = _fit_centred_thetas(current, centring, means)
+        current = _fit_centred_thetas(current, centring, means, limits)
         mu = _mu(current, centring, n_ids)
         if omega:
             current = current.with_values(omega=_updated_omega(current.omega, pattern, means,
@@ -430,7 +447,7 @@ def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, .
         chains.eta = phi - mu[:, None, :]
         if centring.others or sigmas:
             rest = _approximate_rest(current, density, chains.eta, centring.others, sigmas,
-                                     rest, step, burning)
+                                     rest, step, burning, limits)
             current = _with_rest(current, centring.others, sigmas, rest)
         density = density.at(current)
         chains.value = density(chains.eta)
@@ -457,10 +474,11 @@ def run_saem(model: PopulationModel, data: pd.DataFrame, *, thetas: tuple[str, .
 
 def _approximate_rest(model: PopulationModel, density: ConditionalLikelihood,
                       eta: np.ndarray, names: tuple[str, ...], sigmas: tuple[str, ...],
-                      rest: np.ndarray, step: float, anneal: bool) -> np.ndarray:
+                      rest: np.ndarray, step: float, anneal: bool,
+                      limits: Mapping[str, tuple[float, float]]) -> np.ndarray:
     """Stochastic approximation of the other THETAs and the residual variances towards
     the values that maximise the current samples' likelihood."""
-    best = _fit_rest(model, density.at(model), eta, names, sigmas)
+    best = _fit_rest(model, density.at(model), eta, names, sigmas, limits)
     target = np.concatenate([best[:len(names)], best[len(names):] ** 2])
     out = rest + step * (target - rest)
     if anneal:

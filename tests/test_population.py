@@ -486,3 +486,59 @@ def test_unidentifiable_parameters_and_a_bad_omega_are_said():
     assert fit.estimates["SE"].isna().all()
     with pytest.raises(ValueError, match="not positive definite"):
         estimate_population(replace(start, omega=np.full((2, 2), 0.1)), data)
+
+
+@pytest.fixture(scope="module")
+def unbounded_fit():
+    start, data = simulated_population()
+    return estimate_population(start, data, covariance=False)
+
+
+def test_bounds_hold_a_theta_and_say_so(unbounded_fit):
+    """The free estimate of TVCL is 3.6 (docs/fit_a_population.md); bounded above by 3.2
+    (NONMEM's (low, init, up)) it ends at 3.2 and a note says so; bounds that do not bind
+    leave the optimum where it was (TVV within 1e-4, OFV within 1e-3)."""
+    start, data = simulated_population()
+    free = unbounded_fit.estimates.set_index("NAME")["ESTIMATE"]
+    held = estimate_population(start, data, bounds={"TVCL": (None, 3.2)}, covariance=False)
+    est = held.estimates.set_index("NAME")["ESTIMATE"]
+    assert free["TVCL"] > 3.5 and est["TVCL"] == pytest.approx(3.2, abs=3e-3)
+    assert held.ofv > unbounded_fit.ofv + 1
+    assert any("TVCL" in n and "upper bound" in n for n in held.notes)
+    loose = estimate_population(start, data, bounds={"TVV": (10.0, 100.0),
+                                                     "TVCL": (0.0, None)}, covariance=False)
+    again = loose.estimates.set_index("NAME")["ESTIMATE"]
+    assert again["TVV"] == pytest.approx(free["TVV"], rel=1e-4)
+    assert loose.ofv == pytest.approx(unbounded_fit.ofv, abs=1e-3) and not loose.notes
+    with pytest.raises(ValueError, match="TVCL's initial value 3.0 must lie strictly"):
+        estimate_population(start, data, bounds={"TVCL": (3.0, None)})
+    with pytest.raises(ValueError, match="not THETAs"):
+        estimate_population(start, data, bounds={"KA": (0.0, None)})
+
+
+def test_saem_keeps_within_the_bounds():
+    """SAEM's THETA updates respect the bounds at every iteration."""
+    from pkmodel.saem import SAEMOptions, run_saem
+    start, data = simulated_population()
+    run = run_saem(start, data, thetas=("TVCL", "TVV"), omega=((0, 0), (1, 1)),
+                   sigmas=("proportional",), options=SAEMOptions(30, 20, 2),
+                   bounds={"TVCL": (-np.inf, 3.2)})
+    assert run.history["TVCL"].max() <= 3.2 + 1e-12
+    assert run.model.theta["TVCL"] == pytest.approx(3.2, abs=1e-3)
+
+
+def test_part_of_omega_can_be_fixed(unbounded_fit):
+    """OMEGA(2,2) fixed at its initial 0.1: listed FIXED with its value, the rest
+    estimated; part of a block cannot be fixed (NONMEM's BLOCK FIX is whole)."""
+    start, data = simulated_population()
+    fit = estimate_population(start, data, fix=("OMEGA(2,2)",), covariance=False)
+    est = fit.estimates.set_index("NAME")
+    assert bool(est.loc["OMEGA(2,2)", "FIXED"]) and est.loc["OMEGA(2,2)", "ESTIMATE"] == 0.1
+    assert not bool(est.loc["OMEGA(1,1)", "FIXED"])
+    assert est.loc["OMEGA(1,1)", "ESTIMATE"] != pytest.approx(0.1, rel=1e-3)
+    assert fit.ofv >= unbounded_fit.ofv - 1e-6
+    block = replace(start, omega=np.array([[0.1, 0.02], [0.02, 0.1]]))
+    with pytest.raises(ValueError, match="block"):
+        estimate_population(block, data, fix=("OMEGA(2,1)",))
+    with pytest.raises(ValueError, match="cannot fix"):
+        estimate_population(start, data, fix=("OMEGA(3,3)",))

@@ -16,7 +16,7 @@ from scipy.integrate import solve_ivp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ode_reference import rate_matrix
 
-from pkmodel.engine import Structure, expand_records, solve
+from pkmodel.engine import Structure, central_amounts, expand_records, solve
 
 INFUSION = 2.0 / 24.0  # day: 2-h infusions (label)
 
@@ -79,12 +79,20 @@ class EngineInfliximabYear:
         self.events, self.doses, self.obs = infliximab_year()
         self.params = population(self.n_sets)
         self.obs_mask = self.events.evid[0] == 0
+        self.at = np.flatnonzero(self.obs_mask)[None, :]  # the samples, as a likelihood asks
 
     def time_engine_10000_sets(self) -> None:
         solve(Structure(2), self.events, self.params)
 
     def time_engine_1_set(self) -> None:
         solve(Structure(2), self.events, {k: v[0, 0] for k, v in self.params.items()})
+
+    def time_superposition_10000_sets(self) -> None:
+        central_amounts(Structure(2), self.events, self.params, at=self.at)
+
+    def time_superposition_1_set(self) -> None:
+        central_amounts(Structure(2), self.events,
+                        {k: v[:1, :1] for k, v in self.params.items()}, at=self.at)
 
     def time_solve_ivp_lsoda_40_sets(self) -> None:
         for i in range(self.n_ode):
@@ -102,6 +110,12 @@ class EngineInfliximabYear:
              f"({ode / seconds['time_engine_1_set']:,.1f}x solve_ivp)"),
             (f"max relative difference vs solve_ivp LSODA rtol 1e-12 (20 sets): "
              f"{self.accuracy():.1e}"),
+            (f"superposition (central_amounts at the samples), 10,000 sets: "
+             f"{seconds['time_superposition_10000_sets'] * 1e3:.1f} ms "
+             f"({seconds['time_engine_10000_sets'] / seconds['time_superposition_10000_sets']:.1f}x"
+             " the record-by-record solve); one set: "
+             f"{seconds['time_superposition_1_set'] * 1e3:.2f} ms "
+             f"({seconds['time_engine_1_set'] / seconds['time_superposition_1_set']:.1f}x)"),
         ]
 
     def accuracy(self) -> float:

@@ -263,9 +263,7 @@ class _Objective:
             kappa_rows = np.swapaxes(kappas[position, :, p.row_occasion[rows], :], 0, 1)
         covariates = {k: v[rows] for k, v in p.covariates.items()}
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
-        conc = profile_concentrations(model, events, params)
-        where = np.repeat(p.obs_record[ids][:, None, :], m_count, axis=1)
-        return np.take_along_axis(conc, where, axis=2)
+        return profile_concentrations(model, events, params, at=p.obs_record[ids])
 
     def terms(self, f: np.ndarray, ids: np.ndarray, residual: ResidualError | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

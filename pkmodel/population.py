@@ -38,10 +38,10 @@ from scipy import optimize
 
 from pkmodel.data import plain_json, validate
 from pkmodel.errors import CovariateWarning, PlausibilityWarning
-from pkmodel.estimate import MAPEstimate, estimate_map
+from pkmodel.estimate import ConditionalLikelihood, MAPEstimate, estimate_map
 from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
-from pkmodel.saem import SAEMOptions, importance_sampling, run_saem
+from pkmodel.saem import ImportanceDraws, SAEMOptions, run_saem
 
 __all__ = ["PopulationFit", "estimate_population", "eta_covariates", "npde",
            "population_objective"]
@@ -152,6 +152,10 @@ def _omega_pairs(model: PopulationModel, fix: tuple[str, ...]) -> tuple[tuple[in
     if "OMEGA" in fix:
         return ()
     named = {f"OMEGA({i + 1},{j + 1})": (i, j) for i, j in pattern}
+    absent = [f for f in fix if f.startswith("OMEGA(") and f not in named]
+    if absent:
+        raise ValueError(f"cannot fix {absent}: not parameters of {model.name}'s OMEGA (its "
+                         f"estimated entries are {sorted(named)})")
     fixed = {named[f] for f in fix if f in named}
     for i, j in pattern:  # the blocks: ETAs joined by a non-zero covariance
         if i != j:
@@ -242,6 +246,7 @@ def population_objective(model: PopulationModel, data: pd.DataFrame, *,
     2.771
     """
     if method == "imp":
+        from pkmodel.saem import importance_sampling
         return importance_sampling(model, data, covariates=covariates).ofv
     _check_method(method, METHODS)
     if method == "fo":
@@ -597,8 +602,9 @@ def estimate_population(
     method : {"foce-i", "foce", "fo", "saem"}
         NONMEM's ``METHOD=1 INTERACTION``, ``METHOD=1`` or ``METHOD=0`` (see
         :func:`population_objective`), or SAEM (:mod:`pkmodel.saem`; its OFV is the
-        importance-sampling ``-2 ln L``, it has no covariance step yet). The conditional
-        modes reported are FOCE-I's (FOCE's for ``"foce"``).
+        importance-sampling ``-2 ln L``, whose derivatives, with fixed draws, give its
+        covariance step). The conditional modes reported are FOCE-I's (FOCE's for
+        ``"foce"``).
     fix : tuple of str
         Parameters kept at their initial value: THETA names, ``"OMEGA"`` (all of it) or
         entries ``"OMEGA(i,j)"`` (a block whole), ``"SIGMA"`` or ``"SIGMA(proportional)"``
@@ -633,7 +639,8 @@ def estimate_population(
     table = validate(data, covariates=model.covariate_names)
     layout = _layout(model, tuple(fix), bounds)
     if method == "saem":
-        return _saem_fit(layout, table, covariates, saem or SAEMOptions(), progress)
+        return _saem_fit(layout, table, covariates, saem or SAEMOptions(), progress,
+                         covariance)
     objective = _Objective(layout, table, covariates, method, executor, chunks)
     start = layout.natural(model)
     x0 = layout.to_x(start)
@@ -699,8 +706,34 @@ def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:
     return tuple(out)
 
 
+class _SampledObjective:
+    """Each ID's importance-sampling ``-2 ln L`` at natural parameter vectors, always with
+    the same draws, so that it is smooth in the parameters (for the covariance step)."""
+
+    def __init__(self, layout: _Layout, table: pd.DataFrame, draws: ImportanceDraws,
+                 covariates: str) -> None:
+        self.layout, self.draws = layout, draws
+        self.density = ConditionalLikelihood(layout.model, table, covariates=covariates)
+        self.warm: pd.DataFrame | None = None  # as _Objective's; no inner fits here
+
+    def terms(self, values: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per-ID ``-2 ln p(y_i)`` and Monte-Carlo SEs (None where not computable)."""
+        try:
+            model = self.layout.model_at(values)
+        except ValueError:
+            return None, None
+        if np.linalg.eigvalsh(model.omega).min() <= 0:
+            return None, None
+        obj, se = self.draws.objective(self.density.at(model))
+        return (obj, se) if np.isfinite(obj).all() else (None, None)
+
+    def per_id(self, values: np.ndarray) -> np.ndarray | None:
+        return self.terms(values)[0]
+
+
 def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SAEMOptions,
-              progress: Callable[[int, float], None] | None) -> PopulationFit:
+              progress: Callable[[int, float], None] | None,
+              covariance: bool) -> PopulationFit:
     """SAEM's estimates; the importance-sampling ``-2 ln L`` as OFV (proposals from the
     chains' conditional means and covariances); FOCE-I's modes for the diagnostics."""
     model = layout.model
@@ -710,13 +743,16 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
                        layout.thetas, layout.lower, layout.upper)})
     final = run.model
     try:
-        sampled = importance_sampling(final, table, samples=options.samples,
-                                      seed=options.seed, mean=run.mean,
-                                      covariance=run.covariance, covariates=covariates)
+        draws = ImportanceDraws.around(run.mean, run.covariance, samples=options.samples,
+                                       seed=options.seed)
+        sampled: _SampledObjective | None = _SampledObjective(layout, table, draws,
+                                                              covariates)
     except np.linalg.LinAlgError:
         sampled = None
     fit = estimate_map(final, table, covariates=covariates, tol=_INNER_TOL)
-    ofv = sampled.ofv if sampled is not None else math.inf
+    terms, se_terms = (sampled.terms(layout.natural(final)) if sampled is not None
+                       else (None, None))
+    ofv = float(terms.sum()) if terms is not None else math.inf
     success = not run.drift and math.isfinite(ofv) and fit.success
     status = ("stochastic approximation completed" if success else
               f"minimization terminated: {run.drift}" if run.drift else
@@ -724,19 +760,25 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
               if not math.isfinite(ofv) else
               "stochastic approximation completed, but the FOCE-I conditional modes at its "
               "estimates (the diagnostics) failed")
-    se = sampled.se if sampled is not None else math.nan
+    se = float(np.sqrt((se_terms**2).sum())) if se_terms is not None else math.nan
     notes = ((f"OFV is the importance-sampling -2 ln L ({options.samples} samples per ID, "
               f"seed {options.seed}; Monte-Carlo SE {se:.3f}, of the OFV only, not of "
               "the estimates)"),
              (f"SAEM: {options.burn_in} burn-in and {options.iterations} main iterations, "
               f"{options.chains} chains per ID; centred ETAs {list(run.centred)}"),
              *_at_bounds(layout, layout.natural(final)))
+    cov, r_only, cov_status = (None, None, "not run" if not covariance else
+                               "not run: the estimation failed")
+    if covariance and success and sampled is not None:
+        cov, r_only, cov_status = _covariance(sampled, layout, layout.natural(final), fit)
+        cov_status = cov_status.replace("central differences)", "central differences of the "
+                                        "importance-sampling -2 ln L, common random numbers)")
     return PopulationFit(
         model=final, method="saem", ofv=ofv, success=success, status=status,
         estimates=_estimates(layout, layout.natural(model), layout.natural(final), model,
-                             (), None, None),
-        covariance=None, covariance_status="not run: SAEM has no covariance step yet",
-        condition_number=float("nan"), individuals=fit.individuals,
+                             (), cov, r_only),
+        covariance=cov, covariance_status=cov_status,
+        condition_number=_condition(cov), individuals=fit.individuals,
         shrinkage=_shrinkage(final, fit), records=_residuals(final, table, fit, covariates),
         history=run.history, notes=notes)
 
@@ -784,8 +826,9 @@ def _condition(cov: np.ndarray | None) -> float:
     return float(eig.max() / eig.min()) if eig.min() > 0 else float("inf")
 
 
-def _covariance(objective: _Objective, layout: _Layout, values: np.ndarray,
-                fit: MAPEstimate) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+def _covariance(objective: _Objective | _SampledObjective, layout: _Layout,
+                values: np.ndarray, fit: MAPEstimate
+                ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """Sandwich ``H^-1 S H^-1`` and ``2 H^-1`` (the R matrix alone) in natural units, ``H``
     the Hessian of OFV and ``S`` the sum of the IDs' outer gradient products (NONMEM's
     ``R^-1 S R^-1`` with ``R = H / 2``, ``S`` of ``-ln L_i``).

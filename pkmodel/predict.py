@@ -20,7 +20,14 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import fail_where, validate
-from pkmodel.engine import Events, Structure, at_rows, expand_records, solve, stack_events
+from pkmodel.engine import (
+    Events,
+    Structure,
+    at_rows,
+    central_amounts,
+    expand_records,
+    stack_events,
+)
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 
@@ -156,18 +163,22 @@ def _central_concentration(model: PopulationModel, events: Events,
 
 def profile_concentrations(model: PopulationModel, events: Events,
                            row_params: Mapping[str, np.ndarray], *,
-                           before_events: bool = False) -> np.ndarray:
+                           before_events: bool = False,
+                           at: np.ndarray | None = None) -> np.ndarray:
     """Central concentrations (mg/L), ``(B, M, R)``: every record of ``B`` profiles for
-    ``M`` parameter sets each, from parameters per table row ``(M, N)``."""
+    ``M`` parameter sets each, from parameters per table row ``(M, N)``; with ``at``
+    (``(B, K)`` record indices per profile) at those records only, ``(B, M, K)``."""
     b_count, n_rec = events.shape
     arrays = {k: np.atleast_2d(v) for k, v in row_params.items()}
     m_count = max(a.shape[0] for a in arrays.values())
     per_set = {k: np.swapaxes(np.take(np.broadcast_to(a, (m_count, a.shape[1])),
                                       events.param_row, axis=1), 0, 1)
                .reshape(b_count * m_count, n_rec) for k, a in arrays.items()}
-    amounts = solve(model.structure, events, per_set, before_events=before_events)
-    conc = amounts[..., model.structure.central_cmt - 1] / per_set["V1"]
-    return conc.reshape(b_count, m_count, n_rec)
+    amounts = central_amounts(model.structure, events, per_set,
+                              before_events=before_events, at=at)
+    volume = per_set["V1"] if at is None else np.take_along_axis(
+        per_set["V1"], np.repeat(at, m_count, axis=0), axis=1)
+    return (amounts / volume).reshape(b_count, m_count, -1)
 
 
 def predict(

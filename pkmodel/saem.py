@@ -48,7 +48,8 @@ from pkmodel.data import validate
 from pkmodel.estimate import ConditionalLikelihood, estimate_map
 from pkmodel.model import PopulationModel, evaluate_parameters
 
-__all__ = ["ImportanceSampling", "SAEMOptions", "SAEMRun", "importance_sampling", "run_saem"]
+__all__ = ["ImportanceDraws", "ImportanceSampling", "SAEMOptions", "SAEMRun",
+           "importance_sampling", "run_saem"]
 
 _ACCEPT = 0.4  # target acceptance of the random-walk kernels
 _ANNEAL = 0.95  # during the burn-in a variance keeps at least this share of its last value
@@ -559,6 +560,60 @@ class ImportanceSampling:
                 "individuals": self.individuals.to_dict(orient="records")}
 
 
+@dataclass(frozen=True)
+class ImportanceDraws:
+    """Importance-sampling draws per ID, fixed: with the same draws (common random
+    numbers) the sampled ``-2 ln L`` is a smooth function of the population parameters,
+    which the covariance step differentiates.
+
+    Attributes
+    ----------
+    eta : ndarray
+        ``(n_ids, samples, n_eta)`` draws from a multivariate t (4 degrees of freedom).
+    log_q : ndarray
+        ``(n_ids, samples)`` their log proposal density.
+    """
+
+    eta: np.ndarray
+    log_q: np.ndarray
+
+    @classmethod
+    def around(cls, mean: np.ndarray, covariance: np.ndarray, *, samples: int,
+               seed: int) -> ImportanceDraws:
+        """Draws centred on ``mean (n_ids, n_eta)`` with scale ``covariance``."""
+        n_ids, n_eta = mean.shape
+        chol = np.linalg.cholesky(covariance)
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal((n_ids, samples, n_eta))
+        stretch = np.sqrt(_DOF / rng.chisquare(_DOF, (n_ids, samples)))
+        eta = mean[:, None, :] + np.einsum("bij,bsj->bsi", chol, z) * stretch[..., None]
+        maha = np.einsum("bsi,bsi->bs", z, z) * stretch**2
+        log_norm = (gammaln((_DOF + n_eta) / 2) - gammaln(_DOF / 2)
+                    - 0.5 * n_eta * math.log(_DOF * math.pi)
+                    - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1))
+        return cls(eta, log_norm[:, None] - 0.5 * (_DOF + n_eta) * np.log1p(maha / _DOF))
+
+    def objective(self, density: ConditionalLikelihood) -> tuple[np.ndarray, np.ndarray]:
+        """Each ID's ``-2 ln p(y_i)`` under ``density``'s model and its Monte-Carlo SE."""
+        model = density.model
+        precision = np.linalg.inv(model.omega)
+        prior_logdet = float(np.linalg.slogdet(2 * math.pi * model.omega)[1])
+        logs = []
+        for lo in range(0, self.eta.shape[1], 250):
+            eta = self.eta[:, lo:lo + 250]
+            joint = -0.5 * (density(eta) + np.einsum("bsi,ij,bsj->bs", eta, precision, eta)
+                            + prior_logdet)
+            logs.append(np.where(np.isfinite(joint), joint - self.log_q[:, lo:lo + 250],
+                                 -np.inf))
+        log_w = np.concatenate(logs, axis=1)
+        samples = log_w.shape[1]
+        obj = -2.0 * (logsumexp(log_w, axis=1) - math.log(samples))
+        with np.errstate(invalid="ignore"):
+            w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+            se = 2.0 * w.std(axis=1) / (w.mean(axis=1) * math.sqrt(samples))
+        return obj, se
+
+
 def importance_sampling(model: PopulationModel, data: pd.DataFrame, *, samples: int = 1000,
                         seed: int = 0, mean: np.ndarray | None = None,
                         covariance: np.ndarray | None = None,
@@ -612,27 +667,8 @@ def importance_sampling(model: PopulationModel, data: pd.DataFrame, *, samples: 
     if mean.shape != (n_ids, n_eta) or covariance.shape != (n_ids, n_eta, n_eta):
         raise ValueError(f"`mean` must be ({n_ids}, {n_eta}) and `covariance` ({n_ids}, "
                          f"{n_eta}, {n_eta}); got {mean.shape} and {covariance.shape}")
-    chol = np.linalg.cholesky(covariance)
-    rng = np.random.default_rng(seed)
-    precision = np.linalg.inv(model.omega)
-    prior_logdet = float(np.linalg.slogdet(2 * math.pi * model.omega)[1])
-    log_norm = (gammaln((_DOF + n_eta) / 2) - gammaln(_DOF / 2)
-                - 0.5 * n_eta * math.log(_DOF * math.pi)
-                - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1))
-    logs = []
-    for size in np.diff(np.r_[np.arange(0, samples, 250), samples]):
-        z = rng.standard_normal((n_ids, size, n_eta))
-        stretch = np.sqrt(_DOF / rng.chisquare(_DOF, (n_ids, size)))
-        eta = mean[:, None, :] + np.einsum("bij,bsj->bsi", chol, z) * stretch[..., None]
-        joint = -0.5 * (density(eta) + np.einsum("bsi,ij,bsj->bs", eta, precision, eta)
-                        + prior_logdet)
-        maha = np.einsum("bsi,bsi->bs", z, z) * stretch**2
-        proposal = log_norm[:, None] - 0.5 * (_DOF + n_eta) * np.log1p(maha / _DOF)
-        logs.append(np.where(np.isfinite(joint), joint - proposal, -np.inf))
-    log_w = np.concatenate(logs, axis=1)
-    obj = -2.0 * (logsumexp(log_w, axis=1) - math.log(samples))
-    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
-    se = 2.0 * w.std(axis=1) / (w.mean(axis=1) * math.sqrt(samples))
+    draws = ImportanceDraws.around(mean, covariance, samples=samples, seed=seed)
+    obj, se = draws.objective(density)
     frame = pd.DataFrame({"ID": density.ids, "OBJ": obj, "SE": se})
     return ImportanceSampling(ofv=float(obj.sum()), se=float(np.sqrt((se**2).sum())),
                               individuals=frame)

@@ -29,7 +29,7 @@ from scipy import stats
 
 from pkmodel.data import JsonDocument, plain_json
 from pkmodel.dosing import recommend_regimen
-from pkmodel.engine import Events, solve
+from pkmodel.engine import Events, central_amounts
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.estimate import estimate_map
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
@@ -318,8 +318,7 @@ def _unit_troughs(model: PopulationModel, params: Mapping[str, np.ndarray], tau:
     n = np.broadcast_shapes(*(np.shape(v) for v in params.values()))[0]
     per_set = {key: np.tile(np.broadcast_to(np.asarray(v, dtype=float), (n,))[:, None],
                             (2, n_rec)) for key, v in params.items()}
-    amounts = solve(model.structure, events, per_set)
-    conc = amounts[..., model.structure.central_cmt - 1] / per_set["V1"]
+    conc = central_amounts(model.structure, events, per_set) / per_set["V1"]
     regimen = conc[:n][:, evid == 0]
     steady = conc[n:, 1:2]
     return np.concatenate([regimen, steady], axis=1)
@@ -432,8 +431,7 @@ def _true_concentration(model: PopulationModel, cov: dict[str, np.ndarray], eta:
                     cmt=np.ones((n, n_rec)), param_row=np.tile(np.arange(n_rec), (n, 1)),
                     source_row=np.tile(np.arange(n_rec), (n, 1)))
     params = {k: np.broadcast_to(v, (n, n_rec)) for k, v in params.items()}
-    amounts = solve(model.structure, events, params)
-    conc = amounts[..., model.structure.central_cmt - 1] / params["V1"]
+    conc = central_amounts(model.structure, events, params) / params["V1"]
     sample = ~is_dose
     return conc[sample].reshape(n, -1)
 

@@ -357,8 +357,8 @@ def test_the_same_estimates_on_a_process_pool_and_a_dask_cluster():
 
 def test_fixed_parameters_are_listed_and_partial_fixes_refused(tmp_path):
     """fix=("OMEGA", "TVCL"): both stay at their start and appear in estimates (FIXED, no
-    SE) in NONMEM's order; names that are not parameters, a part of OMEGA, or everything
-    fixed are refused; to_nonmem writes the OFV with all its digits and no SE row without a
+    SE) in NONMEM's order; names that are not parameters (OMEGA(2,1) of a diagonal OMEGA
+    included), or everything fixed are refused; to_nonmem writes the OFV with all its digits and no SE row without a
     covariance step."""
     start, data = simulated_population()
     fit = estimate_population(start, data, fix=("OMEGA", "TVCL"), covariance=False)
@@ -542,3 +542,5 @@ def test_part_of_omega_can_be_fixed(unbounded_fit):
         estimate_population(block, data, fix=("OMEGA(2,1)",))
     with pytest.raises(ValueError, match="cannot fix"):
         estimate_population(start, data, fix=("OMEGA(3,3)",))
+    with pytest.raises(ValueError, match="not parameters of onecpt's OMEGA"):
+        estimate_population(start, data, fix=("OMEGA(2,1)",))

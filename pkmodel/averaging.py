@@ -29,7 +29,7 @@ import pandas as pd
 from scipy.special import gammaln, logsumexp
 
 from pkmodel.data import plain_json, validate
-from pkmodel.dosing import Recommendation, recommend_regimen
+from pkmodel.dosing import Recommendation, recommend_averaged, recommend_regimen
 from pkmodel.errors import CovariateError, PKModelError
 from pkmodel.estimate import MAPEstimate, estimate_map, objective
 from pkmodel.model import PopulationModel, covariates_outside_range
@@ -292,7 +292,7 @@ class MultiModelRecommendation:
     Attributes
     ----------
     recommendation : Recommendation
-        The selected (largest-weight) model's.
+        The selected (largest-weight) model's, or the model average's.
     answers : DataFrame
         MODEL, WEIGHT, STATUS, ACTION, DOSE_MG, INTERVAL_WEEKS (each model's own
         recommendation), CHOSEN_MEETS_TARGET (whether, under that model, the chosen regimen
@@ -316,10 +316,18 @@ class MultiModelRecommendation:
 def recommend_with_models(models: Sequence[PopulationModel], data: pd.DataFrame,
                           target: float = 6.0, *, albumin_unit: str = "g/dL",
                           prior: Mapping[str, float] | None = None,
+                          averaging: str = "select",
                           **options: Any) -> MultiModelRecommendation:
-    """The recommendation of the model the data favour (model selection), with each
-    model's own answer and the weight of the models under which the chosen regimen meets
-    the target; ``options`` go to :func:`~pkmodel.dosing.recommend_regimen`."""
+    """The recommendation under several models, with each model's own answer and the
+    weight of the models under which the chosen regimen meets the target.
+
+    ``averaging="select"``: the recommendation of the model the data favour (model
+    selection). ``"bma"``: Bayesian model averaging, the rule applied to the models'
+    posterior draws pooled by weight (:func:`~pkmodel.dosing.recommend_averaged`, the
+    favoured model leading). ``options`` go to :func:`~pkmodel.dosing.recommend_regimen`.
+    """
+    if averaging not in ("select", "bma"):
+        raise ValueError(f"`averaging` must be 'select' or 'bma'; got {averaging!r}")
     comparison = compare_models(models, data, albumin_unit=albumin_unit, prior=prior,
                                 seed=options.get("seed", 0))
     recs: dict[str, Recommendation] = {}
@@ -329,6 +337,13 @@ def recommend_with_models(models: Sequence[PopulationModel], data: pd.DataFrame,
             recs[name] = recommend_regimen(comparison.models[name], comparison.data[name],
                                            target, **options)
     chosen = recs[comparison.selected]
+    if averaging == "bma":
+        order = sorted(comparison.fits, key=lambda n: -comparison.weights[n])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chosen = recommend_averaged(
+                [(comparison.models[n], comparison.data[n], comparison.weights[n])
+                 for n in order], target, **options)
     regimen = chosen.recommended or chosen.current
     rows = []
     for name, rec in recs.items():
@@ -351,7 +366,8 @@ def recommend_with_models(models: Sequence[PopulationModel], data: pd.DataFrame,
                                 "WEIGHT"].sum())
     agree = bool(answers.loc[known, "CHOSEN_MEETS_TARGET"].nunique() <= 1)
     head = (f"{comparison.selected} (weight {comparison.weights[comparison.selected]:.0%}):"
-            f" {chosen.message}")
+            f" {chosen.message}" if averaging == "select" else
+            f"Averaged over the models by weight: {chosen.message}")
     message = (head if chosen.recommended is None else
                f"{head} Models carrying {support:.0%} of the weight expect this regimen to "
                "meet the target" + ("." if agree else "; the models disagree: measure again "

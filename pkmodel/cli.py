@@ -188,6 +188,9 @@ def _recommend_arguments(rec: argparse.ArgumentParser) -> None:
                           "record may then hold SEX, AGE, CRP, DIAGNOSIS)")
     rec.add_argument("--albumin-unit", choices=("g/dL", "g/L"), default="g/dL",
                      help="unit of ALB in the records, with --models (g/dL)")
+    rec.add_argument("--averaging", choices=("select", "bma"), default="select",
+                     help="with --models: the favoured model's recommendation (select), or "
+                          "the rule on all models' draws pooled by weight (bma)")
 
 
 def recommendation_document(rec: Recommendation, model_name: str,
@@ -337,7 +340,7 @@ def _several(args: argparse.Namespace, data: pd.DataFrame) -> Any:
                          f"{args.models!r}")
     return recommend_with_models(
         [load(n) for n in names], data, args.target, albumin_unit=args.albumin_unit,
-        probability=args.probability, objective=args.objective,
+        averaging=args.averaging, probability=args.probability, objective=args.objective,
         intervals_weeks=args.intervals, vial_mg=args.vial_mg, max_mg_per_kg=args.max_mg_per_kg,
         horizon_weeks=args.horizon_weeks, n_draws=args.draws, seed=args.seed,
         current_interval_weeks=args.current_interval_weeks, next_dose_day=args.next_dose_day,

@@ -31,8 +31,10 @@ draws never produce a regimen.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,6 +67,7 @@ __all__ = [
     "dose_for_target_trough",
     "interval_for_target_trough",
     "level_name",
+    "recommend_averaged",
     "recommend_regimen",
     "time_to_trough",
 ]
@@ -602,6 +605,65 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
                                           steady_conc[:, i:i + 1]], axis=1))
         day_parts.append(np.concatenate([days, [np.inf]]))
     return _Forecast(intervals_days, day_parts, hist_parts, unit_parts)
+
+
+def _same_history(members: list[tuple[PopulationModel, pd.DataFrame, float]],
+                  histories: list[_History]) -> None:
+    """Models averaged must read the same regimen from their records."""
+    lead = histories[0]
+    for (model, _, _), other in zip(members[1:], histories[1:]):
+        same = (np.isclose(other.next_dose_day, lead.next_dose_day)
+                and np.isclose(other.current_interval_days, lead.current_interval_days)
+                and np.isclose(other.current_dose_mg, lead.current_dose_mg))
+        if not same:
+            raise ValueError(f"{model.name} reads another regimen from its records (next "
+                             f"dose day {other.next_dose_day:g}, every "
+                             f"{other.current_interval_days:g} days, "
+                             f"{other.current_dose_mg:g} mg) than {members[0][0].name} (day "
+                             f"{lead.next_dose_day:g}, {lead.current_interval_days:g} days, "
+                             f"{lead.current_dose_mg:g} mg): models averaged must share it")
+
+
+def _allocate(weights: np.ndarray, n: int) -> np.ndarray:
+    """``n`` draws shared by ``weights`` (largest remainders; the counts sum to ``n``)."""
+    share = weights / weights.sum() * n
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(counts - share)[:n - counts.sum()]] += 1
+    return counts
+
+
+def _average(members: list[tuple[PopulationModel, pd.DataFrame, float]],
+             histories: list[_History], drawn: list[tuple], lead: _Forecast,
+             intervals_days: np.ndarray, horizon_days: float, n_draws: int, *,
+             accept_outliers: bool, min_ess: float) -> tuple[_Forecast, list[str]]:
+    """The lead forecast with its draws replaced by every usable member's, in proportion
+    to the weights; reasons for the members left out."""
+    kept, weights, left_out = [lead], [members[0][2]], []
+    for (model, _, weight), history, (eta, fit, sample) in zip(members[1:], histories[1:],
+                                                              drawn[1:]):
+        status, why, _ = _checks(model, history, fit, sample,
+                                 accept_outliers=accept_outliers, min_ess=min_ess)
+        if status == "refused" or eta.shape[0] < 2:
+            left_out.append(f"{model.name} left out of the average: "
+                            + ("; ".join(why) or "no posterior draws"))
+            continue
+        kept.append(_forecast(model, history, eta, intervals_days, horizon_days))
+        weights.append(weight)
+    counts = _allocate(np.array(weights, dtype=float), n_draws)
+    names = [members[0][0].name] + [m.name for (m, _, _), f in zip(members[1:], drawn[1:])
+                                    if not any(n.startswith(f"{m.name} left out")
+                                               for n in left_out)]
+    histories[0].said.notes.append(
+        "Bayesian model average of the posterior draws: " + ", ".join(
+            f"{name} {c / n_draws:.0%} ({c} draws)" for name, c in zip(names, counts)))
+
+    def pool(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([arrays[0][:1]] + [a[1:1 + c] for a, c in zip(arrays, counts)])
+
+    parts = range(len(lead.intervals))
+    return _Forecast(lead.intervals, lead.days,
+                     [pool([f.history[i] for f in kept]) for i in parts],
+                     [pool([f.unit[i] for f in kept]) for i in parts]), left_out
 
 
 def _required_count(n: int, probability: float) -> int:
@@ -1170,6 +1232,79 @@ def recommend_regimen(
     >>> rec.action, rec.status, rec.recommended.meets_target
     ('change', 'ok', True)
     """
+    return _recommend(
+        [(model, data, 1.0)], target, probability=probability, objective=objective,
+        intervals_weeks=intervals_weeks, vial_mg=vial_mg,
+        dose_step_mg_per_kg=dose_step_mg_per_kg, max_mg_per_kg=max_mg_per_kg,
+        min_interval_weeks=min_interval_weeks, max_interval_weeks=max_interval_weeks,
+        horizon_weeks=horizon_weeks, n_draws=n_draws, seed=seed,
+        current_interval_weeks=current_interval_weeks, next_dose_day=next_dose_day,
+        next_dose_date=next_dose_date, lloq=lloq, accept_outliers=accept_outliers,
+        min_ess=min_ess)
+
+
+def recommend_averaged(
+    members: Sequence[tuple[PopulationModel, pd.DataFrame, float]],
+    target: float = 6.0,
+    **options: Any,
+) -> Recommendation:
+    """:func:`recommend_regimen` under a weighted average of models (Bayesian model
+    averaging): each model's posterior draws of the coming troughs are pooled, as many from
+    each as its share of the weight, and the rule is applied to the pooled draws.
+
+    Parameters
+    ----------
+    members : sequence of (PopulationModel, DataFrame, float)
+        Each model, the patient's records in its columns (see
+        :func:`pkmodel.averaging.for_model`) and its weight (normalised here). The first
+        member leads: its fit gives the checks, the MAP forecast and the history (next
+        dose, current regimen), which every member must share. A member whose own checks
+        refuse it is left out, with a reason.
+    target : float
+        Target trough (mg/L).
+    **options
+        As for :func:`recommend_regimen`.
+
+    Returns
+    -------
+    Recommendation
+        Its notes give the weights the draws were pooled by.
+
+    Examples
+    --------
+    >>> from pkmodel.data import infliximab_regimen
+    >>> from pkmodel.models import load
+    >>> child = infliximab_regimen(28.0, until_week=22,
+    ...                            covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
+    >>> measured = (child.EVID == 0) & child.TIME.isin([98.0, 154.0])
+    >>> child.loc[measured, ["MDV", "DV"]] = [[0, 1.1], [0, 0.8]]
+    >>> model = load("fasanmade2011")
+    >>> one = recommend_averaged([(model, child, 1.0)], n_draws=200)
+    >>> alone = recommend_regimen(model, child, n_draws=200)
+    >>> one.recommended == alone.recommended
+    True
+    """
+    if not members:
+        raise ValueError("`members` must hold at least one (model, data, weight)")
+    weights = np.array([float(w) for _, _, w in members])
+    if not (np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights[0] > 0):
+        raise ValueError(f"member weights must be >= 0, the first (leading) one positive; "
+                         f"got {weights.tolist()}")
+    first = members[0]
+    bound = inspect.signature(recommend_regimen).bind(first[0], first[1], target, **options)
+    bound.apply_defaults()
+    chosen = {k: v for k, v in bound.arguments.items() if k not in ("model", "data", "target")}
+    return _recommend(list(members), target, **chosen)
+
+
+def _recommend(members: list[tuple[PopulationModel, pd.DataFrame, float]], target: float,
+               *, probability, objective, intervals_weeks, vial_mg, dose_step_mg_per_kg,
+               max_mg_per_kg, min_interval_weeks, max_interval_weeks, horizon_weeks,
+               n_draws, seed, current_interval_weeks, next_dose_day, next_dose_date, lloq,
+               accept_outliers, min_ess) -> Recommendation:  # as recommend_regimen's
+    """The recommendation of :func:`recommend_regimen`, with the draws of several
+    weighted models pooled (one model: exactly recommend_regimen)."""
+    model = members[0][0]
     _check(target, probability)
     settings = _settings(
         model, objective, probability, intervals_weeks, vial_mg,
@@ -1180,13 +1315,17 @@ def recommend_regimen(
     with warnings.catch_warnings():  # what these warnings say becomes reasons
         warnings.simplefilter("ignore", CovariateWarning)
         warnings.simplefilter("ignore", PlausibilityWarning)
-        history = _history(model, data, current_interval_weeks=current_interval_weeks,
-                           next_dose_day=next_dose_day, next_dose_date=next_dose_date,
-                           lloq=lloq)
+        histories = [_history(m, d, current_interval_weeks=current_interval_weeks,
+                              next_dose_day=next_dose_day, next_dose_date=next_dose_date,
+                              lloq=lloq) for m, d, _ in members]
+        history = histories[0]
         if not np.isfinite(history.current_interval_days):
             raise DatasetError("one dose only: give the interval the patient is on "
                                "(`current_interval_weeks`, --current-interval-weeks)")
-        eta, fit, sample = _draws(model, history, n_draws, seed, min_ess)
+        _same_history(members, histories)
+        drawn = [_draws(m, h, n_draws, seed, min_ess) for (m, _, _), h in
+                 zip(members, histories)]
+    eta, fit, sample = drawn[0]
     status, reasons, checks = _checks(model, history, fit, sample,
                                       accept_outliers=accept_outliers, min_ess=min_ess)
     current_weeks = round(history.current_interval_days / DAYS_PER_WEEK, 9)
@@ -1194,8 +1333,14 @@ def recommend_regimen(
                                       int(np.floor(max_interval_weeks)) + 1)]
     all_weeks = sorted(set(settings.intervals_weeks) | {current_weeks} | set(longer))
     probability = settings.probability if sample is not None or fit is None else None
-    forecast = _forecast(model, history, eta, np.array(all_weeks) * DAYS_PER_WEEK,
-                         horizon_weeks * DAYS_PER_WEEK)
+    intervals_days = np.array(all_weeks) * DAYS_PER_WEEK
+    forecast = _forecast(model, history, eta, intervals_days, horizon_weeks * DAYS_PER_WEEK)
+    if len(members) > 1 and probability is not None:
+        forecast, left_out = _average(members, histories, drawn, forecast, intervals_days,
+                                      horizon_weeks * DAYS_PER_WEEK, n_draws,
+                                      accept_outliers=accept_outliers, min_ess=min_ess)
+        reasons += left_out
+        status = "caution" if left_out and status == "ok" else status
     grid = _Grid(forecast, all_weeks, history.weight, float(target), probability,
                  history.current_dose_mg, current_weeks, model.label)
     doses = _dose_grid(history.weight, vial_mg=settings.vial_mg,

@@ -439,3 +439,22 @@ def test_recommend_with_several_models_from_the_command_line(capsys):
     assert rows["fasanmade2011"]["WEIGHT"] == pytest.approx(1.0)
     assert doc["model"] == "fasanmade2011" and len(block["answers"]) == 1
     assert main(["recommend", str(CHILD), "--models", "fasanmade2011"]) == 2  # two or more
+
+
+def test_recommend_with_models_averaged_from_the_command_line(tmp_path, capsys):
+    """--averaging bma: the recommendation on the pooled draws, whose notes give the
+    weights; the message says it is an average. (A record with SEX, AGE, CRP so that
+    passot2016 can be formed.)"""
+    from pkmodel.data import read_nonmem
+    record = read_nonmem(CHILD).assign(SEX="F", AGE=9.0, CRP=5.0, DIAGNOSIS="CD")
+    path = tmp_path / "child.csv"
+    record.to_csv(path, index=False, na_rep=".")
+    assert main(["recommend", str(path), "--models", "fasanmade2011,passot2016",
+                 "--averaging", "bma", "--draws", "300", "--json"]) in (0, 3)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["models"]["message"].startswith("Averaged over the models by weight")
+    assert any(n.startswith("Bayesian model average of the posterior draws")
+               for n in doc["notes"])
+    with pytest.raises(SystemExit):
+        main(["recommend", str(path), "--models", "fasanmade2011,passot2016",
+              "--averaging", "mean"])

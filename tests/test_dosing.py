@@ -743,3 +743,41 @@ def test_an_infant_below_one_vial_is_dosed_in_mg_per_kg_steps():
     assert any("part of a vial" in note for note in rec.notes)
     doses = np.unique(rec.options["DOSE_MG"])
     np.testing.assert_allclose(doses, 4.0 * np.arange(1, 21))
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    """The example child under fasanmade2011 (300 mg every 4 weeks advised alone) and
+    passot2016 (200 mg every 4 weeks), each in its own columns."""
+    from pkmodel.averaging import for_model
+    record = read_nonmem("examples/child.csv").assign(SEX="F", AGE=9.0, CRP=5.0,
+                                                       DIAGNOSIS="CD")
+    models = [load("fasanmade2011"), load("passot2016")]
+    return [(m, for_model(m, record)) for m in models]
+
+
+def test_model_averaged_recommendation_pools_draws_by_weight(two_models):
+    """recommend_averaged pools each model's posterior draws in proportion to its weight:
+    all the weight on the lead gives the lead's own recommendation; (almost) all on the
+    other gives that model's levels and PTA at every option; half and half gives, at every
+    option, the mean of the two models' PTA over half the draws each (a model's first n/2
+    draws are its draws for n/2). A non-positive lead weight is refused."""
+    from pkmodel.dosing import recommend_averaged
+    (a, data_a), (b, data_b) = two_models
+    alone_a = recommend_regimen(a, data_a, n_draws=400)
+    alone_b = recommend_regimen(b, data_b, n_draws=400)
+    assert alone_a.recommended.dose_mg != alone_b.recommended.dose_mg  # they differ
+    lead = recommend_averaged([(a, data_a, 1.0), (b, data_b, 0.0)], n_draws=400)
+    assert lead.recommended == alone_a.recommended
+    pd.testing.assert_frame_equal(lead.options, alone_a.options)
+    assert "fasanmade2011 100% (400 draws), passot2016 0% (0 draws)" in lead.notes[-1]
+    other = recommend_averaged([(a, data_a, 1e-9), (b, data_b, 1.0)], n_draws=400)
+    for column in ("PTA", "LOWEST_TROUGH", "MEETS_TARGET"):
+        np.testing.assert_array_equal(other.options[column], alone_b.options[column])
+    half = recommend_averaged([(a, data_a, 0.5), (b, data_b, 0.5)], n_draws=400)
+    pta = (recommend_regimen(a, data_a, n_draws=200).options["PTA"]
+           + recommend_regimen(b, data_b, n_draws=200).options["PTA"]) / 2
+    np.testing.assert_allclose(half.options["PTA"], pta, rtol=0, atol=1e-12)
+    assert half.recommended.meets_target and half.status in ("ok", "caution")
+    with pytest.raises(ValueError, match="first"):
+        recommend_averaged([(a, data_a, 0.0), (b, data_b, 1.0)])

@@ -358,8 +358,8 @@ def test_the_same_estimates_on_a_process_pool_and_a_dask_cluster():
 def test_fixed_parameters_are_listed_and_partial_fixes_refused(tmp_path):
     """fix=("OMEGA", "TVCL"): both stay at their start and appear in estimates (FIXED, no
     SE) in NONMEM's order; names that are not parameters (OMEGA(2,1) of a diagonal OMEGA
-    included), or everything fixed are refused; to_nonmem writes the OFV with all its digits and no SE row without a
-    covariance step."""
+    included), or everything fixed are refused; to_nonmem writes the OFV with all its
+    digits and no SE row without a covariance step."""
     start, data = simulated_population()
     fit = estimate_population(start, data, fix=("OMEGA", "TVCL"), covariance=False)
     table = fit.estimates.set_index("NAME")

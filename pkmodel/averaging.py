@@ -29,14 +29,19 @@ import pandas as pd
 from scipy.special import gammaln, logsumexp
 
 from pkmodel.data import plain_json, validate
-from pkmodel.dosing import Recommendation, recommend_averaged, recommend_regimen
+from pkmodel.dosing import (
+    Recommendation,
+    allocate_draws,
+    recommend_averaged,
+    recommend_regimen,
+)
 from pkmodel.errors import CovariateError, PKModelError
-from pkmodel.estimate import MAPEstimate, estimate_map, objective
+from pkmodel.estimate import MAPEstimate, estimate_map, objective, sample_posterior
 from pkmodel.model import PopulationModel, covariates_outside_range
-from pkmodel.predict import predict
+from pkmodel.predict import draw_concentrations, predict
 
-__all__ = ["ModelComparison", "compare_models", "for_model", "predict_averaged",
-           "recommend_with_models"]
+__all__ = ["ModelComparison", "compare_models", "for_model", "forecast_averaged",
+           "predict_averaged", "recommend_with_models"]
 
 #: Clinical fields a record may hold, and what each model covariate is made from.
 CLINICAL_FIELDS = {"WT": "body weight (kg)", "ALB": "albumin (unit given by albumin_unit)",
@@ -282,6 +287,52 @@ def predict_averaged(comparison: ModelComparison, records: pd.DataFrame, *,
     if out is None:
         raise PKModelError("no usable model to predict with")
     out["IPRED_BMA"] /= total
+    return out
+
+
+def forecast_averaged(comparison: ModelComparison, records: pd.DataFrame, *,
+                      n: int = 1000, seed: int = 0, albumin_unit: str = "g/dL",
+                      min_ess: float = 200.0) -> pd.DataFrame:
+    """The posterior forecast of the model average on ``records`` (the history with the
+    future records): each usable model's posterior draws (KAPPAs 0), as many as its share
+    of ``n`` by weight, pooled.
+
+    Returns
+    -------
+    DataFrame
+        The validated records with, per row, the pooled draws' 5th, 50th and 95th
+        percentiles (IPRED_Q05, IPRED_Q50, IPRED_Q95, mg/L) and the draws per model in
+        ``.attrs["draws"]`` (model name to count). A model whose posterior sample is too
+        poor (ESS below ``min_ess``) makes this refuse, naming it.
+    """
+    usable = [name for name in comparison.fits if comparison.weights[name] > 0]
+    if not usable:
+        raise PKModelError("no usable model to forecast with")
+    counts = allocate_draws(np.array([comparison.weights[name] for name in usable]), n)
+    pooled, base = [], None
+    for name, count in zip(usable, counts):
+        if count == 0:
+            continue
+        model = comparison.models[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample = sample_posterior(model, comparison.data[name], n=int(count), seed=seed,
+                                      estimate=comparison.fits[name], min_ess=min_ess)
+        if not bool(sample.diagnostics["SUCCESS"].all()):
+            ess = float(sample.diagnostics["ESS"].min())
+            raise PKModelError(f"{name}: too few effective posterior draws (ESS {ess:.0f} < "
+                               f"{min_ess:g}) to forecast with it")
+        table = validate(for_model(model, records, albumin_unit=albumin_unit),
+                         covariates=model.covariate_names)
+        eta = sample.draws[list(model.eta_names)].to_numpy(dtype=float)
+        (conc,) = draw_concentrations(model, [table], eta)
+        pooled.append(conc)
+        base = table if base is None else base
+    values = np.concatenate(pooled, axis=0)
+    out = base[[c for c in base.columns if c in records.columns]].copy()
+    for q in (5, 50, 95):
+        out[f"IPRED_Q{q:02d}"] = np.quantile(values, q / 100, axis=0)
+    out.attrs["draws"] = {name: int(c) for name, c in zip(usable, counts)}
     return out
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "Option",
     "Recommendation",
     "Settings",
+    "allocate_draws",
     "dose_for_target_trough",
     "interval_for_target_trough",
     "level_name",
@@ -624,8 +625,15 @@ def _same_history(members: list[tuple[PopulationModel, pd.DataFrame, float]],
                              f"{lead.current_dose_mg:g} mg): models averaged must share it")
 
 
-def _allocate(weights: np.ndarray, n: int) -> np.ndarray:
-    """``n`` draws shared by ``weights`` (largest remainders; the counts sum to ``n``)."""
+def allocate_draws(weights: np.ndarray, n: int) -> np.ndarray:
+    """``n`` draws shared by ``weights`` (largest remainders; the counts sum to ``n``).
+
+    Examples
+    --------
+    >>> allocate_draws(np.array([0.5, 0.3, 0.2]), 7).tolist()
+    [4, 2, 1]
+    """
+    weights = np.asarray(weights, dtype=float)
     share = weights / weights.sum() * n
     counts = np.floor(share).astype(int)
     counts[np.argsort(counts - share)[:n - counts.sum()]] += 1
@@ -649,7 +657,7 @@ def _average(members: list[tuple[PopulationModel, pd.DataFrame, float]],
             continue
         kept.append(_forecast(model, history, eta, intervals_days, horizon_days))
         weights.append(weight)
-    counts = _allocate(np.array(weights, dtype=float), n_draws)
+    counts = allocate_draws(np.array(weights, dtype=float), n_draws)
     names = [members[0][0].name] + [m.name for (m, _, _), f in zip(members[1:], drawn[1:])
                                     if not any(n.startswith(f"{m.name} left out")
                                                for n in left_out)]

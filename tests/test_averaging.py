@@ -120,3 +120,32 @@ def test_recommendation_with_several_models_reports_each_answer():
     meets = answers["CHOSEN_MEETS_TARGET"].dropna()
     assert result.agree == (meets.nunique() <= 1)
     assert result.support == pytest.approx(answers.loc[meets[meets].index, "WEIGHT"].sum())
+
+
+def test_averaged_posterior_forecast_pools_draws_by_weight():
+    """Two one-ETA models fitted to the same three samples: the pooled forecast of a later
+    sample takes draws from each in proportion to its weight, and its median lies between
+    the two models' own posterior medians (a mixture's quantile lies between its
+    components'); the 90 % band contains the median."""
+    from pkmodel.averaging import forecast_averaged
+    times, dv = np.array([2.0, 8.0, 16.0]), np.array([20.0, 10.0, 4.5])
+    models = [one_cpt("slow", 0.3), one_cpt("fast", 0.5)]
+    data = samples(times, dv)
+    future = pd.concat([data, samples([24.0, 36.0], [np.nan, np.nan]).iloc[1:].assign(
+        MDV=1)], ignore_index=True)
+    both = compare_models(models, data, seed=3)
+    pooled = forecast_averaged(both, future, n=2000, seed=1)
+    counts = pooled.attrs["draws"]
+    assert sum(counts.values()) == 2000
+    assert counts["slow"] == pytest.approx(2000 * both.weights["slow"], abs=1)
+    own = [forecast_averaged(compare_models(models, data, seed=3,
+                                            prior={"slow": 1.0, "fast": 0.0} if k == 0
+                                            else {"slow": 0.0, "fast": 1.0}),
+                             future, n=2000, seed=1) for k in range(2)]
+    later = (pooled["TIME"] > 16).to_numpy()
+    low = np.minimum(own[0]["IPRED_Q50"], own[1]["IPRED_Q50"])[later]
+    high = np.maximum(own[0]["IPRED_Q50"], own[1]["IPRED_Q50"])[later]
+    median = pooled["IPRED_Q50"][later]
+    assert np.all(median >= low * 0.99) and np.all(median <= high * 1.01)
+    assert np.all(pooled["IPRED_Q05"] <= pooled["IPRED_Q50"])
+    assert np.all(pooled["IPRED_Q50"] <= pooled["IPRED_Q95"])

@@ -283,3 +283,13 @@ def test_a_theta_without_eta_is_fitted_on_the_samples(population_dir):
     assert tka_focei == pytest.approx(0.433, abs=0.002)
     assert saem.estimates.set_index("NAME").loc["tka", "ESTIMATE"] == pytest.approx(
         tka_focei, rel=0.05)
+
+
+def test_importance_sampling_result_is_plain_json(population_dir):
+    import json
+    data = pheno_data(population_dir)
+    result = importance_sampling(pheno_base(QUADRATURE_MLE), data, samples=200, seed=2)
+    document = json.loads(json.dumps(result.to_dict()))
+    assert document["ofv"] == pytest.approx(result.ofv)
+    assert len(document["individuals"]) == 59 and set(document["individuals"][0]) == {
+        "ID", "OBJ", "SE"}

@@ -82,6 +82,8 @@ def to_events(
     stops = np.r_[starts[1:], len(data)]
     columns = {c: data[c].to_numpy() for c in ("TIME", "EVID", "AMT", "RATE", "DUR", "II",
                                                 "ADDL", "SS", "CMT")}
+    if not np.any(columns["ADDL"] > 0):  # each ID's records are its events, in file order
+        return _events_without_addl(columns, starts, stops, covariates)
     profiles = []
     for lo, hi in zip(starts, stops):
         part = {c: v[lo:hi] for c, v in columns.items()}
@@ -91,6 +93,32 @@ def to_events(
             covariates=covariates, row_offset=int(lo),
         ))
     return stack_events(profiles)
+
+
+def _events_without_addl(columns: dict[str, np.ndarray], starts: np.ndarray,
+                         stops: np.ndarray, covariates: str) -> Events:
+    """:func:`to_events` of a table without ADDL, all IDs at once: each ID's rows in file
+    order, padded as :func:`~pkmodel.engine.stack_events` pads (the last time and
+    parameters repeated, EVID 2, no dose, no source row)."""
+    counts = stops - starts
+    width = int(counts.max())
+    profile = np.repeat(np.arange(len(starts)), counts)
+    position = np.arange(int(counts.sum())) - np.repeat(starts, counts)
+    last = stops - 1
+    rows = np.repeat(last[:, None], width, axis=1)  # padding takes the last row
+    rows[profile, position] = np.arange(int(counts.sum()))
+    real = np.zeros((len(starts), width), dtype=bool)
+    real[profile, position] = True
+    fields = {}
+    for name, column in (("time", "TIME"), ("evid", "EVID"), ("amt", "AMT"),
+                         ("rate", "RATE"), ("dur", "DUR"), ("ii", "II"), ("ss", "SS"),
+                         ("cmt", "CMT")):
+        values = np.asarray(columns[column], dtype=float)[rows]
+        if name != "time":
+            values = np.where(real, values, 2.0 if name == "evid" else 0.0)
+        fields[name] = values
+    return Events(**fields, param_row=rows, source_row=np.where(real, rows, -1),
+                  covariates=covariates)
 
 
 def _prepare(model: PopulationModel, data: pd.DataFrame, covariates: str,

@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import sympy as sp
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats
 
-from pkmodel.data import infliximab_regimen, read_nonmem
+from pkmodel.data import infliximab_regimen, read_nonmem, validate
 from pkmodel.engine import Structure
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import Covariate, PopulationModel, ResidualError
@@ -305,3 +307,36 @@ def test_a_later_steady_state_dose_does_not_change_an_earlier_sample():
     explicit = rows.iloc[[0, 0, 1]].assign(TIME=[0.0, 7.0, 7.0], ADDL=0, II=0.0, SS=0)
     np.testing.assert_allclose(with_ss, without, rtol=1e-13)
     np.testing.assert_allclose(with_ss, predict(model, explicit)["PRED"].iloc[2], rtol=1e-13)
+
+
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 1, 2]),
+                                   st.sampled_from([50.0, 100.0]),
+                                   st.sampled_from([0.0, 25.0])),
+                         min_size=1, max_size=6), min_size=1, max_size=5),
+       st.sampled_from(["nocb", "locf"]))
+def test_events_of_a_table_without_addl_match_the_per_id_expansion(ids, covariates):
+    """Without ADDL, to_events builds every ID's events at once; they equal stacking each
+    ID's expand_records (time, EVID, AMT, RATE, DUR, II, SS, CMT, parameter and source
+    rows, padding)."""
+    from pkmodel.engine import Events, Structure, expand_records, stack_events
+    from pkmodel.predict import to_events
+    rows = []
+    for ident, records in enumerate(ids, start=1):
+        for time, evid, amt, rate in sorted(records):
+            dose = evid == 1
+            rows.append({"ID": ident, "TIME": float(time), "EVID": evid,
+                         "AMT": amt if dose else 0.0, "RATE": rate if dose else 0.0,
+                         "MDV": int(evid != 0), "DV": np.nan if evid else 1.0})
+    table = validate(pd.DataFrame(rows))
+    got = to_events(table, Structure(1), covariates=covariates)
+    starts = np.flatnonzero(np.r_[True, table["ID"].to_numpy()[1:]
+                                  != table["ID"].to_numpy()[:-1]])
+    stops = np.r_[starts[1:], len(table)]
+    expected = stack_events([expand_records(
+        *(table[c].to_numpy()[lo:hi] for c in ("TIME", "EVID", "AMT")),
+        rate=table["RATE"].to_numpy()[lo:hi], dur=table["DUR"].to_numpy()[lo:hi],
+        ii=table["II"].to_numpy()[lo:hi], addl=table["ADDL"].to_numpy()[lo:hi],
+        ss=table["SS"].to_numpy()[lo:hi], cmt=table["CMT"].to_numpy()[lo:hi],
+        covariates=covariates, row_offset=int(lo)) for lo, hi in zip(starts, stops)])
+    for name in Events.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)

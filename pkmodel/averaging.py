@@ -295,7 +295,7 @@ def forecast_averaged(comparison: ModelComparison, records: pd.DataFrame, *,
                       min_ess: float = 200.0) -> pd.DataFrame:
     """The posterior forecast of the model average on ``records`` (the history with the
     future records): each usable model's posterior draws (KAPPAs 0), as many as its share
-    of ``n`` by weight, pooled.
+    of ``n`` by weight, pooled; the ``k``-th usable model draws with seed ``seed + k``.
 
     Returns
     -------
@@ -310,14 +310,15 @@ def forecast_averaged(comparison: ModelComparison, records: pd.DataFrame, *,
         raise PKModelError("no usable model to forecast with")
     counts = allocate_draws(np.array([comparison.weights[name] for name in usable]), n)
     pooled, base = [], None
-    for name, count in zip(usable, counts):
+    for k, (name, count) in enumerate(zip(usable, counts)):
         if count == 0:
             continue
         model = comparison.models[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sample = sample_posterior(model, comparison.data[name], n=int(count), seed=seed,
-                                      estimate=comparison.fits[name], min_ess=min_ess)
+            sample = sample_posterior(model, comparison.data[name], n=int(count),
+                                      seed=seed + k, estimate=comparison.fits[name],
+                                      min_ess=min_ess)
         if not bool(sample.diagnostics["SUCCESS"].all()):
             ess = float(sample.diagnostics["ESS"].min())
             raise PKModelError(f"{name}: too few effective posterior draws (ESS {ess:.0f} < "

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import JsonDocument, check_concentrations, dose_times, plain_json, validate
-from pkmodel.errors import CovariateWarning, DatasetError, PlausibilityWarning
+from pkmodel.errors import CovariateWarning, DatasetError, PKModelError, PlausibilityWarning
 from pkmodel.estimate import (
     PLAUSIBLE_SD,
     MAPEstimate,
@@ -608,21 +608,18 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
     return _Forecast(intervals_days, day_parts, hist_parts, unit_parts)
 
 
-def _same_history(members: list[tuple[PopulationModel, pd.DataFrame, float]],
-                  histories: list[_History]) -> None:
+def _same_history(lead_model: PopulationModel, lead: _History, model: PopulationModel,
+                  other: _History) -> None:
     """Models averaged must read the same regimen from their records."""
-    lead = histories[0]
-    for (model, _, _), other in zip(members[1:], histories[1:]):
-        same = (np.isclose(other.next_dose_day, lead.next_dose_day)
-                and np.isclose(other.current_interval_days, lead.current_interval_days)
-                and np.isclose(other.current_dose_mg, lead.current_dose_mg))
-        if not same:
-            raise ValueError(f"{model.name} reads another regimen from its records (next "
-                             f"dose day {other.next_dose_day:g}, every "
-                             f"{other.current_interval_days:g} days, "
-                             f"{other.current_dose_mg:g} mg) than {members[0][0].name} (day "
-                             f"{lead.next_dose_day:g}, {lead.current_interval_days:g} days, "
-                             f"{lead.current_dose_mg:g} mg): models averaged must share it")
+    same = (np.isclose(other.next_dose_day, lead.next_dose_day)
+            and np.isclose(other.current_interval_days, lead.current_interval_days)
+            and np.isclose(other.current_dose_mg, lead.current_dose_mg))
+    if not same:
+        raise ValueError(f"{model.name} reads another regimen from its records (next dose "
+                         f"day {other.next_dose_day:g}, every {other.current_interval_days:g}"
+                         f" days, {other.current_dose_mg:g} mg) than {lead_model.name} (day "
+                         f"{lead.next_dose_day:g}, {lead.current_interval_days:g} days, "
+                         f"{lead.current_dose_mg:g} mg): models averaged must share it")
 
 
 def allocate_draws(weights: np.ndarray, n: int) -> np.ndarray:
@@ -640,38 +637,50 @@ def allocate_draws(weights: np.ndarray, n: int) -> np.ndarray:
     return counts
 
 
-def _average(members: list[tuple[PopulationModel, pd.DataFrame, float]],
-             histories: list[_History], drawn: list[tuple], lead: _Forecast,
-             intervals_days: np.ndarray, horizon_days: float, n_draws: int, *,
-             accept_outliers: bool, min_ess: float) -> tuple[_Forecast, list[str]]:
-    """The lead forecast with its draws replaced by every usable member's, in proportion
-    to the weights; reasons for the members left out."""
-    kept, weights, left_out = [lead], [members[0][2]], []
-    for (model, _, weight), history, (eta, fit, sample) in zip(members[1:], histories[1:],
-                                                              drawn[1:]):
+def _average(members: list[tuple[PopulationModel, pd.DataFrame, float]], lead: _History,
+             forecast: _Forecast, intervals_days: np.ndarray, horizon_days: float,
+             reading: dict[str, Any], n_draws: int, seed: int, *, accept_outliers: bool,
+             min_ess: float) -> tuple[_Forecast, list[str]]:
+    """The lead's forecast with its draws replaced by every usable member's, in proportion
+    to the weights (member ``k`` draws with seed ``seed + k``); reasons: the members left
+    out, and the kept members' own cautions, each named."""
+    kept = [(members[0][0].name, forecast, members[0][2])]
+    said: list[str] = []
+    for k, (model, data, weight) in enumerate(members[1:], start=1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CovariateWarning)
+            warnings.simplefilter("ignore", PlausibilityWarning)
+            try:
+                history = _history(model, data, **reading)
+            except (PKModelError, ValueError) as err:
+                said.append(f"{model.name} left out of the average: {err}")
+                continue
+            _same_history(members[0][0], lead, model, history)
+            try:
+                eta, fit, sample = _draws(model, history, n_draws, seed + k, min_ess)
+            except (PKModelError, ValueError, np.linalg.LinAlgError) as err:
+                said.append(f"{model.name} left out of the average: {err}")
+                continue
         status, why, _ = _checks(model, history, fit, sample,
                                  accept_outliers=accept_outliers, min_ess=min_ess)
         if status == "refused" or eta.shape[0] < 2:
-            left_out.append(f"{model.name} left out of the average: "
-                            + ("; ".join(why) or "no posterior draws"))
+            said.append(f"{model.name} left out of the average: "
+                        + ("; ".join(why) or "no posterior draws"))
             continue
-        kept.append(_forecast(model, history, eta, intervals_days, horizon_days))
-        weights.append(weight)
-    counts = allocate_draws(np.array(weights, dtype=float), n_draws)
-    names = [members[0][0].name] + [m.name for (m, _, _), f in zip(members[1:], drawn[1:])
-                                    if not any(n.startswith(f"{m.name} left out")
-                                               for n in left_out)]
-    histories[0].said.notes.append(
-        "Bayesian model average of the posterior draws: " + ", ".join(
-            f"{name} {c / n_draws:.0%} ({c} draws)" for name, c in zip(names, counts)))
+        said += [f"{model.name}: {reason}" for reason in why]
+        kept.append((model.name, _forecast(model, history, eta, intervals_days,
+                                           horizon_days), weight))
+    counts = allocate_draws(np.array([w for _, _, w in kept], dtype=float), n_draws)
+    lead.said.notes.append("Bayesian model average of the posterior draws: " + ", ".join(
+        f"{name} {c / n_draws:.0%} ({c} draws)" for (name, _, _), c in zip(kept, counts)))
 
     def pool(arrays: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([arrays[0][:1]] + [a[1:1 + c] for a, c in zip(arrays, counts)])
 
-    parts = range(len(lead.intervals))
-    return _Forecast(lead.intervals, lead.days,
-                     [pool([f.history[i] for f in kept]) for i in parts],
-                     [pool([f.unit[i] for f in kept]) for i in parts]), left_out
+    parts = range(len(forecast.intervals))
+    return _Forecast(forecast.intervals, forecast.days,
+                     [pool([f.history[i] for _, f, _ in kept]) for i in parts],
+                     [pool([f.unit[i] for _, f, _ in kept]) for i in parts]), said
 
 
 def _required_count(n: int, probability: float) -> int:
@@ -1267,7 +1276,9 @@ def recommend_averaged(
         :func:`pkmodel.averaging.for_model`) and its weight (normalised here). The first
         member leads: its fit gives the checks, the MAP forecast and the history (next
         dose, current regimen), which every member must share. A member whose own checks
-        refuse it is left out, with a reason.
+        refuse it (or whose fit or draws fail) is left out, with a reason; a kept member's
+        own cautions are reasons too, named. Member ``k`` (0-based) draws with seed
+        ``seed + k``, so that no two members share random numbers.
     target : float
         Target trough (mg/L).
     **options
@@ -1323,17 +1334,14 @@ def _recommend(members: list[tuple[PopulationModel, pd.DataFrame, float]], targe
     with warnings.catch_warnings():  # what these warnings say becomes reasons
         warnings.simplefilter("ignore", CovariateWarning)
         warnings.simplefilter("ignore", PlausibilityWarning)
-        histories = [_history(m, d, current_interval_weeks=current_interval_weeks,
-                              next_dose_day=next_dose_day, next_dose_date=next_dose_date,
-                              lloq=lloq) for m, d, _ in members]
-        history = histories[0]
+        reading = {"current_interval_weeks": current_interval_weeks,
+                   "next_dose_day": next_dose_day, "next_dose_date": next_dose_date,
+                   "lloq": lloq}
+        history = _history(model, members[0][1], **reading)
         if not np.isfinite(history.current_interval_days):
             raise DatasetError("one dose only: give the interval the patient is on "
                                "(`current_interval_weeks`, --current-interval-weeks)")
-        _same_history(members, histories)
-        drawn = [_draws(m, h, n_draws, seed, min_ess) for (m, _, _), h in
-                 zip(members, histories)]
-    eta, fit, sample = drawn[0]
+        eta, fit, sample = _draws(model, history, n_draws, seed, min_ess)
     status, reasons, checks = _checks(model, history, fit, sample,
                                       accept_outliers=accept_outliers, min_ess=min_ess)
     current_weeks = round(history.current_interval_days / DAYS_PER_WEEK, 9)
@@ -1344,11 +1352,11 @@ def _recommend(members: list[tuple[PopulationModel, pd.DataFrame, float]], targe
     intervals_days = np.array(all_weeks) * DAYS_PER_WEEK
     forecast = _forecast(model, history, eta, intervals_days, horizon_weeks * DAYS_PER_WEEK)
     if len(members) > 1 and probability is not None:
-        forecast, left_out = _average(members, histories, drawn, forecast, intervals_days,
-                                      horizon_weeks * DAYS_PER_WEEK, n_draws,
-                                      accept_outliers=accept_outliers, min_ess=min_ess)
-        reasons += left_out
-        status = "caution" if left_out and status == "ok" else status
+        forecast, said = _average(members, history, forecast, intervals_days,
+                                  horizon_weeks * DAYS_PER_WEEK, reading, n_draws, seed,
+                                  accept_outliers=accept_outliers, min_ess=min_ess)
+        reasons += said
+        status = "caution" if said and status == "ok" else status
     grid = _Grid(forecast, all_weeks, history.weight, float(target), probability,
                  history.current_dose_mg, current_weeks, model.label)
     doses = _dose_grid(history.weight, vial_mg=settings.vial_mg,

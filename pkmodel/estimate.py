@@ -28,6 +28,7 @@ included; the full Hessian does not reproduce NONMEM's ETC); both are reported s
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -125,8 +126,12 @@ def _essential_rows(table: pd.DataFrame, names: tuple[str, ...], covariates: str
 
 #: Problems built lately, by the content of their data and the model's equations: the
 #: steps of a population fit refit the same records under other THETA, OMEGA and SIGMA
-#: values, and building (validation, events ID by ID) took two thirds of each refit.
-_PROBLEMS: dict[tuple, tuple[_Problem, pd.DataFrame, Events]] = {}
+#: values, and building them (validation, events ID by ID) took two thirds of each refit.
+#: Least recently used first; a hit is confirmed against a copy of the data (a hash
+#: cannot tell 1 from "1" in an object column).
+_PROBLEMS: dict[tuple, tuple[pd.DataFrame, _Problem, pd.DataFrame, Events]] = {}
+_PROBLEMS_LOCK = threading.Lock()
+_PROBLEMS_KEPT = 16
 
 
 def _problem_key(model: PopulationModel, data: pd.DataFrame, covariates: str) -> tuple:
@@ -143,25 +148,35 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
     """The arrays the objective needs (built once per data and equations, then re-valued
     for other THETA, OMEGA and residual values) and the validated table."""
     try:
-        key = _problem_key(model, data, covariates)
+        key: tuple | None = _problem_key(model, data, covariates)
     except TypeError:  # unhashable cells: build without the cache
         key = None
-    if key is not None and key in _PROBLEMS:
-        problem, full, _ = _PROBLEMS[key]
+    with _PROBLEMS_LOCK:
+        hit = _PROBLEMS.pop(key, None) if key is not None else None
+        if hit is not None and hit[0].equals(data):
+            _PROBLEMS[key] = hit  # most recently used last
+        else:
+            hit = None
+    if hit is not None:
+        _, problem, full, _ = hit
         check_covariates(model, full)  # said at every call, as when built
         return _with_values(problem, model), full
     problem, full = _new_problem(model, data, covariates)
     if key is not None:
-        if len(_PROBLEMS) >= 4:
-            _PROBLEMS.clear()
-        _PROBLEMS[key] = (problem, full, to_events(full, model.structure,
-                                                   covariates=covariates))
+        entry = (data.copy(deep=True), problem, full,
+                 to_events(full, model.structure, covariates=covariates))
+        with _PROBLEMS_LOCK:
+            while len(_PROBLEMS) >= _PROBLEMS_KEPT:
+                _PROBLEMS.pop(next(iter(_PROBLEMS)))
+            _PROBLEMS[key] = entry
     return problem, full
 
 
 def _full_events(problem: _Problem, full: pd.DataFrame, covariates: str) -> Events:
     """The events of the whole validated table (records of the result), cached with it."""
-    for cached_problem, cached_full, events in _PROBLEMS.values():
+    with _PROBLEMS_LOCK:
+        entries = list(_PROBLEMS.values())
+    for _, _, cached_full, events in entries:
         if cached_full is full:
             return events
     return to_events(full, problem.model.structure, covariates=covariates)

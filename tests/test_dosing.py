@@ -757,11 +757,13 @@ def two_models():
 
 
 def test_model_averaged_recommendation_pools_draws_by_weight(two_models):
-    """recommend_averaged pools each model's posterior draws in proportion to its weight:
-    all the weight on the lead gives the lead's own recommendation; (almost) all on the
-    other gives that model's levels and PTA at every option; half and half gives, at every
-    option, the mean of the two models' PTA over half the draws each (a model's first n/2
-    draws are its draws for n/2). A non-positive lead weight is refused."""
+    """recommend_averaged pools each model's posterior draws in proportion to its weight,
+    member k drawing with seed + k: all the weight on the lead gives the lead's own
+    recommendation; (almost) all on the other gives that model's levels and PTA (seed 1)
+    at every option; half and half gives, at every option, the mean of the two models' PTA
+    over half the draws each (a model's first n/2 draws are its draws for n/2); the same
+    model twice draws twice, not the same draws twice. A non-positive lead weight is
+    refused."""
     from pkmodel.dosing import recommend_averaged
     (a, data_a), (b, data_b) = two_models
     alone_a = recommend_regimen(a, data_a, n_draws=400)
@@ -772,12 +774,21 @@ def test_model_averaged_recommendation_pools_draws_by_weight(two_models):
     pd.testing.assert_frame_equal(lead.options, alone_a.options)
     assert "fasanmade2011 100% (400 draws), passot2016 0% (0 draws)" in lead.notes[-1]
     other = recommend_averaged([(a, data_a, 1e-9), (b, data_b, 1.0)], n_draws=400)
+    b_seed_1 = recommend_regimen(b, data_b, n_draws=400, seed=1)
     for column in ("PTA", "LOWEST_TROUGH", "MEETS_TARGET"):
-        np.testing.assert_array_equal(other.options[column], alone_b.options[column])
+        np.testing.assert_array_equal(other.options[column], b_seed_1.options[column])
     half = recommend_averaged([(a, data_a, 0.5), (b, data_b, 0.5)], n_draws=400)
     pta = (recommend_regimen(a, data_a, n_draws=200).options["PTA"]
-           + recommend_regimen(b, data_b, n_draws=200).options["PTA"]) / 2
+           + recommend_regimen(b, data_b, n_draws=200, seed=1).options["PTA"]) / 2
     np.testing.assert_allclose(half.options["PTA"], pta, rtol=0, atol=1e-12)
+    twice = recommend_averaged([(a, data_a, 1.0), (a, data_a, 1.0)], n_draws=400,
+                               probability=0.8)
+    halves = [recommend_regimen(a, data_a, n_draws=200, seed=k, probability=0.8)
+              for k in (0, 1)]
+    np.testing.assert_allclose(twice.options["PTA"], (halves[0].options["PTA"]
+                                                      + halves[1].options["PTA"]) / 2,
+                               rtol=0, atol=1e-12)
+    assert not np.allclose(twice.options["PTA"], halves[0].options["PTA"])
     assert half.recommended.meets_target and half.status in ("ok", "caution")
     with pytest.raises(ValueError, match="first"):
         recommend_averaged([(a, data_a, 0.0), (b, data_b, 1.0)])

@@ -743,3 +743,16 @@ def test_refits_of_the_same_records_reuse_them_but_see_every_change():
             warnings.simplefilter("always")
             est.estimate_map(load("xu2012"), table)
         assert any(issubclass(w.category, CovariateWarning) for w in said)
+
+
+def test_records_equal_by_hash_but_not_in_value_are_not_confused():
+    """An ID of 1 and an ID of "1" in an object column hash alike: the second table's fit
+    keeps its own IDs."""
+    model = load("fasanmade2011")
+    table = infliximab_regimen(28.0, until_week=22, covariates={"ALB": 3.3, "ATI": 0,
+                                                                "IMM": 1})
+    table.loc[(table.EVID == 0) & (table.TIME == 98.0), ["MDV", "DV"]] = [0, 3.2]
+    as_number = table.assign(ID=pd.Series([1] * len(table), dtype=object))
+    as_text = table.assign(ID=pd.Series(["1"] * len(table), dtype=object))
+    assert est.estimate_map(model, as_number).individuals["ID"].iloc[0] == 1
+    assert est.estimate_map(model, as_text).individuals["ID"].iloc[0] == "1"

@@ -49,6 +49,7 @@ NONMEM semantics
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -601,7 +602,9 @@ def solve(
     ev = {name: np.asarray(getattr(events, name)) for name in _RECORD_FIELDS}
     modifiers = {k: v for k, v in arrays.items() if _is_modifier(k)}
     grouped = {k: v.reshape(b_events, repeats, n_rec) for k, v in modifiers.items()}
-    if all(np.all(g == g[:, :1]) for g in grouped.values()):
+    if not modifiers:
+        inputs, ss_specs, reset, schedule = _plain_inputs(structure, events, ev, repeats)
+    elif all(np.all(g == g[:, :1]) for g in grouped.values()):
         inputs, ss_specs, reset = _build_inputs(
             structure, ev, {k: g[:, 0] for k, g in grouped.items()}, b_events, n_rec)
         schedule = _schedule(inputs, ev["time"], n_rec)
@@ -656,6 +659,32 @@ def solve(
             out[:, k] = x
         t_prev = tk
     return out
+
+
+#: Doses, steady states, resets and the schedule of event profiles without dose
+#: modifiers, which do not depend on the parameters: built once per Events object (and
+#: number of sets per profile), as a fit solves the same records many times.
+_PLAIN_INPUTS: dict[tuple[int, int, Structure], tuple[weakref.ref, tuple]] = {}
+
+
+def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray],
+                  repeats: int) -> tuple:
+    """:func:`_build_inputs` and :func:`_schedule` without modifiers, cached for
+    ``events`` (confirmed by a weak reference, never by a reused id)."""
+    key = (id(events), repeats, structure)
+    hit = _PLAIN_INPUTS.get(key)
+    if hit is not None and hit[0]() is events:
+        return hit[1]
+    b_events, n_rec = events.shape
+    inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
+    schedule = _schedule(inputs, ev["time"], n_rec)
+    if repeats > 1:
+        inputs, ss_specs, reset = _repeat_inputs(inputs, ss_specs, reset, repeats)
+    value = (inputs, ss_specs, reset, schedule)
+    if len(_PLAIN_INPUTS) >= 64:
+        _PLAIN_INPUTS.clear()
+    _PLAIN_INPUTS[key] = (weakref.ref(events), value)
+    return value
 
 
 def central_amounts(

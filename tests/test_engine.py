@@ -705,3 +705,24 @@ def test_superposition_equals_the_record_by_record_solver(n_cmt, depot, data):
     np.testing.assert_allclose(engine.central_amounts(structure, ev, with_f), full, rtol=1e-15)
     np.testing.assert_allclose(engine.central_amounts(structure, ev, with_f, at=np.array([[0]])),
                                full[:, [0]], rtol=1e-15)
+
+
+@pytest.mark.parametrize("n_cmt,depot", STRUCTURES)
+@given(data=st.data())
+def test_one_events_object_solved_again_under_other_parameters(n_cmt, depot, data):
+    """solve keeps what it builds from the records of an Events object (doses, steady
+    states, resets, schedule) for the next call on the same object: solving it again
+    under other parameters, and for another number of sets, equals solving a fresh copy."""
+    case = data.draw(event_cases(n_cmt, depot))
+    case = dataclasses.replace(case, f={}, lag={})
+    structure = Structure(n_cmt, depot)
+    ev, params = case_events(structure, case)
+    solve(structure, ev, params)  # builds and keeps
+    other = [data.draw(pk_params(n_cmt, depot)) for _ in range(2)]
+    again = {n: np.array([[p[n]] for p in other]) * np.ones((1, ev.shape[1]))
+             for n in structure.parameter_names}
+    fresh = dataclasses.replace(ev)  # another object with the same records
+    for before_events in (False, True):
+        np.testing.assert_array_equal(solve(structure, ev, again, before_events=before_events),
+                                      solve(structure, fresh, again,
+                                            before_events=before_events))

@@ -4,7 +4,8 @@ Layers, from the bottom: :mod:`pkmodel.errors`, :mod:`pkmodel.data` (NONMEM-styl
 tables and regimens), :mod:`pkmodel.engine` (exact linear-compartment solutions),
 :mod:`pkmodel.model` and :mod:`pkmodel.models` (population models, published ones),
 :mod:`pkmodel.predict` (prediction, simulation), :mod:`pkmodel.estimate` (MAP and
-posterior) beside :mod:`pkmodel.population` (FOCE-I, FOCE and FO population estimation),
+posterior) beside :mod:`pkmodel.saem` (SAEM, importance sampling) and
+:mod:`pkmodel.population` (FOCE-I, FOCE, FO and SAEM population estimation),
 :mod:`pkmodel.dosing` (the infliximab recommendation and its dose optimisation) beside
 :mod:`pkmodel.target` (dosing questions for any drug, in the model's units) and
 :mod:`pkmodel.averaging` (several models for one patient), :mod:`pkmodel.trial` (virtual
@@ -50,7 +51,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "plot_prior_posterior": "pkmodel.plot", "plot_profile": "pkmodel.plot",
     "plot_recommendation": "pkmodel.plot", "plot_goodness_of_fit": "pkmodel.plot",
-    "plot_vpc": "pkmodel.plot",
+    "plot_vpc": "pkmodel.plot", "plot_eta_covariates": "pkmodel.plot",
     "NewDoses": "pkmodel.target", "Target": "pkmodel.target",
     "dose_for_target": "pkmodel.target", "exposure": "pkmodel.target",
     "interval_for_target": "pkmodel.target", "time_to_concentration": "pkmodel.target",
@@ -58,8 +59,10 @@ _LAZY = {
     "LabelDosing": "pkmodel.trial", "kang_cohort": "pkmodel.trial",
     "run_trial": "pkmodel.trial",
     "estimate_population": "pkmodel.population", "population_objective": "pkmodel.population",
-    "npde": "pkmodel.population",
+    "npde": "pkmodel.population", "eta_covariates": "pkmodel.population",
+    "SAEMOptions": "pkmodel.saem", "importance_sampling": "pkmodel.saem",
     "compare_models": "pkmodel.averaging", "recommend_with_models": "pkmodel.averaging",
+    "forecast_averaged": "pkmodel.averaging", "recommend_averaged": "pkmodel.dosing",
 }
 
 
@@ -85,6 +88,7 @@ __all__ = [
     "PKModelError",
     "PopulationModel",
     "Recommendation",
+    "SAEMOptions",
     "Target",
     "available_models",
     "compare_models",
@@ -93,8 +97,11 @@ __all__ = [
     "dosing_table",
     "estimate_map",
     "estimate_population",
+    "eta_covariates",
     "exposure",
+    "forecast_averaged",
     "from_clinical",
+    "importance_sampling",
     "infliximab_regimen",
     "interval_for_target",
     "interval_for_target_trough",
@@ -102,6 +109,7 @@ __all__ = [
     "load_model",
     "make_cohort",
     "npde",
+    "plot_eta_covariates",
     "plot_goodness_of_fit",
     "plot_prior_posterior",
     "plot_profile",
@@ -111,6 +119,7 @@ __all__ = [
     "predict",
     "predict_troughs",
     "read_nonmem",
+    "recommend_averaged",
     "recommend_regimen",
     "recommend_with_models",
     "run_trial",

@@ -1,4 +1,5 @@
-"""Population estimation: FOCE-I, NONMEM's ``$EST METHOD=1 INTERACTION``.
+"""Population estimation: FOCE-I, NONMEM's ``$EST METHOD=1 INTERACTION`` (also FOCE and
+FO; SAEM runs in :mod:`pkmodel.saem` and is reported here).
 
 The FOCE-I objective of a population is the sum over IDs of NONMEM's ``.phi`` OBJ at each
 ID's conditional mode (Almquist et al. 2015; ``../shared/validation/population``):
@@ -620,7 +621,9 @@ def estimate_population(
     gtol : float
         Stop when the gradient's largest component (in transformed units) is below this.
     progress : callable, optional
-        Called with the iteration number and the objective after each outer iteration.
+        Called with the iteration number and the objective after each outer iteration
+        (SAEM: after each iteration, with the chains' summed ``-2 ln p(y | ETA)``, which
+        is not an objective to compare).
     executor : concurrent.futures.Executor, optional
         Where the IDs' inner fits run, in ``chunks`` parts of IDs per evaluation (a process
         pool, or a Dask ``Client.get_executor()``); the estimates do not depend on it.

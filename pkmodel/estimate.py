@@ -397,7 +397,8 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
     h = _STEP
     ofv0 = total[:, 0]
     plus, minus = total[:, 1:n + 1], total[:, n + 1:2 * n + 1]
-    with np.errstate(invalid="ignore"):  # inf - inf where a prediction is unusable
+    # inf - inf where a prediction is unusable; overflow at far trial points
+    with np.errstate(invalid="ignore", over="ignore"):
         grad = (plus - minus) / (2 * h)
         df = np.swapaxes((f_fit[:, 1:n + 1] - f_fit[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
         dg = np.swapaxes((g[:, 1:n + 1] - g[:, n + 1:2 * n + 1]) / (2 * h), 1, 2)
@@ -430,7 +431,7 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
         return ofv0, grad, fisher, None
     hess = np.zeros((a_count, n, n))
     idx = np.arange(n)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # far trial points: inf
         hess[:, idx, idx] = (plus - 2 * ofv0[:, None] + minus) / h**2
         q = 1 + 2 * n
         for i in range(n):

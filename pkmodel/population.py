@@ -14,12 +14,17 @@ they do there.
 
 The outer problem runs in transformed parameters (THETAs scaled by their initial values,
 the Cholesky factor of OMEGA with log diagonal, log residual SDs) by BFGS. Its gradient is
-taken by forward differences of the objective (central near the optimum), whose inner
-modes are converged to 1e-14 in OFV: not yet the exact sensitivities the method calls
-for (an open item of the project). The covariance step follows NONMEM's: the R matrix
-(Hessian of the objective in the natural parameters: THETA, OMEGA elements, SIGMA
-variances) and the sandwich ``R^-1 S R^-1`` (``S`` from each ID's objective gradient), by
-central differences.
+exact (:mod:`pkmodel.gradient`: the predictions' sensitivities through the closed forms,
+the modes followed by the implicit function theorem) wherever
+:func:`~pkmodel.gradient.focei_gradient_unsupported` allows; elsewhere (IOV, steady
+state, dose modifiers, time-varying covariates, censored records, three compartments,
+FO) it is taken by forward differences of the objective (central near the optimum), whose
+inner modes are converged to 1e-14 in OFV, and :attr:`PopulationFit.gradient` says so.
+The covariance step follows NONMEM's: the R matrix (Hessian of the objective in the
+natural parameters: THETA, OMEGA elements, SIGMA variances) and the sandwich
+``R^-1 S R^-1`` (``S`` from each ID's objective gradient); with exact gradients ``S`` is
+theirs and the Hessian their central differences, otherwise both are central differences
+of the objective.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from scipy import optimize
 from pkmodel.data import plain_json, validate
 from pkmodel.errors import CovariateWarning, PlausibilityWarning
 from pkmodel.estimate import ConditionalLikelihood, MAPEstimate, estimate_map
+from pkmodel.gradient import focei_gradient, focei_gradient_unsupported
 from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
 from pkmodel.saem import ImportanceDraws, SAEMOptions, run_saem
@@ -50,6 +56,7 @@ __all__ = ["PopulationFit", "estimate_population", "eta_covariates", "npde",
 _FD_STEP = 1e-5  # forward-difference step of the outer gradient, in transformed units
 _CENTRAL_STEP, _NEAR = 1e-3, 1.0  # central differences once the gradient is below _NEAR
 _COV_STEP = 1e-2  # step of the covariance step, in transformed units
+_EXACT_STEP = 1e-3  # step of the differences of exact gradients (covariance step)
 _INNER_TOL = 1e-14
 
 
@@ -137,6 +144,34 @@ class _Layout:
         entries = [omega[position[i], position[j]] for i, j in self.omega_pairs]
         return np.concatenate([self._theta_from_x(x[:n_t]), entries,
                                np.exp(2 * x[n_t + n_o:])])
+
+    def jacobian(self, x: np.ndarray) -> np.ndarray:
+        """``d natural / d x`` at ``x`` (analytic; square, in :attr:`names` order)."""
+        n_t, n_o = len(self.thetas), len(self.omega_pairs)
+        out = np.zeros((x.size, x.size))
+        lo, hi, xt = self.lower, self.upper, x[:n_t]
+        with np.errstate(over="ignore"):
+            logistic = 1.0 / (1.0 + np.exp(-xt))
+            out[np.arange(n_t), np.arange(n_t)] = np.where(
+                np.isfinite(lo) & np.isfinite(hi), (hi - lo) * logistic * (1 - logistic),
+                np.where(np.isfinite(lo), np.exp(xt),
+                         np.where(np.isfinite(hi), -np.exp(xt), self.scale)))
+        free = self._free
+        position = {k: i for i, k in enumerate(free)}
+        chol = np.zeros((len(free), len(free)))
+        for (i, j), v in zip(self.omega_pairs, x[n_t:n_t + n_o]):
+            chol[position[i], position[j]] = np.exp(v) if i == j else v
+        # OMEGA = L L': d OMEGA_ij / d L_kl = [i = k] L_jl + [j = k] L_il, and a diagonal
+        # L_kk = exp(x) adds the factor L_kk.
+        for row, (i, j) in enumerate(self.omega_pairs):
+            a, b = position[i], position[j]
+            for col, (k, l) in enumerate(self.omega_pairs):
+                c, d = position[k], position[l]
+                value = (a == c) * chol[b, d] + (b == c) * chol[a, d]
+                out[n_t + row, n_t + col] = value * (chol[c, d] if c == d else 1.0)
+        sig = np.arange(n_t + n_o, x.size)
+        out[sig, sig] = 2 * np.exp(2 * x[n_t + n_o:])
+        return out
 
     @property
     def _free(self) -> list[int]:
@@ -359,10 +394,24 @@ class _Objective:
         ids = pd.unique(data["ID"])
         groups = np.array_split(ids, max(1, min(chunks, len(ids)))) if executor else [ids]
         self.parts = [data[data["ID"].isin(g)] for g in groups]
+        #: None when the gradient is exact, else why it is taken by differences.
+        self.inexact: str | None = (
+            "FO's objective is differentiated by differences" if method == "fo" else
+            focei_gradient_unsupported(layout.model, data, bool(_censored(data).any())))
+        self._last: tuple[bytes, pd.DataFrame | None] | None = None
 
     def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:
         """Every ID's MAP fit at ``values`` (its ``individuals``; None where one fails),
-        the IDs in parts on the executor when there is one."""
+        the IDs in parts on the executor when there is one; the last point's are kept
+        (the optimiser asks for the objective and then the gradient at the same point)."""
+        key = np.asarray(values, dtype=float).tobytes()
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        result = self._fit(values, warm)
+        self._last = (key, result)
+        return result
+
+    def _fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:
         self.evaluations += 1
         if not np.isfinite(values).all():
             return None
@@ -395,7 +444,35 @@ class _Objective:
         values = self.per_id(self.layout.from_x(x))
         return math.inf if values is None else float(values.sum())
 
+    def id_gradients(self, values: np.ndarray, fit: pd.DataFrame) -> np.ndarray:
+        """Each ID's exact gradient in the natural parameters ``(B, m)`` at ``values``,
+        whose conditional modes ``fit`` holds (:mod:`pkmodel.gradient`)."""
+        model = self.layout.model_at(values)
+        ids = pd.unique(self.data["ID"])
+        eta = fit.loc[ids, list(model.eta_names)].to_numpy(dtype=float)
+        return focei_gradient(model, self.data, eta, thetas=self.layout.thetas,
+                              omega_pairs=self.layout.omega_pairs,
+                              sigmas=self.layout.sigmas,
+                              interaction=self.method == "foce-i",
+                              covariates=self.covariates)
+
     def gradient(self, x: np.ndarray) -> np.ndarray:
+        """The exact gradient (:mod:`pkmodel.gradient`) where it applies, the inner modes
+        warm started from the previous point's; else differences of the objective."""
+        if self.inexact is None:
+            values = self.layout.from_x(x)
+            centre = self.fit(values, self.warm)
+            if centre is None:
+                return np.full_like(x, np.nan)
+            self.warm = centre
+            try:
+                per_id = self.id_gradients(values, centre)
+            except np.linalg.LinAlgError:  # a singular inner Hessian: differences
+                return self.difference_gradient(x)
+            return self.layout.jacobian(x).T @ per_id.sum(axis=0)
+        return self.difference_gradient(x)
+
+    def difference_gradient(self, x: np.ndarray) -> np.ndarray:
         """Forward differences, the inner modes warm started at ``x``'s (converged to 1e-14
         in OFV); once the gradient is below _NEAR, central ones, whose accuracy BFGS needs
         near the optimum (with a threshold of 0.05 the forward differences' O(h) bias
@@ -458,6 +535,13 @@ class PopulationFit:
         censored ones; WRES and CWRES linearise the ETAs, not IOV's KAPPAs).
     history : DataFrame
         ITERATION, OFV and the natural parameters at each outer iteration.
+    evaluations : int
+        Objective evaluations (each a MAP fit of every ID for FOCE-I and FOCE).
+    notes : tuple of str
+        Estimates at or near a bound.
+    gradient : str
+        How the outer gradient was taken: ``"exact"`` (:mod:`pkmodel.gradient`) or
+        ``"differences: <why the exact one does not apply>"``.
     """
 
     model: PopulationModel
@@ -475,6 +559,7 @@ class PopulationFit:
     history: pd.DataFrame
     evaluations: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    gradient: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready summary (estimates, objective, status, shrinkage)."""
@@ -484,7 +569,7 @@ class PopulationFit:
             "condition_number": self.condition_number,
             "estimates": self.estimates.to_dict(orient="records"),
             "shrinkage": self.shrinkage, "notes": list(self.notes),
-            "evaluations": self.evaluations,
+            "evaluations": self.evaluations, "gradient": self.gradient,
             "history": self.history.to_dict(orient="records")})
 
     def to_nonmem(self, folder: str | os.PathLike[str], name: str = "run") -> list[Path]:
@@ -536,7 +621,7 @@ class PopulationFit:
         table = self.estimates[["NAME", "ESTIMATE", "SE", "RSE"]].to_string(
             index=False, float_format=lambda v: f"{v:.6g}")
         return (f"{self.method.upper()}: {self.status}; OFV {self.ofv:.4f}\n{table}\n"
-                f"covariance step: {self.covariance_status}")
+                f"covariance step: {self.covariance_status}\ngradient: {self.gradient}")
 
 
 def _nonmem_labels(names: list[str]) -> list[str]:
@@ -694,7 +779,9 @@ def estimate_population(
         shrinkage=_shrinkage(final_model, fit),
         records=_residuals(final_model, table, fit, covariates),
         history=pd.DataFrame(history), evaluations=objective.evaluations,
-        notes=_at_bounds(layout, final_values))
+        notes=_at_bounds(layout, final_values),
+        gradient=("exact" if objective.inexact is None
+                  else f"differences: {objective.inexact}"))
 
 
 def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:
@@ -774,8 +861,8 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
                                "not run: the estimation failed")
     if covariance and success and sampled is not None:
         cov, r_only, cov_status = _covariance(sampled, layout, layout.natural(final), fit)
-        cov_status = cov_status.replace("central differences)", "central differences of the "
-                                        "importance-sampling -2 ln L, common random numbers)")
+        cov_status = cov_status.replace("of the objective)", "of the importance-sampling "
+                                        "-2 ln L, common random numbers)")
     return PopulationFit(
         model=final, method="saem", ofv=ofv, success=success, status=status,
         estimates=_estimates(layout, layout.natural(model), layout.natural(final), model,
@@ -783,7 +870,8 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
         covariance=cov, covariance_status=cov_status,
         condition_number=_condition(cov), individuals=fit.individuals,
         shrinkage=_shrinkage(final, fit), records=_residuals(final, table, fit, covariates),
-        history=run.history, notes=notes)
+        history=run.history, notes=notes,
+        gradient="none: SAEM's steps are stochastic approximations, not gradient steps")
 
 
 def _estimates(layout: _Layout, start: np.ndarray, final: np.ndarray,
@@ -836,12 +924,58 @@ def _covariance(objective: _Objective | _SampledObjective, layout: _Layout,
     the Hessian of OFV and ``S`` the sum of the IDs' outer gradient products (NONMEM's
     ``R^-1 S R^-1`` with ``R = H / 2``, ``S`` of ``-ln L_i``).
 
-    Derivatives are central differences in the transformed coordinates (all of order 1,
-    one step size fits all), carried to natural units by the Jacobian ``J`` of the
-    transform: at the optimum ``H_x = J' H J`` and ``g_x = J' g``, so ``H^-1 = J H_x^-1
-    J'`` and the sandwich likewise."""
+    Derivatives are in the transformed coordinates (all of order 1, one step size fits
+    all), carried to natural units by the Jacobian ``J`` of the transform: at the optimum
+    ``H_x = J' H J`` and ``g_x = J' g``, so ``H^-1 = J H_x^-1 J'`` and the sandwich
+    likewise. With exact gradients, ``S`` is theirs and ``H_x`` their central
+    differences; otherwise both are central differences of the objective."""
     objective.warm = fit.individuals
     x = layout.to_x(values)
+    exact = isinstance(objective, _Objective) and objective.inexact is None
+    try:
+        hess, grads = (_exact_derivatives(objective, layout, x) if exact  # type: ignore[arg-type]
+                       else _difference_derivatives(objective, layout, x))
+    except (ArithmeticError, np.linalg.LinAlgError) as err:
+        return None, None, f"failed: {err}"
+    if np.linalg.eigvalsh(hess).min() <= 0:
+        return None, None, "failed: the Hessian of the objective is not positive definite"
+    jac = layout.jacobian(x)  # d natural / d x
+    inverse = np.linalg.inv(hess)
+    sandwich = jac @ inverse @ (grads.T @ grads) @ inverse @ jac.T
+    r_only = 2 * jac @ inverse @ jac.T
+    singular = _unidentified(r_only, layout.names)
+    if singular:
+        return None, None, f"failed: {singular}"
+    how = ("S from exact gradients, R by central differences of them" if exact
+           else "central differences of the objective")
+    return sandwich, r_only, f"successful (sandwich R^-1 S R^-1; {how})"
+
+
+def _exact_derivatives(objective: _Objective, layout: _Layout,
+                       x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Hessian of OFV in ``x`` by central differences (step _EXACT_STEP) of its exact
+    gradient, and each ID's exact gradient ``(B, n)`` in ``x``."""
+    warm = objective.warm
+
+    def per_id(at: np.ndarray) -> np.ndarray:
+        values = layout.from_x(at)
+        fit = objective.fit(values, warm)
+        if fit is None:
+            raise ArithmeticError("an objective evaluation failed near the optimum")
+        return objective.id_gradients(values, fit) @ layout.jacobian(at)
+
+    grads = per_id(x)
+    unit = np.eye(x.size) * _EXACT_STEP
+    columns = [(per_id(x + u).sum(axis=0) - per_id(x - u).sum(axis=0)) / (2 * _EXACT_STEP)
+               for u in unit]
+    hess = np.stack(columns, axis=1)
+    return (hess + hess.T) / 2, grads
+
+
+def _difference_derivatives(objective: _Objective | _SampledObjective, layout: _Layout,
+                            x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Hessian of OFV in ``x`` and each ID's gradient ``(B, n)``, by central
+    differences of the objective (step _COV_STEP)."""
     n, h = x.size, _COV_STEP
 
     def at(shift: np.ndarray) -> np.ndarray:
@@ -850,31 +984,18 @@ def _covariance(objective: _Objective | _SampledObjective, layout: _Layout,
             raise ArithmeticError("an objective evaluation failed near the optimum")
         return out
 
-    try:
-        unit = np.eye(n) * h
-        centre = at(np.zeros(n)).sum()
-        plus, minus = [at(unit[k]) for k in range(n)], [at(-unit[k]) for k in range(n)]
-        grads = np.stack([(p - m) / (2 * h) for p, m in zip(plus, minus)], axis=1)
-        hess = np.zeros((n, n))
-        for k in range(n):
-            hess[k, k] = (plus[k].sum() - 2 * centre + minus[k].sum()) / h**2
-            for m in range(k):
-                both = (at(unit[k] + unit[m]).sum() - at(unit[k] - unit[m]).sum()
-                        - at(unit[m] - unit[k]).sum() + at(-unit[k] - unit[m]).sum())
-                hess[k, m] = hess[m, k] = both / (4 * h * h)
-    except ArithmeticError as err:
-        return None, None, f"failed: {err}"
-    if np.linalg.eigvalsh(hess).min() <= 0:
-        return None, None, "failed: the Hessian of the objective is not positive definite"
-    jac = np.stack([(layout.from_x(x + unit[k] * 1e-3) - layout.from_x(x - unit[k] * 1e-3))
-                    / (2 * h * 1e-3) for k in range(n)], axis=1)  # d natural / d x
-    inverse = np.linalg.inv(hess)
-    sandwich = jac @ inverse @ (grads.T @ grads) @ inverse @ jac.T
-    r_only = 2 * jac @ inverse @ jac.T
-    singular = _unidentified(r_only, layout.names)
-    if singular:
-        return None, None, f"failed: {singular}"
-    return sandwich, r_only, "successful (sandwich R^-1 S R^-1, central differences)"
+    unit = np.eye(n) * h
+    centre = at(np.zeros(n)).sum()
+    plus, minus = [at(unit[k]) for k in range(n)], [at(-unit[k]) for k in range(n)]
+    grads = np.stack([(p - m) / (2 * h) for p, m in zip(plus, minus)], axis=1)
+    hess = np.zeros((n, n))
+    for k in range(n):
+        hess[k, k] = (plus[k].sum() - 2 * centre + minus[k].sum()) / h**2
+        for m in range(k):
+            both = (at(unit[k] + unit[m]).sum() - at(unit[k] - unit[m]).sum()
+                    - at(unit[m] - unit[k]).sum() + at(-unit[k] - unit[m]).sum())
+            hess[k, m] = hess[m, k] = both / (4 * h * h)
+    return hess, grads
 
 
 #: Condition number of the estimates' correlation matrix above which the covariance step

@@ -1,0 +1,249 @@
+"""The exact gradient of the FOCE-I (and FOCE) objective in the population parameters.
+
+Each ID's objective at its conditional mode ``eta^`` (see :mod:`pkmodel.population`) is
+
+``OBJ = OFV(eta^) + ln det OMEGA + ln det (M / 2)``,
+``OFV(eta) = sum_j [ln V_j + (y_j - F_j)^2 / V_j] + eta' inv(OMEGA) eta``,
+``M = sum_j [2 F_a F_b / V_j + V_a V_b / V_j^2] + 2 inv(OMEGA)``
+
+with ``F`` the prediction on the fitted scale (``ln f`` for a log-additive error), ``V``
+the residual variance (at the individual prediction for FOCE-I, at the ETA-0 prediction for
+FOCE) and subscripts derivatives in the ETAs. Its total derivative in a population
+parameter ``psi`` (THETA, OMEGA entry, SIGMA variance) follows the mode
+(Almquist et al., J Pharmacokinet Pharmacodyn 2015):
+
+``dOBJ/dpsi = dOFV/dpsi + d ln det OMEGA / dpsi + tr(inv(M) dM/dpsi)
++ sum_c tr(inv(M) dM/deta_c) deta^_c/dpsi``,
+``deta^/dpsi = -inv(H) d2 OFV / deta dpsi``
+
+(``dOFV/deta = 0`` at the mode; ``H`` the exact Hessian of OFV in the ETAs). Everything
+comes from the predictions' exact first and second derivatives
+(:mod:`pkmodel.sensitivity`): no finite difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pkmodel.model import PopulationModel
+from pkmodel.sensitivity import (
+    PredictionSensitivities,
+    prediction_sensitivities,
+    sensitivities_unsupported,
+)
+
+__all__ = ["focei_gradient", "focei_gradient_unsupported"]
+
+
+def focei_gradient_unsupported(model: PopulationModel, table: pd.DataFrame,
+                               censored: bool = False) -> str | None:
+    """Why :func:`focei_gradient` does not apply (None when it does): the limits of
+    :func:`~pkmodel.sensitivity.sensitivities_unsupported`, censored records, and a
+    combined error adding SDs (``combine="sd"``)."""
+    reason = sensitivities_unsupported(model, table)
+    if reason is not None:
+        return reason
+    if censored:
+        return "censored records (LLOQ, ULOQ)"
+    residual = model.residual
+    if residual.combine == "sd" and residual.additive and residual.proportional:
+        return "a combined error adding SDs (combine='sd')"
+    return None
+
+
+@dataclass(frozen=True)
+class _Residual:
+    """The fitted prediction ``F``, the residual variance ``V`` and their derivatives at
+    every observation ``(B, K)``; ``a`` indexes ETAs, ``p`` population parameters."""
+
+    F: np.ndarray
+    V: np.ndarray
+    F_a: np.ndarray  # (B, K, n)
+    F_p: np.ndarray  # (B, K, m)
+    F_ab: np.ndarray  # (B, K, n, n)
+    F_ap: np.ndarray  # (B, K, n, m)
+    V_a: np.ndarray
+    V_p: np.ndarray
+    V_ab: np.ndarray
+    V_ap: np.ndarray
+
+
+def _fitted_scale(s: PredictionSensitivities, log: bool) -> tuple[np.ndarray, ...]:
+    """``F`` and its derivatives: the prediction, or its logarithm."""
+    f = np.where(s.mask, s.value, 1.0)
+    if not log:
+        return f, s.eta, s.theta, s.eta_eta, s.eta_theta
+    fa, fc = s.eta / f[..., None], s.theta / f[..., None]
+    return (np.log(f), fa, fc,
+            s.eta_eta / f[..., None, None] - fa[..., :, None] * fa[..., None, :],
+            s.eta_theta / f[..., None, None] - fa[..., :, None] * fc[..., None, :])
+
+
+def _residual(model: PopulationModel, s: PredictionSensitivities,
+              typical: PredictionSensitivities | None, n_omega: int,
+              sigmas: Sequence[str]) -> _Residual:
+    """:class:`_Residual` with the population parameters ordered THETAs, OMEGA entries,
+    SIGMA variances; the variance at ``typical`` (ETA 0) when given (FOCE)."""
+    res = model.residual
+    log = res.log_scale
+    F, F_a, F_t, F_ab, F_at = _fitted_scale(s, log)
+    shape = F.shape
+    n, m_t = F_a.shape[-1], F_t.shape[-1]
+    # The variance as a function of the prediction it is taken at (g).
+    g = typical if typical is not None else s
+    f = np.where(g.mask, g.value, 0.0)
+    sa2, sp2 = res.additive**2, (0.0 if log else res.proportional**2)
+    # (a combined error adding SDs is refused: with one SD zero it is this one)
+    V = sa2 + sp2 * f**2
+    V_f, V_ff = 2 * sp2 * f, np.full(shape, 2 * sp2)
+    V_s = np.stack([np.ones(shape) if kind == "additive" else f**2 for kind in sigmas],
+                   axis=-1) if sigmas else np.zeros(shape + (0,))
+    zeros_o = np.zeros(shape + (n_omega,))
+    F_p = np.concatenate([F_t, zeros_o, np.zeros(shape + (len(sigmas),))], axis=-1)
+    F_ap = np.concatenate([F_at, np.zeros(shape + (n, n_omega + len(sigmas)))], axis=-1)
+    V_t = V_f[..., None] * g.theta
+    if typical is not None:  # FOCE: the variance does not move with the ETAs
+        V_a, V_ab = np.zeros(shape + (n,)), np.zeros(shape + (n, n))
+        V_at = np.zeros(shape + (n, m_t))
+        V_as = np.zeros(shape + (n, len(sigmas)))
+    else:
+        V_a = V_f[..., None] * s.eta
+        V_ab = (V_ff[..., None, None] * s.eta[..., :, None] * s.eta[..., None, :]
+                + V_f[..., None, None] * s.eta_eta)
+        V_at = (V_ff[..., None, None] * s.eta[..., :, None] * s.theta[..., None, :]
+                + V_f[..., None, None] * s.eta_theta)
+        V_as = np.stack([np.zeros(shape + (n,)) if kind == "additive"
+                         else 2 * f[..., None] * s.eta for kind in sigmas],
+                        axis=-1) if sigmas else np.zeros(shape + (n, 0))
+    V_p = np.concatenate([V_t, zeros_o, V_s], axis=-1)
+    V_ap = np.concatenate([V_at, np.zeros(shape + (n, n_omega)), V_as], axis=-1)
+    V = np.where(s.mask, V, 1.0)
+    return _Residual(F, V, F_a, F_p, F_ab, F_ap, V_a, V_p, V_ab, V_ap)
+
+
+def _second(r: np.ndarray, V: np.ndarray, F_x: np.ndarray, F_y: np.ndarray,
+            F_xy: np.ndarray, V_x: np.ndarray, V_y: np.ndarray,
+            V_xy: np.ndarray) -> np.ndarray:
+    """Second derivative of ``ln V + r^2 / V`` (``r = y - F``) in ``x`` (axis -2) and
+    ``y`` (axis -1)."""
+    r, V = r[..., None, None], V[..., None, None]
+    Fx, Fy = F_x[..., :, None], F_y[..., None, :]
+    Vx, Vy = V_x[..., :, None], V_y[..., None, :]
+    return (V_xy / V - Vx * Vy / V**2 + 2 * Fx * Fy / V - 2 * r * F_xy / V
+            + 2 * r * (Fx * Vy + Fy * Vx) / V**2 - r**2 * V_xy / V**2
+            + 2 * r**2 * Vx * Vy / V**3)
+
+
+def _trace_dm(minv: np.ndarray, q: _Residual, w: np.ndarray, F_ax: np.ndarray,
+              V_ax: np.ndarray, V_x: np.ndarray) -> np.ndarray:
+    """``tr(inv(M) dM/dx)`` for the directions ``x`` (last axis), without OMEGA's part:
+    ``dM_ab/dx = sum_j [2 (F_ax F_b + F_a F_bx) / V - 2 F_a F_b V_x / V^2
+    + (V_ax V_b + V_a V_bx) / V^2 - 2 V_a V_b V_x / V^3]``."""
+    V = q.V
+    mf = np.einsum("bij,bkj->bki", minv, q.F_a)  # inv(M) F_a per observation
+    mv = np.einsum("bij,bkj->bki", minv, q.V_a)
+    fmf = np.einsum("bki,bki->bk", q.F_a, mf)
+    vmv = np.einsum("bki,bki->bk", q.V_a, mv)
+    per = (4 * np.einsum("bki,bkix->bkx", mf, F_ax) / V[..., None]
+           - 2 * (fmf / V**2)[..., None] * V_x
+           + 2 * np.einsum("bki,bkix->bkx", mv, V_ax) / (V**2)[..., None]
+           - 2 * (vmv / V**3)[..., None] * V_x)
+    return np.einsum("bk,bkx->bx", w, per)
+
+
+def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray, *,
+                   thetas: Sequence[str], omega_pairs: Sequence[tuple[int, int]],
+                   sigmas: Sequence[str], interaction: bool = True,
+                   covariates: str = "nocb") -> np.ndarray:
+    """Each ID's exact gradient of its FOCE-I (``interaction``) or FOCE objective at its
+    conditional mode ``eta``.
+
+    Parameters
+    ----------
+    model : PopulationModel
+        The model at the population parameters.
+    table : DataFrame
+        Validated records (:func:`~pkmodel.data.validate`).
+    eta : ndarray
+        ``(B, len(model.eta_names))`` conditional modes, IDs in order of appearance.
+    thetas : sequence of str
+        THETAs to differentiate by.
+    omega_pairs : sequence of (int, int)
+        OMEGA entries ``(i, j)``, ``i >= j`` (0-based), to differentiate by; a covariance
+        moves both ``(i, j)`` and ``(j, i)``.
+    sigmas : sequence of {"proportional", "additive"}
+        Residual variances to differentiate by.
+    interaction : bool
+        FOCE-I (variance at the individual prediction) or FOCE (at the ETA-0 one).
+
+    Returns
+    -------
+    ndarray
+        ``(B, len(thetas) + len(omega_pairs) + len(sigmas))``.
+
+    Raises
+    ------
+    ValueError
+        Where it does not apply (:func:`focei_gradient_unsupported`).
+    """
+    reason = focei_gradient_unsupported(model, table)
+    if reason is not None:
+        raise ValueError(f"the exact gradient does not apply: {reason}")
+    active = np.flatnonzero(np.diag(model.omega) > 0)
+    names = tuple(model.eta_names[i] for i in active)
+    position = {int(i): k for k, i in enumerate(active)}
+    pairs = [(position[i], position[j]) for i, j in omega_pairs]
+    omega = model.omega[np.ix_(active, active)]
+    oinv = np.linalg.inv(omega)
+    eta_all = np.asarray(eta, dtype=float)
+    s = prediction_sensitivities(model, table, eta_all, etas=names, thetas=thetas,
+                                 covariates=covariates)
+    typical = None if interaction else prediction_sensitivities(
+        model, table, np.zeros_like(eta_all), etas=names, thetas=thetas,
+        covariates=covariates)
+    q = _residual(model, s, typical, len(pairs), sigmas)
+    e = eta_all[:, active]
+    w = s.mask.astype(float)
+    dv = table["DV"].to_numpy(dtype=float)
+    y = np.where(s.mask, dv[np.maximum(s.rows, 0)], 0.0)
+    if model.residual.log_scale:
+        y = np.log(np.where(s.mask, y, 1.0))
+    r = np.where(s.mask, y - q.F, 0.0)
+    V = q.V
+    n = len(active)
+    # OMEGA's part: d inv(OMEGA) for each entry, and its terms.
+    d_oinv = np.zeros((len(pairs), n, n))
+    d_logdet = np.zeros(len(pairs))
+    for c, (i, j) in enumerate(pairs):
+        unit = np.zeros((n, n))
+        unit[i, j] = unit[j, i] = 1.0
+        d_oinv[c] = -oinv @ unit @ oinv
+        d_logdet[c] = np.trace(oinv @ unit)
+    m_t, m_o = len(thetas), len(pairs)
+
+    def omega_part(per_entry: np.ndarray) -> np.ndarray:  # (B, m_o) into (B, m)
+        out = np.zeros((len(e), q.F_p.shape[-1]))
+        out[:, m_t:m_t + m_o] = per_entry
+        return out
+
+    explicit = (np.einsum("bk,bkx->bx", w, q.V_p / V[..., None]
+                          - 2 * (r / V)[..., None] * q.F_p
+                          - (r**2 / V**2)[..., None] * q.V_p)
+                + omega_part(np.einsum("bi,cij,bj->bc", e, d_oinv, e) + d_logdet))
+    hess = (np.einsum("bk,bkij->bij", w, _second(r, V, q.F_a, q.F_a, q.F_ab, q.V_a,
+                                                   q.V_a, q.V_ab)) + 2 * oinv)
+    cross = np.einsum("bk,bkix->bix", w, _second(r, V, q.F_a, q.F_p, q.F_ap, q.V_a,
+                                                   q.V_p, q.V_ap))
+    cross[:, :, m_t:m_t + m_o] += 2 * np.einsum("cij,bj->bic", d_oinv, e)
+    mode_moves = -np.linalg.solve(hess, cross)  # d eta^ / d psi, (B, n, m)
+    fisher = (np.einsum("bk,bki,bkj->bij", w / V, 2 * q.F_a, q.F_a)
+              + np.einsum("bk,bki,bkj->bij", w / V**2, q.V_a, q.V_a) + 2 * oinv)
+    minv = np.linalg.inv(fisher)
+    trace_p = _trace_dm(minv, q, w, q.F_ap, q.V_ap, q.V_p)
+    trace_p[:, m_t:m_t + m_o] += 2 * np.einsum("bij,cji->bc", minv, d_oinv)
+    trace_eta = _trace_dm(minv, q, w, q.F_ab, q.V_ab, q.V_a)  # (B, n)
+    return explicit + trace_p + np.einsum("ba,bam->bm", trace_eta, mode_moves)

@@ -102,8 +102,8 @@ def sensitivities_unsupported(model: PopulationModel, table: pd.DataFrame) -> st
     if changing:
         return f"covariates changing within an ID ({changing})"
     evid = table["EVID"].to_numpy()
-    if np.any(evid >= 2):
-        return "records with EVID 2, 3 or 4 (other events, resets)"
+    if np.any(evid >= 3):
+        return "resets (EVID 3 or 4)"
     dose = evid == 1
     if np.any(table["SS"].to_numpy()[dose] > 0):
         return "steady-state doses"

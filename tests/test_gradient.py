@@ -49,8 +49,8 @@ def make_model(structure: Structure, residual: ResidualError, *,
 def make_data(model: PopulationModel, kind: str, n_ids: int = 8, seed: int = 3
               ) -> pd.DataFrame:
     """Two 100-mg doses (bolus, 1-h infusion by DUR, 2-h by RATE, or oral into the depot)
-    at 0 and 24 h, samples at 0.5, 2, 6, 12, 30 and 48 h; weights 20-90 kg; DV simulated
-    from the model itself."""
+    at 0 and 24 h, samples at 0.5, 2, 6, 12, 30 and 48 h, an other-event record (EVID 2)
+    at 40 h; weights 20-90 kg; DV simulated from the model itself."""
     rows = []
     for i in range(n_ids):
         weight = 20.0 + 70.0 * i / max(1, n_ids - 1)
@@ -62,6 +62,8 @@ def make_data(model: PopulationModel, kind: str, n_ids: int = 8, seed: int = 3
         for t in (0.5, 2.0, 6.0, 12.0, 30.0, 48.0):
             rows.append({"ID": i + 1, "TIME": t, "AMT": 0.0, "EVID": 0, "MDV": 0,
                          "CMT": 0, "WT": weight, "DUR": 0.0, "RATE": 0.0})
+        rows.append({"ID": i + 1, "TIME": 40.0, "AMT": 0.0, "EVID": 2, "MDV": 1,  # no matter
+                     "CMT": 0, "WT": weight, "DUR": 0.0, "RATE": 0.0})
     design = pd.DataFrame(rows).sort_values(["ID", "TIME"], kind="stable")
     design = design.reset_index(drop=True)
     out = design.assign(DV=np.nan)
@@ -237,7 +239,10 @@ def test_where_exact_sensitivities_do_not_apply_is_said():
     assert sensitivities_unsupported(one, steady) == "steady-state doses"
     reset = table.copy()
     reset.loc[reset.index[3], "EVID"] = 3
-    assert sensitivities_unsupported(one, reset).startswith("records with EVID 2, 3 or 4")
+    assert sensitivities_unsupported(one, reset) == "resets (EVID 3 or 4)"
+    other = table.copy()
+    other.loc[other.index[3], ["EVID", "MDV"]] = [2, 1]  # an other-event record: no matter
+    assert sensitivities_unsupported(one, other) is None
     oral = make_model(Structure(1, depot=True), ResidualError(proportional=0.1))
     infused = validate(make_data(oral, "dur", n_ids=2), covariates=oral.covariate_names)
     assert sensitivities_unsupported(oral, infused) == "infusions into the depot"

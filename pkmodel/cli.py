@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--fix", default="", help="comma-separated parameters to keep at "
                                                "their initial values (THETA names, OMEGA, "
                                                "SIGMA)")
+    fit.add_argument("--bound", action="append", default=[], type=_bound,
+                     metavar="THETA=LOW,HIGH",
+                     help="bounds of a THETA, NONMEM's (LOW, init, HIGH); leave a side "
+                          "empty for none ('CL=0,'); repeat for more THETAs. A model "
+                          "file may also define `bounds`, a dict of such pairs")
     fit.add_argument("--method", default="foce-i", choices=["foce-i", "foce", "fo", "saem"],
                      help="estimation method (foce-i)")
     fit.add_argument("--seed", type=int, default=0, help="seed of SAEM's draws (0)")
@@ -90,6 +95,22 @@ def _parser() -> argparse.ArgumentParser:
                            "'0,7,14' or 'START:STOP:STEP' (the model's time unit)")
     pred.add_argument("--json", action="store_true")
     return parser
+
+
+def _bound(text: str) -> tuple[str, tuple[float | None, float | None]]:
+    """'NAME=LOW,HIGH' with either side empty for none."""
+    name, _, rest = text.partition("=")
+    sides = rest.split(",")
+    try:
+        if not name.strip() or len(sides) != 2:
+            raise ValueError
+        low, high = (float(v) if v.strip() else None for v in sides)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected THETA=LOW,HIGH (a side may be empty: 'CL=0,'); got {text!r}") from None
+    if low is not None and high is not None and not low < high:
+        raise argparse.ArgumentTypeError(f"{text!r}: LOW must be below HIGH")
+    return name.strip(), (low, high)
 
 
 def _times(text: str) -> list[float]:
@@ -396,11 +417,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(spec: str) -> PopulationModel:
+def _load_model(spec: str) -> tuple[PopulationModel, dict[str, Any]]:
     """A built-in model by name, or the ``model`` a Python file defines (the user's own
-    file, run as ``python FILE`` would run it)."""
+    file, run as ``python FILE`` would run it), with the THETA ``bounds`` the file may
+    define."""
     if spec in available():
-        return load(spec)
+        return load(spec), {}
     if not spec.endswith(".py"):
         raise ValueError(f"model {spec!r}: expected a built-in name ({', '.join(available())})"
                          " or a Python file defining `model`")
@@ -410,14 +432,19 @@ def _load_model(spec: str) -> PopulationModel:
         message = (f"{spec}: expected a variable `model` holding a PopulationModel; got "
                    f"{type(model).__name__}")
         raise ValueError(message)  # noqa: TRY004 - the user's file, a usage error
-    return model
+    bounds = namespace.get("bounds", {})
+    if not isinstance(bounds, dict):
+        raise ValueError(f"{spec}: `bounds` must be a dict of THETA name to (low, high); "  # noqa: TRY004
+                         f"got {type(bounds).__name__}")
+    return model, dict(bounds)
 
 
 def _fit(args: argparse.Namespace) -> int:
     from pkmodel.population import estimate_population
     from pkmodel.saem import SAEMOptions
 
-    model = _load_model(args.model)
+    model, bounds = _load_model(args.model)
+    bounds.update(dict(args.bound))  # the command line over the file
     data = read_nonmem(args.data)
     fix = tuple(f.strip() for f in args.fix.split(",") if f.strip())
     label = "-2 ln p(y | ETA) of the chains" if args.method == "saem" else "OFV"
@@ -426,7 +453,7 @@ def _fit(args: argparse.Namespace) -> int:
         if args.method != "saem" or iteration % 50 == 0:
             sys.stderr.write(f"pkmodel: iteration {iteration:3d}  {label} {ofv:.4f}\n")
 
-    result = estimate_population(model, data, method=args.method, fix=fix,
+    result = estimate_population(model, data, method=args.method, fix=fix, bounds=bounds,
                                  covariance=not args.no_covariance, progress=progress,
                                  saem=SAEMOptions(seed=args.seed))
     out = Path(args.out)

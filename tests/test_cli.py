@@ -289,6 +289,36 @@ def test_fit_command_runs_saem(tmp_path, capsys):
     assert estimates["TVCL"]["SE"] > 0
 
 
+def test_fit_command_takes_bounds_from_the_command_line_and_the_model_file(tmp_path,
+                                                                           capsys):
+    """--bound TVCL=,3.5 holds CL (whose estimate unbounded is near 4) below 3.5: it ends
+    at the bound and the notes say so; a model file's `bounds` apply too, the command line
+    over them; the exact gradient is used (fit.json says so); a malformed bound is a usage
+    error."""
+    model_path, path = fit_inputs(tmp_path)
+    out = tmp_path / "bounded"
+    main(["fit", str(model_path), str(path), "--out", str(out), "--bound", "TVCL=,3.5",
+          "--no-covariance", "--json"])
+    doc = json.loads((out / "fit.json").read_text())
+    estimates = {e["NAME"]: e["ESTIMATE"] for e in doc["estimates"]}
+    assert 3.49 < estimates["TVCL"] < 3.5
+    assert any("TVCL" in note and "bound" in note for note in doc["notes"])
+    assert doc["gradient"] == "exact"
+    with_file = tmp_path / "model_bounds.py"
+    with_file.write_text(MODEL_FILE + "bounds = {'TVV': (None, 45.0)}\n")
+    out = tmp_path / "file"
+    main(["fit", str(with_file), str(path), "--out", str(out), "--bound", "TVCL=,3.5",
+          "--no-covariance"])
+    doc = json.loads((out / "fit.json").read_text())
+    estimates = {e["NAME"]: e["ESTIMATE"] for e in doc["estimates"]}
+    assert estimates["TVV"] < 45.0 and estimates["TVCL"] < 3.5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(model_path), str(path), "--out", str(out), "--bound", "TVCL=3"])
+    assert exit_info.value.code == 2
+    assert "expected THETA=LOW,HIGH" in capsys.readouterr().err
+
+
 def test_fit_command_names_a_bad_model(tmp_path, capsys):
     bad = tmp_path / "bad.py"
     bad.write_text("model = 3\n")

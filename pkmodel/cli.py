@@ -434,8 +434,9 @@ def _load_model(spec: str) -> tuple[PopulationModel, dict[str, Any]]:
         raise ValueError(message)  # noqa: TRY004 - the user's file, a usage error
     bounds = namespace.get("bounds", {})
     if not isinstance(bounds, dict):
-        raise ValueError(f"{spec}: `bounds` must be a dict of THETA name to (low, high); "  # noqa: TRY004
-                         f"got {type(bounds).__name__}")
+        message = (f"{spec}: `bounds` must be a dict of THETA name to (low, high); got "
+                   f"{type(bounds).__name__}")
+        raise ValueError(message)  # noqa: TRY004 - the user's file, a usage error
     return model, dict(bounds)
 
 

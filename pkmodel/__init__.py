@@ -22,33 +22,25 @@ Examples
 1.19
 """
 
-from pkmodel.data import dosing_table, from_clinical, infliximab_regimen, read_nonmem, validate
-from pkmodel.dosing import (
-    Recommendation,
-    dose_for_target_trough,
-    interval_for_target_trough,
-    recommend_regimen,
-    time_to_trough,
-)
-from pkmodel.errors import (
-    ConvergenceError,
-    ConvergenceWarning,
-    CovariateError,
-    CovariateWarning,
-    DatasetError,
-    PKModelError,
-)
-from pkmodel.estimate import estimate_map, sample_posterior
-from pkmodel.model import PopulationModel
-from pkmodel.models import available as available_models
-from pkmodel.models import load as load_model
-from pkmodel.predict import make_cohort, predict, predict_troughs, simulate
-
 __version__ = "0.1.0"
 
-#: Names loaded on first use (PEP 562), so that ``import pkmodel`` and the command start
-#: fast: the trial module pulls in scipy.stats, the others are not needed by every caller.
+#: Every name is loaded on first use (PEP 562), so that ``import pkmodel`` costs nothing
+#: (numpy, pandas, sympy and scipy load with the first name that needs them) and the
+#: command loads only what it runs.
 _LAZY = {
+    "dosing_table": "pkmodel.data", "from_clinical": "pkmodel.data",
+    "infliximab_regimen": "pkmodel.data", "read_nonmem": "pkmodel.data",
+    "validate": "pkmodel.data",
+    "Recommendation": "pkmodel.dosing", "dose_for_target_trough": "pkmodel.dosing",
+    "interval_for_target_trough": "pkmodel.dosing", "recommend_regimen": "pkmodel.dosing",
+    "time_to_trough": "pkmodel.dosing",
+    "ConvergenceError": "pkmodel.errors", "ConvergenceWarning": "pkmodel.errors",
+    "CovariateError": "pkmodel.errors", "CovariateWarning": "pkmodel.errors",
+    "DatasetError": "pkmodel.errors", "PKModelError": "pkmodel.errors",
+    "estimate_map": "pkmodel.estimate", "sample_posterior": "pkmodel.estimate",
+    "PopulationModel": "pkmodel.model",
+    "make_cohort": "pkmodel.predict", "predict": "pkmodel.predict",
+    "predict_troughs": "pkmodel.predict", "simulate": "pkmodel.predict",
     "plot_prior_posterior": "pkmodel.plot", "plot_profile": "pkmodel.plot",
     "plot_recommendation": "pkmodel.plot", "plot_goodness_of_fit": "pkmodel.plot",
     "plot_vpc": "pkmodel.plot", "plot_eta_covariates": "pkmodel.plot",
@@ -66,14 +58,24 @@ _LAZY = {
 }
 
 
+#: Top-level names that differ from their module's.
+_RENAMED = {"available_models": ("pkmodel.models", "available"),
+            "load_model": ("pkmodel.models", "load")}
+
+
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
+    if name in _LAZY or name in _RENAMED:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module, attribute = _RENAMED.get(name, (_LAZY.get(name), name))
+        value = getattr(importlib.import_module(module), attribute)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'pkmodel' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "BayesianDosing",

@@ -409,7 +409,10 @@ class PopulationModel:
             args = ([sp.Symbol(n) for n in self.theta]
                     + [sp.Symbol(n) for n in self.covariate_names]
                     + [sp.Symbol(n) for n in self.eta_names] + [sp.Symbol(n) for n in self.iov])
-            _COMPILED[key] = {name: sp.lambdify(args, expr, modules="numpy")
+            # numpy as a module object, not the name "numpy": sympy then takes its namespace
+            # as it is instead of star-importing it (which loads numpy.f2py and
+            # numpy.testing: 65 ms of a cold command, against 7 ms)
+            _COMPILED[key] = {name: sp.lambdify(args, expr, modules=[np])
                               for name, expr in self.parameters.items()}
         return _COMPILED[key]
 

@@ -155,7 +155,7 @@ def _mode_function(n: int, depot: bool) -> Any:
         beta = 2 * k10 * k21 / (total + gap)  # without cancellation
         z = [alpha, beta, (alpha - k21) / gap]
     z += [v1] + ([p[-1]] if depot else [])
-    return sp.lambdify(p, _second_order(z, p), modules="numpy", cse=True)
+    return sp.lambdify(p, _second_order(z, p), modules=[np], cse=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -183,7 +183,7 @@ def _response_functions(n: int, depot: bool) -> dict[str, Any]:
         z.append(ka)
         kinds["oral"] = ka * sum(c * (sp.exp(-rate * t) - sp.exp(-ka * t)) / (ka - rate)
                                  for rate, c in modes) / v1
-    return {kind: sp.lambdify([*z, t, u], _second_order(expr, z), modules="numpy", cse=True)
+    return {kind: sp.lambdify([*z, t, u], _second_order(expr, z), modules=[np], cse=True)
             for kind, expr in kinds.items()}
 
 
@@ -222,7 +222,7 @@ def _parameter_functions(key: tuple) -> Any:
         outputs += [sp.diff(expr, sp.Symbol(k)) for k in wrt_theta]
         outputs += [sp.diff(d, sp.Symbol(e)) for d in d_eta for e in wrt_eta]
         outputs += [sp.diff(d, sp.Symbol(k)) for d in d_eta for k in wrt_theta]
-    return sp.lambdify(args, outputs, modules="numpy", cse=True)
+    return sp.lambdify(args, outputs, modules=[np], cse=True)
 
 
 def _parameter_derivatives(model: PopulationModel, covariates: dict[str, np.ndarray],

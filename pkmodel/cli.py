@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                           "and NONMEM-style run.ext/.phi/.cov/.tab here")
     fit.add_argument("--fix", default="", help="comma-separated parameters to keep at "
                                                "their initial values (THETA names, OMEGA, "
-                                               "SIGMA)")
+                                               "OMEGA(i,j), IOV, IOV(KAPPA), SIGMA)")
     fit.add_argument("--bound", action="append", default=[], type=_bound,
                      metavar="THETA=LOW,HIGH",
                      help="bounds of a THETA, NONMEM's (LOW, init, HIGH); leave a side "

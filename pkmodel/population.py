@@ -74,32 +74,37 @@ class _Layout:
     scale: np.ndarray  # THETA scales
     lower: np.ndarray  # THETA bounds (-inf, +inf where none)
     upper: np.ndarray
+    iovs: tuple[str, ...] = ()  # KAPPA names whose inter-occasion variance is estimated
 
     @property
     def names(self) -> list[str]:
         return ([*self.thetas]
                 + [f"OMEGA({i + 1},{j + 1})" for i, j in self.omega_pairs]
+                + [f"IOV({k})" for k in self.iovs]
                 + [f"SIGMA({kind})" for kind in self.sigmas])
 
     def natural(self, model: PopulationModel) -> np.ndarray:
-        """THETAs, OMEGA entries and SIGMA variances of ``model``."""
+        """THETAs, OMEGA entries, IOV variances and SIGMA variances of ``model``."""
         residual = model.residual
         return np.concatenate([
             [model.theta[n] for n in self.thetas],
             [model.omega[i, j] for i, j in self.omega_pairs],
+            [model.iov[k] for k in self.iovs],
             [getattr(residual, kind) ** 2 for kind in self.sigmas]])
 
     def model_at(self, values: np.ndarray) -> PopulationModel:
         """The model with the natural parameters ``values``."""
-        n_t, n_o = len(self.thetas), len(self.omega_pairs)
+        n_t, n_o, n_i = len(self.thetas), len(self.omega_pairs), len(self.iovs)
         theta = {**self.model.theta, **dict(zip(self.thetas, map(float, values[:n_t])))}
         omega = self.model.omega.copy()
         for (i, j), v in zip(self.omega_pairs, values[n_t:n_t + n_o]):
             omega[i, j] = omega[j, i] = v
+        iov = {**self.model.iov, **dict(zip(self.iovs, map(float, values[n_t + n_o:
+                                                                         n_t + n_o + n_i])))}
         residual = replace(self.model.residual, **{
             kind: float(math.sqrt(max(v, 0.0)))
-            for kind, v in zip(self.sigmas, values[n_t + n_o:])})
-        return replace(self.model, theta=theta, omega=omega, residual=residual)
+            for kind, v in zip(self.sigmas, values[n_t + n_o + n_i:])})
+        return replace(self.model, theta=theta, omega=omega, residual=residual, iov=iov)
 
     def to_x(self, values: np.ndarray) -> np.ndarray:
         """Transformed (unconstrained) coordinates of natural ``values``."""
@@ -109,6 +114,7 @@ class _Layout:
         position = {k: i for i, k in enumerate(self._free)}
         lower = [np.log(chol[position[i], position[i]]) if i == j
                  else chol[position[i], position[j]] for i, j in self.omega_pairs]
+        # IOV and SIGMA variances: half their logarithm (log SDs)
         return np.concatenate([self._theta_to_x(values[:n_t]), lower,
                                0.5 * np.log(values[n_t + n_o:])])
 
@@ -169,8 +175,8 @@ class _Layout:
                 c, d = position[k], position[l]
                 value = (a == c) * chol[b, d] + (b == c) * chol[a, d]
                 out[n_t + row, n_t + col] = value * (chol[c, d] if c == d else 1.0)
-        sig = np.arange(n_t + n_o, x.size)
-        out[sig, sig] = 2 * np.exp(2 * x[n_t + n_o:])
+        rest = np.arange(n_t + n_o, x.size)  # IOV and SIGMA variances
+        out[rest, rest] = 2 * np.exp(2 * x[n_t + n_o:])
         return out
 
     @property
@@ -208,12 +214,15 @@ def _layout(model: PopulationModel, fix: tuple[str, ...],
     sigma_names = {f"SIGMA({k})" for k in ("proportional", "additive")}
     n_eta = len(model.eta_names)
     omega_names = {f"OMEGA({i + 1},{j + 1})" for i in range(n_eta) for j in range(i + 1)}
-    names = set(model.theta) | {"OMEGA", "SIGMA"} | sigma_names | omega_names
+    iov_names = {f"IOV({k})" for k in model.iov}
+    names = (set(model.theta) | {"OMEGA", "SIGMA", "IOV"} | sigma_names | omega_names
+             | iov_names)
     unknown = [f for f in fix if f not in names]
     if unknown:
         raise ValueError(f"cannot fix {unknown}: expected THETA names of {model.name}, "
-                         "'OMEGA' (all of it) or 'OMEGA(i,j)', 'SIGMA', "
-                         "'SIGMA(proportional)' or 'SIGMA(additive)'")
+                         "'OMEGA' (all of it) or 'OMEGA(i,j)', 'IOV' (all of it) or "
+                         "'IOV(KAPPA)', 'SIGMA', 'SIGMA(proportional)' or "
+                         "'SIGMA(additive)'")
     thetas = tuple(n for n in model.theta if n not in fix)
     pairs = _omega_pairs(model, fix)
     sigmas = tuple(kind for kind in ("proportional", "additive")
@@ -221,7 +230,9 @@ def _layout(model: PopulationModel, fix: tuple[str, ...],
                    and "SIGMA" not in fix)
     scale = np.array([abs(model.theta[n]) or 1.0 for n in thetas])
     lower, upper = _bounds(model, thetas, bounds or {})
-    layout = _Layout(model, thetas, pairs, sigmas, scale, lower, upper)
+    iovs = tuple(k for k, v in model.iov.items()
+                 if v > 0 and "IOV" not in fix and f"IOV({k})" not in fix)
+    layout = _Layout(model, thetas, pairs, sigmas, scale, lower, upper, iovs)
     if not layout.names:
         raise ValueError("every parameter is fixed: nothing to estimate "
                          "(population_objective gives the objective)")
@@ -517,7 +528,7 @@ class PopulationFit:
     status : str
         ``"minimization successful"`` or ``"minimization terminated: <reason>"``.
     estimates : DataFrame
-        One row per population parameter: NAME, KIND (THETA, OMEGA, SIGMA), ESTIMATE,
+        One row per population parameter: NAME, KIND (THETA, OMEGA, IOV, SIGMA), ESTIMATE,
         INITIAL, FIXED, SE, RSE (%), SE_R (from the R matrix alone).
     covariance : ndarray or None
         Sandwich covariance of the estimated parameters (natural units), None when the
@@ -693,8 +704,10 @@ def estimate_population(
         ``"foce"``).
     fix : tuple of str
         Parameters kept at their initial value: THETA names, ``"OMEGA"`` (all of it) or
-        entries ``"OMEGA(i,j)"`` (a block whole), ``"SIGMA"`` or ``"SIGMA(proportional)"``
-        / ``"SIGMA(additive)"``.
+        entries ``"OMEGA(i,j)"`` (a block whole), ``"IOV"`` (all of it) or
+        ``"IOV(KAPPA_CL)"`` (an inter-occasion variance, NONMEM's ``$OMEGA BLOCK(1)`` with
+        ``SAME`` for each occasion), ``"SIGMA"`` or ``"SIGMA(proportional)"`` /
+        ``"SIGMA(additive)"``. Inter-occasion variances are estimated unless fixed.
     bounds : mapping of str to (float or None, float or None), optional
         Lower and upper bounds of THETAs (NONMEM's ``$THETA (low, init, up)``; None for
         none); the initial value must lie strictly inside. An estimate that ends within
@@ -877,8 +890,8 @@ def _saem_fit(layout: _Layout, table: pd.DataFrame, covariates: str, options: SA
 def _estimates(layout: _Layout, start: np.ndarray, final: np.ndarray,
                model: PopulationModel, fix: tuple[str, ...], cov: np.ndarray | None,
                r_only: np.ndarray | None) -> pd.DataFrame:
-    """Every parameter in NONMEM's order (THETA, OMEGA, SIGMA), the fixed ones included
-    with FIXED True and no SE."""
+    """Every parameter in NONMEM's order (THETA, OMEGA, IOV, SIGMA), the fixed ones
+    included with FIXED True and no SE."""
     se = np.sqrt(np.diag(cov)) if cov is not None else np.full(final.size, np.nan)
     se_r = np.sqrt(np.diag(r_only)) if r_only is not None else np.full(final.size, np.nan)
     estimated = {name: (v, s0, e, r) for name, v, s0, e, r in
@@ -902,6 +915,9 @@ def _estimates(layout: _Layout, start: np.ndarray, final: np.ndarray,
         for j in range(i + 1):
             if variances[i] > 0 and variances[j] > 0 and (i == j or model.omega[i, j] != 0):
                 add(f"OMEGA({i + 1},{j + 1})", "OMEGA", float(model.omega[i, j]))
+    for kappa, value in model.iov.items():
+        if value > 0:
+            add(f"IOV({kappa})", "IOV", float(value))
     for kind in ("proportional", "additive"):
         if getattr(model.residual, kind) > 0:
             add(f"SIGMA({kind})", "SIGMA", getattr(model.residual, kind) ** 2)

@@ -1,4 +1,5 @@
-"""The exact gradient of the FOCE-I (and FOCE) objective in the population parameters.
+"""The exact gradient of the FOCE-I, FOCE and FO objectives in the population parameters
+(FO's: :func:`fo_gradient`).
 
 Each ID's objective at its conditional mode ``eta^`` (see :mod:`pkmodel.population`) is
 
@@ -36,7 +37,7 @@ from pkmodel.sensitivity import (
     sensitivities_unsupported,
 )
 
-__all__ = ["focei_gradient", "focei_gradient_unsupported"]
+__all__ = ["fo_gradient", "focei_gradient", "focei_gradient_unsupported"]
 
 
 def focei_gradient_unsupported(model: PopulationModel, table: pd.DataFrame,
@@ -155,6 +156,21 @@ def _trace_dm(minv: np.ndarray, q: _Residual, w: np.ndarray, F_ax: np.ndarray,
     return np.einsum("bk,bkx->bx", w, per)
 
 
+def _estimated_etas(model: PopulationModel, table: pd.DataFrame,
+                    omega_pairs: Sequence[tuple[int, int]]
+                    ) -> tuple[np.ndarray, tuple[str, ...], list[tuple[int, int]], np.ndarray]:
+    """The ETAs with a positive variance (indices, names), ``omega_pairs`` renumbered
+    among them, and their OMEGA; raises where the exact gradient does not apply."""
+    reason = focei_gradient_unsupported(model, table)
+    if reason is not None:
+        raise ValueError(f"the exact gradient does not apply: {reason}")
+    active = np.flatnonzero(np.diag(model.omega) > 0)
+    position = {int(i): k for k, i in enumerate(active)}
+    return (active, tuple(model.eta_names[i] for i in active),
+            [(position[i], position[j]) for i, j in omega_pairs],
+            model.omega[np.ix_(active, active)])
+
+
 def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray, *,
                    thetas: Sequence[str], omega_pairs: Sequence[tuple[int, int]],
                    sigmas: Sequence[str], interaction: bool = True,
@@ -190,14 +206,7 @@ def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
     ValueError
         Where it does not apply (:func:`focei_gradient_unsupported`).
     """
-    reason = focei_gradient_unsupported(model, table)
-    if reason is not None:
-        raise ValueError(f"the exact gradient does not apply: {reason}")
-    active = np.flatnonzero(np.diag(model.omega) > 0)
-    names = tuple(model.eta_names[i] for i in active)
-    position = {int(i): k for k, i in enumerate(active)}
-    pairs = [(position[i], position[j]) for i, j in omega_pairs]
-    omega = model.omega[np.ix_(active, active)]
+    active, names, pairs, omega = _estimated_etas(model, table, omega_pairs)
     oinv = np.linalg.inv(omega)
     eta_all = np.asarray(eta, dtype=float)
     s = prediction_sensitivities(model, table, eta_all, etas=names, thetas=thetas,
@@ -247,3 +256,50 @@ def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
     trace_p[:, m_t:m_t + m_o] += 2 * np.einsum("bij,cji->bc", minv, d_oinv)
     trace_eta = _trace_dm(minv, q, w, q.F_ab, q.V_ab, q.V_a)  # (B, n)
     return explicit + trace_p + np.einsum("ba,bam->bm", trace_eta, mode_moves)
+
+
+def fo_gradient(model: PopulationModel, table: pd.DataFrame, *, thetas: Sequence[str],
+                omega_pairs: Sequence[tuple[int, int]], sigmas: Sequence[str],
+                covariates: str = "nocb") -> np.ndarray:
+    """Each ID's exact gradient of its FO objective ``ln det C + e' C^-1 e``, with
+    ``e = y - f`` and ``C = G OMEGA G' + diag(V)`` at ETA 0 (``G`` the predictions'
+    derivatives in the ETAs, ``V`` the residual variances):
+
+    ``dOBJ = tr(C^-1 dC) - e' C^-1 dC C^-1 e - 2 e' C^-1 df``,
+    ``dC = dG OMEGA G' + G OMEGA dG' + G dOMEGA G' + diag(dV)``.
+
+    Parameters and result as :func:`focei_gradient` (the model without IOV, censored
+    records or a log-additive error, which FO refuses).
+    """
+    _, names, pairs, omega = _estimated_etas(model, table, omega_pairs)
+    ids = pd.unique(table["ID"])
+    s = prediction_sensitivities(model, table, np.zeros((len(ids), len(model.eta_names))),
+                                 etas=names, thetas=thetas, covariates=covariates)
+    res = model.residual
+    sa2, sp2 = res.additive**2, res.proportional**2
+    dv = table["DV"].to_numpy(dtype=float)
+    m_t, m_o = len(thetas), len(pairs)
+    out = np.zeros((len(ids), m_t + m_o + len(sigmas)))
+    for b in range(len(ids)):
+        k = s.mask[b]
+        if not k.any():
+            continue
+        f, g, f_t, g_t = s.value[b, k], s.eta[b, k], s.theta[b, k], s.eta_theta[b, k]
+        e = dv[s.rows[b, k]] - f
+        cov = g @ omega @ g.T + np.diag(sa2 + sp2 * f**2)
+        inv = np.linalg.inv(cov)
+        u = inv @ e
+        d_cov = []
+        for c in range(m_t):  # THETAs: through G and through the variance at f
+            gd = g_t[:, :, c] @ omega @ g.T
+            d_cov.append(gd + gd.T + np.diag(2 * sp2 * f * f_t[:, c]))
+        for i, j in pairs:
+            unit = np.zeros_like(omega)
+            unit[i, j] = unit[j, i] = 1.0
+            d_cov.append(g @ unit @ g.T)
+        for kind in sigmas:
+            d_cov.append(np.diag(np.ones_like(f) if kind == "additive" else f**2))
+        d_f = np.concatenate([f_t, np.zeros((f.size, m_o + len(sigmas)))], axis=1)
+        for c, dc in enumerate(d_cov):
+            out[b, c] = np.sum(inv * dc) - u @ dc @ u - 2 * u @ d_f[:, c]
+    return out

@@ -17,8 +17,8 @@ the Cholesky factor of OMEGA with log diagonal, log residual SDs) by BFGS. Its g
 exact (:mod:`pkmodel.gradient`: the predictions' sensitivities through the closed forms,
 the modes followed by the implicit function theorem) wherever
 :func:`~pkmodel.gradient.focei_gradient_unsupported` allows; elsewhere (IOV, steady
-state, dose modifiers, time-varying covariates, censored records, three compartments,
-FO) it is taken by forward differences of the objective (central near the optimum), whose
+state, dose modifiers, time-varying covariates, censored records, three compartments)
+it is taken by forward differences of the objective (central near the optimum), whose
 inner modes are converged to 1e-14 in OFV, and :attr:`PopulationFit.gradient` says so.
 The covariance step follows NONMEM's: the R matrix (Hessian of the objective in the
 natural parameters: THETA, OMEGA elements, SIGMA variances) and the sandwich
@@ -45,10 +45,11 @@ from scipy import optimize
 from pkmodel.data import plain_json, validate
 from pkmodel.errors import CovariateWarning, PlausibilityWarning
 from pkmodel.estimate import ConditionalLikelihood, MAPEstimate, estimate_map
-from pkmodel.gradient import focei_gradient, focei_gradient_unsupported
+from pkmodel.gradient import fo_gradient, focei_gradient, focei_gradient_unsupported
 from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
 from pkmodel.saem import ImportanceDraws, SAEMOptions, run_saem
+from pkmodel.sensitivity import prediction_sensitivities, sensitivities_unsupported
 
 __all__ = ["PopulationFit", "estimate_population", "eta_covariates", "npde",
            "population_objective"]
@@ -358,8 +359,14 @@ def _first_order_terms(model: PopulationModel, table: pd.DataFrame,
         raise ValueError("FO is implemented without IOV, censored records (LLOQ, ULOQ) and "
                          "log-additive error; use 'foce-i' (or 'foce') for this model")
     ids = pd.unique(table["ID"])
-    f, grad, variance = _linearisation(model, table,
-                                       np.zeros((len(ids), len(model.eta_names))), covariates)
+    zero = np.zeros((len(ids), len(model.eta_names)))
+    if sensitivities_unsupported(model, table) is None:  # the exact G at the observations
+        s = prediction_sensitivities(model, table, zero, covariates=covariates)
+        f, grad = np.zeros(len(table)), np.zeros((len(table), zero.shape[1]))
+        f[s.rows[s.mask]], grad[s.rows[s.mask]] = s.value[s.mask], s.eta[s.mask]
+        variance = model.residual.sd(f) ** 2
+    else:
+        f, grad, variance = _linearisation(model, table, zero, covariates)
     used = ((table["EVID"] == 0) & (table["MDV"] == 0)).to_numpy()
     row_ids, dv = table["ID"].to_numpy(), table["DV"].to_numpy(dtype=float)
     out = np.zeros(len(ids))
@@ -406,9 +413,8 @@ class _Objective:
         groups = np.array_split(ids, max(1, min(chunks, len(ids)))) if executor else [ids]
         self.parts = [data[data["ID"].isin(g)] for g in groups]
         #: None when the gradient is exact, else why it is taken by differences.
-        self.inexact: str | None = (
-            "FO's objective is differentiated by differences" if method == "fo" else
-            focei_gradient_unsupported(layout.model, data, bool(_censored(data).any())))
+        self.inexact: str | None = focei_gradient_unsupported(
+            layout.model, data, bool(_censored(data).any()))
         self._last: tuple[bytes, pd.DataFrame | None] | None = None
 
     def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -455,10 +461,15 @@ class _Objective:
         values = self.per_id(self.layout.from_x(x))
         return math.inf if values is None else float(values.sum())
 
-    def id_gradients(self, values: np.ndarray, fit: pd.DataFrame) -> np.ndarray:
+    def id_gradients(self, values: np.ndarray, fit: pd.DataFrame | None) -> np.ndarray:
         """Each ID's exact gradient in the natural parameters ``(B, m)`` at ``values``,
-        whose conditional modes ``fit`` holds (:mod:`pkmodel.gradient`)."""
+        whose conditional modes ``fit`` holds (:mod:`pkmodel.gradient`; FO needs none)."""
         model = self.layout.model_at(values)
+        if self.method == "fo":
+            return fo_gradient(model, self.data, thetas=self.layout.thetas,
+                               omega_pairs=self.layout.omega_pairs,
+                               sigmas=self.layout.sigmas, covariates=self.covariates)
+        assert fit is not None
         ids = pd.unique(self.data["ID"])
         eta = fit.loc[ids, list(model.eta_names)].to_numpy(dtype=float)
         return focei_gradient(model, self.data, eta, thetas=self.layout.thetas,
@@ -472,10 +483,12 @@ class _Objective:
         warm started from the previous point's; else differences of the objective."""
         if self.inexact is None:
             values = self.layout.from_x(x)
-            centre = self.fit(values, self.warm)
-            if centre is None:
-                return np.full_like(x, np.nan)
-            self.warm = centre
+            centre = None
+            if self.method != "fo":
+                centre = self.fit(values, self.warm)
+                if centre is None:
+                    return np.full_like(x, np.nan)
+                self.warm = centre
             try:
                 per_id = self.id_gradients(values, centre)
             except np.linalg.LinAlgError:  # a singular inner Hessian: differences
@@ -975,8 +988,8 @@ def _exact_derivatives(objective: _Objective, layout: _Layout,
 
     def per_id(at: np.ndarray) -> np.ndarray:
         values = layout.from_x(at)
-        fit = objective.fit(values, warm)
-        if fit is None:
+        fit = objective.fit(values, warm) if objective.method != "fo" else None
+        if fit is None and objective.method != "fo":
             raise ArithmeticError("an objective evaluation failed near the optimum")
         return objective.id_gradients(values, fit) @ layout.jacobian(at)
 

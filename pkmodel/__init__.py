@@ -22,6 +22,9 @@ Examples
 1.19
 """
 
+import sys
+import types
+
 __version__ = "0.1.0"
 
 #: Every name is loaded on first use (PEP 562), so that ``import pkmodel`` costs nothing
@@ -76,6 +79,20 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package, whose lazy names stay what they name: importing a submodule of the
+    same name (``pkmodel.predict``, the module, by any caller) would otherwise rebind
+    ``pkmodel.predict``, the function, to it."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the submodule stays in sys.modules, under its full name
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "BayesianDosing",

@@ -930,9 +930,10 @@ def _initial(problem: _Problem, initial: pd.DataFrame | None) -> np.ndarray | No
 
 def _halton(n_points: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """``n_points`` quasi-random points in the unit cube ``[0, 1)^dim``: the Halton
-    sequence (radical inverses in the first ``dim`` primes) under a random shift modulo 1
-    (Cranley-Patterson), seeded by ``rng``; numpy only (scipy.stats.qmc costs 0.4-0.9 s
-    to import, most of a cold command)."""
+    sequence (radical inverses in the first ``dim`` primes) with its digits randomly
+    permuted per base (which breaks the lines that plain Halton points lie on in pairs of
+    larger bases, 11 and 13 say) and a random shift modulo 1, seeded by ``rng``; numpy
+    only (scipy.stats.qmc costs 0.4-0.9 s to import, most of a cold command)."""
     primes: list[int] = []
     candidate = 2
     while len(primes) < dim:
@@ -942,9 +943,10 @@ def _halton(n_points: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     out = np.zeros((n_points, dim))
     for d, base in enumerate(primes):
         index, scale = np.arange(1, n_points + 1), 1.0
+        digits = rng.permutation(base)
         while index.any():
             scale /= base
-            out[:, d] += scale * (index % base)
+            out[:, d] += scale * digits[index % base] * (index > 0)
             index //= base
     return (out + rng.uniform(size=dim)) % 1.0
 

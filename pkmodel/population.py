@@ -30,6 +30,7 @@ of the objective.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -256,6 +257,15 @@ def _bounds(model: PopulationModel, thetas: tuple[str, ...],
     unknown = sorted(set(bounds) - set(model.theta))
     if unknown:
         raise ValueError(f"`bounds` names {unknown}, which are not THETAs of {model.name}")
+    fixed = sorted(set(bounds) - set(thetas))
+    if fixed:
+        raise ValueError(f"`bounds` names {fixed}, which are fixed: a fixed THETA keeps its "
+                         "value, so bounds on it would be ignored")
+    for name, pair in bounds.items():
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(
+                v is not None and not isinstance(v, numbers.Real) for v in pair)):
+            raise ValueError(f"`bounds` of {name} must be a pair (low, high) of numbers or "
+                             f"None; got {pair!r}")
     lower, upper = np.full(len(thetas), -np.inf), np.full(len(thetas), np.inf)
     for k, name in enumerate(thetas):
         low, high = bounds.get(name, (None, None))
@@ -493,7 +503,9 @@ class _Objective:
                 per_id = self.id_gradients(values, centre)
             except np.linalg.LinAlgError:  # a singular inner Hessian: differences
                 return self.difference_gradient(x)
-            return self.layout.jacobian(x).T @ per_id.sum(axis=0)
+            grad = self.layout.jacobian(x).T @ per_id.sum(axis=0)
+            # Not finite (a degenerate structure, Q = 0 say): differences at this point.
+            return grad if np.isfinite(grad).all() else self.difference_gradient(x)
         return self.difference_gradient(x)
 
     def difference_gradient(self, x: np.ndarray) -> np.ndarray:
@@ -964,6 +976,9 @@ def _covariance(objective: _Objective | _SampledObjective, layout: _Layout,
     try:
         hess, grads = (_exact_derivatives(objective, layout, x) if exact  # type: ignore[arg-type]
                        else _difference_derivatives(objective, layout, x))
+        if exact and not (np.isfinite(hess).all() and np.isfinite(grads).all()):
+            exact = False  # a degenerate structure at some point: differences
+            hess, grads = _difference_derivatives(objective, layout, x)
     except (ArithmeticError, np.linalg.LinAlgError) as err:
         return None, None, f"failed: {err}"
     if np.linalg.eigvalsh(hess).min() <= 0:

@@ -24,6 +24,7 @@ caller can fall back to differences and say so.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,11 +159,59 @@ def _mode_function(n: int, depot: bool) -> Any:
     return sp.lambdify(p, _second_order(z, p), modules=[np], cse=True)
 
 
+def _relative_numeric(x: np.ndarray, order: int) -> np.ndarray:
+    """The ``order``-th derivative of ``G(x) = (1 - exp(-x)) / x`` for ``x >= 0``: closed
+    forms, and the Taylor series ``G = sum_n (-x)^n / (n + 1)!`` below 0.05, where the
+    closed forms cancel (their relative error there would be 1e-16 / x^(order + 1))."""
+    x = np.asarray(x, dtype=float)
+    small = np.abs(x) < 0.05
+    safe = np.where(small, 1.0, x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(-safe)
+        closed = (-np.expm1(-safe) / safe if order == 0 else
+                  (e * (1 + safe) - 1) / safe**2 if order == 1 else
+                  -e / safe - 2 * (e * (1 + safe) - 1) / safe**3)
+    series = np.zeros_like(x)
+    for n in range(order, order + 16):
+        series += (math.factorial(n) / math.factorial(n - order) * (-1) ** n
+                   / math.factorial(n + 1)) * x ** (n - order)
+    return np.where(small, series, closed)
+
+
+class _Relative(sp.Function):
+    """``(1 - exp(-x)) / x``, continued by 1 at 0: the absorption term without the
+    cancellation of ``exp(-lam t) - exp(-ka t)`` when KA nears a disposition rate."""
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return _RelativeD1(self.args[0])
+
+
+class _RelativeD1(sp.Function):
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return _RelativeD2(self.args[0])
+
+
+class _RelativeD2(sp.Function):
+    pass
+
+
+_RELATIVE = {"_Relative": lambda x: _relative_numeric(x, 0),
+             "_RelativeD1": lambda x: _relative_numeric(x, 1),
+             "_RelativeD2": lambda x: _relative_numeric(x, 2)}
+
+
 @functools.lru_cache(maxsize=8)
 def _response_functions(n: int, depot: bool) -> dict[str, Any]:
-    """Per kind of dose (bolus, infusion of unit rate, oral bolus), a function of the modes
-    ``z`` (see :func:`_mode_function`) and ``(t, u)`` returning the concentration per
-    unit dose and its first and second derivatives in ``z``."""
+    """Per kind of dose (bolus, infusion of unit rate, and per mode and branch an oral
+    bolus's term), a function of the modes ``z`` (see :func:`_mode_function`) and
+    ``(t, u)`` returning the concentration per unit dose and its first and second
+    derivatives in ``z``.
+
+    An oral dose's term of mode ``i`` is ``c_i ka (exp(-lam t) - exp(-ka t)) / (ka - lam)``,
+    written ``c_i ka t exp(-m t) G(|ka - lam| t)`` with ``m`` the smaller rate and ``G``
+    :class:`_Relative`: exact and free of cancellation as KA nears the rate (where the
+    plain quotient loses every digit, and is 0/0 at equality); ``"oral{i}+"`` is the
+    branch ``ka >= lam``, ``"oral{i}-"`` the other."""
     t, u = sp.symbols("t u", nonnegative=True)  # time since the dose; infusion so far
     if n == 1:
         lam, v1 = sp.symbols("lam v1", positive=True)
@@ -181,9 +230,11 @@ def _response_functions(n: int, depot: bool) -> dict[str, Any]:
     if depot:
         ka = sp.Symbol("ka", positive=True)
         z.append(ka)
-        kinds["oral"] = ka * sum(c * (sp.exp(-rate * t) - sp.exp(-ka * t)) / (ka - rate)
-                                 for rate, c in modes) / v1
-    return {kind: sp.lambdify([*z, t, u], _second_order(expr, z), modules=[np], cse=True)
+        for i, (rate, c) in enumerate(modes):
+            kinds[f"oral{i}+"] = c * ka * t * sp.exp(-rate * t) * _Relative((ka - rate) * t) / v1
+            kinds[f"oral{i}-"] = c * ka * t * sp.exp(-ka * t) * _Relative((rate - ka) * t) / v1
+    return {kind: sp.lambdify([*z, t, u], _second_order(expr, z), modules=[_RELATIVE, np],
+                              cse=True)
             for kind, expr in kinds.items()}
 
 
@@ -215,7 +266,10 @@ def _parameter_functions(key: tuple) -> Any:
     theta_names, covariate_names, eta_names, items, wrt_eta, wrt_theta = key
     args = [sp.Symbol(k) for k in (*theta_names, *covariate_names, *eta_names)]
     outputs = []
-    for _, expr in items:
+    for _, given in items:
+        # Plain symbols by name: a model may build its equations from symbols with
+        # assumptions (positive=True), which are other symbols to differentiate by.
+        expr = given.xreplace({s: sp.Symbol(s.name) for s in given.free_symbols})
         outputs.append(expr)
         d_eta = [sp.diff(expr, sp.Symbol(e)) for e in wrt_eta]
         outputs += d_eta
@@ -385,8 +439,13 @@ def _concentration_in_p(structure: Any, events: Any, p: np.ndarray, rows: np.nda
     oral = depot & (cmt[db, dr] == 1)
     infused = (r > 0) & ~oral
     functions = _response_functions(n, depot)
-    for kind, chosen, scale in (("bolus", ~infused & ~oral, a), ("infusion", infused, r),
-                                ("oral", oral, a)):
+    parts = [("bolus", ~infused & ~oral, a), ("infusion", infused, r)]
+    if depot:  # each mode's term on the branch where KA is at or above its rate, or below
+        ka = z[b, -1]
+        for i in range(n):
+            above = ka >= z[b, i]
+            parts += [(f"oral{i}+", oral & above, a), (f"oral{i}-", oral & ~above, a)]
+    for kind, chosen, scale in parts:
         at = np.flatnonzero(chosen)
         if at.size == 0:
             continue

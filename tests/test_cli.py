@@ -317,6 +317,13 @@ def test_fit_command_takes_bounds_from_the_command_line_and_the_model_file(tmp_p
         main(["fit", str(model_path), str(path), "--out", str(out), "--bound", "TVCL=3"])
     assert exit_info.value.code == 2
     assert "expected THETA=LOW,HIGH" in capsys.readouterr().err
+    bad = tmp_path / "model_bad_bounds.py"
+    bad.write_text(MODEL_FILE + "bounds = {'TVCL': 0}\n")
+    assert main(["fit", str(bad), str(path), "--out", str(out)]) == 2
+    assert "`bounds` of TVCL must be a pair (low, high)" in capsys.readouterr().err
+    assert main(["fit", str(model_path), str(path), "--out", str(out), "--fix", "TVCL",
+                 "--bound", "TVCL=0,1"]) == 2
+    assert "which are fixed" in capsys.readouterr().err
 
 
 def test_fit_command_names_a_bad_model(tmp_path, capsys):

@@ -286,3 +286,61 @@ def test_where_exact_sensitivities_do_not_apply_is_said():
     assert focei_gradient_unsupported(sd_sum, table).startswith("a combined error adding")
     with pytest.raises(ValueError, match="exact sensitivities do not apply: steady-state"):
         prediction_sensitivities(one, steady, np.zeros((2, 2)))
+
+
+def test_symbols_with_assumptions_are_differentiated_by_name():
+    """A model written with ``Symbol("TVCL", positive=True)`` predicts by name; its
+    derivatives must be taken by name too (they were all 0, and a fit stopped at its
+    start with an "exact" gradient)."""
+    tvcl, tvv = sp.symbols("TVCL TVV", positive=True)
+    eta_cl, eta_v = sp.symbols("ETA_CL ETA_V", real=True)
+    plain = make_model(Structure(1), ResidualError(proportional=0.1))
+    model = PopulationModel("assumed", Structure(1), {"TVCL": 4.0, "TVV": 50.0},
+                            {"CL": tvcl * sp.exp(eta_cl), "V1": tvv * sp.exp(eta_v)},
+                            np.diag([0.09, 0.04]), ("ETA_CL", "ETA_V"),
+                            ResidualError(proportional=0.1), time_unit="h")
+    table = validate(make_data(plain, "bolus", n_ids=3).drop(columns="WT"))
+    eta = np.full((3, 2), 0.1)
+    s = prediction_sensitivities(model, table, eta, thetas=("TVCL", "TVV"))
+    h = 1e-6
+    up = ipred(model.with_values({"TVCL": 4.0 + h}), table, eta)
+    down = ipred(model.with_values({"TVCL": 4.0 - h}), table, eta)
+    expected = ((up - down) / (2 * h))[s.rows[s.mask]]
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(s.theta[..., 0][s.mask], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gap", [0.0, 1e-8, 1e-6, 1e-4, -1e-6])
+@pytest.mark.parametrize("n", [1, 2])
+def test_sensitivities_hold_as_ka_nears_a_disposition_rate(gap, n):
+    """KA = lam (1 + gap) for lam the elimination rate (1 compartment) or the slower mode
+    (2): the quotient (exp(-lam t) - exp(-ka t)) / (ka - lam) loses every digit there
+    (its second derivative was off by 25 % at a gap of 1e-5, by 1e6 at 1e-7, and NaN at
+    0); written with G(x) = (1 - exp(-x)) / x it matches differences of the engine, which
+    treats equality exactly."""
+    model = make_model(Structure(n, depot=True), ResidualError(proportional=0.1))
+    k10 = 4.0 / 50.0
+    if n == 1:
+        lam = k10
+    else:
+        k12, k21 = 8.0 / 50.0, 8.0 / 80.0
+        total = k10 + k12 + k21
+        lam = 2 * k10 * k21 / (total + np.sqrt(total**2 - 4 * k10 * k21))
+    model = model.with_values({"TVKA": lam * (1 + gap)})
+    data = make_data(model, "bolus", n_ids=2)
+    table = validate(data.assign(WT=70.0), covariates=model.covariate_names)
+    eta = np.zeros((2, len(model.eta_names)))
+    s = prediction_sensitivities(model, table, eta)
+    rows, mask = s.rows[s.mask], s.mask
+    assert np.isfinite(s.eta_eta).all()
+    h = 1e-4
+    for a in range(eta.shape[1]):
+        step = np.zeros_like(eta)
+        step[:, a] = h
+        up, down = ipred(model, table, eta + step), ipred(model, table, eta - step)
+        np.testing.assert_allclose(s.eta[..., a][mask], ((up - down) / (2 * h))[rows],
+                                   rtol=1e-6, atol=1e-9)
+        centre = ipred(model, table, eta)
+        second = (up - 2 * centre + down) / h**2
+        np.testing.assert_allclose(s.eta_eta[..., a, a][mask], second[rows], rtol=1e-4,
+                                   atol=1e-6)

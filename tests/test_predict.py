@@ -340,3 +340,21 @@ def test_events_of_a_table_without_addl_match_the_per_id_expansion(ids, covariat
         covariates=covariates, row_offset=int(lo)) for lo, hi in zip(starts, stops)])
     for name in Events.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)
+
+
+def test_top_level_names_stay_what_they_name_after_their_submodule_loads():
+    """``pkmodel.predict`` is a function and a submodule: with every top-level name loaded
+    on first use, importing the submodule (as predict_troughs does) must not rebind the
+    name to the module. Checked in a fresh interpreter, where nothing is loaded yet."""
+    import subprocess
+    import sys
+    code = ("import types, pkmodel\n"
+            "from pkmodel.data import infliximab_regimen\n"
+            "t = infliximab_regimen(28.0, covariates={'ALB': 3.3, 'ATI': 0, 'IMM': 1})\n"
+            "pkmodel.predict_troughs(pkmodel.load_model('fasanmade2011'), t)\n"
+            "import pkmodel.population\n"
+            "assert isinstance(pkmodel.predict, types.FunctionType), pkmodel.predict\n"
+            "assert len(pkmodel.predict(pkmodel.load_model('fasanmade2011'), t)) == 16\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr

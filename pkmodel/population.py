@@ -47,7 +47,7 @@ from pkmodel.data import plain_json, validate
 from pkmodel.errors import CovariateWarning, PlausibilityWarning
 from pkmodel.estimate import ConditionalLikelihood, MAPEstimate, estimate_map
 from pkmodel.gradient import fo_gradient, focei_gradient, focei_gradient_unsupported
-from pkmodel.model import PopulationModel
+from pkmodel.model import PopulationModel, evaluate_parameters
 from pkmodel.predict import predict
 from pkmodel.saem import ImportanceDraws, SAEMOptions, run_saem
 from pkmodel.sensitivity import prediction_sensitivities, sensitivities_unsupported
@@ -764,6 +764,13 @@ def estimate_population(
     _check_method(method, (*METHODS, "saem"))
     table = validate(data, covariates=model.covariate_names)
     layout = _layout(model, tuple(fix), bounds)
+    inert = _inert_thetas(layout, table)
+    if inert:
+        raise ValueError(
+            f"{inert} change no individual parameter on any record of these data (a "
+            "covariate effect whose covariate never varies from its reference, ATI = 0 in "
+            "every record say): the data cannot estimate them; fix them (fix="
+            f"{tuple(inert)!r}) or drop them from the model")
     if method == "saem":
         return _saem_fit(layout, table, covariates, saem or SAEMOptions(), progress,
                          covariance)
@@ -820,6 +827,23 @@ def estimate_population(
         notes=_at_bounds(layout, final_values),
         gradient=("exact" if objective.inexact is None
                   else f"differences: {objective.inexact}"))
+
+
+def _inert_thetas(layout: _Layout, table: pd.DataFrame) -> list[str]:
+    """The estimated THETAs that move no parameter of any record (ETAs 0): moved by 1 %
+    (0.01 from 0), every parameter on every row stays exactly what it was."""
+    model = layout.model
+    covariates = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
+    base = evaluate_parameters(model, covariates)
+    out = []
+    for name in layout.thetas:
+        value = model.theta[name]
+        moved = model.with_values({name: value * 1.01 if value else 0.01})
+        with np.errstate(all="ignore"):
+            other = evaluate_parameters(moved, covariates)
+        if all(np.array_equal(base[k], other[k], equal_nan=True) for k in base):
+            out.append(name)
+    return out
 
 
 def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:

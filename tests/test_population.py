@@ -599,3 +599,21 @@ def test_inter_occasion_variances_can_be_fixed():
     assert "IOV(KAPPA_CL)" not in _layout(start, ("IOV",), None).names
     with pytest.raises(ValueError, match="'IOV' \\(all of it\\) or 'IOV\\(KAPPA\\)'"):
         _layout(start, ("IOV(KAPPA_V)",), None)
+
+
+def test_a_theta_the_data_cannot_move_is_a_named_error():
+    """Fasanmade 2011's antibody effect CL_ATI on children none of whom has antibodies
+    (ATI 0 everywhere) changes no prediction: the fit would leave it at its start with a
+    zero gradient and a singular R matrix. It is named before the fit, with the fix."""
+    from pkmodel.data import infliximab_regimen
+    from pkmodel.models import load
+    model = load("fasanmade2011")
+    tables = [infliximab_regimen(w, until_week=22, covariates={"ALB": 3.5, "ATI": 0,
+                                                                "IMM": i % 2}).assign(ID=i)
+              for i, w in enumerate((25.0, 35.0, 45.0), start=1)]
+    data = pd.concat(tables, ignore_index=True)
+    data.loc[data["EVID"] == 0, ["MDV", "DV"]] = [0, 4.0]
+    with pytest.raises(ValueError, match=r"\['CL_ATI'\] change no individual parameter"):
+        estimate_population(model, data, covariance=False)
+    with pytest.raises(ValueError, match=r"fix=\('CL_ATI',\)"):
+        estimate_population(model, data, method="saem")

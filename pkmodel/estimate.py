@@ -1002,6 +1002,7 @@ def estimate_map(
     tol: float = 1e-10,
     initial: pd.DataFrame | None = None,
     interaction: bool = True,
+    records: bool = True,
 ) -> MAPEstimate:
     """MAP estimates of every ID's ETAs from its measured concentrations.
 
@@ -1034,6 +1035,12 @@ def estimate_map(
     interaction : bool
         NONMEM's INTERACTION: the residual SD at the individual prediction (default). False
         evaluates it at the prediction with ETAs 0 (FOCE without interaction).
+    records : bool
+        Build the per-record table (predictions, IWRES) and mark implausible fits (default).
+        False leaves ``records`` empty and skips the plausibility flags (no PLAUSIBLE,
+        MAX_OUTLIER_SD, MAX_ETA_SD columns): for callers that need the modes, OBJ and ETC
+        only, as the inner problems of a population fit (about 10 ms of a 25-ms fit of 59
+        IDs).
 
     Returns
     -------
@@ -1056,7 +1063,7 @@ def estimate_map(
     if _fixed_etas(model):
         part = estimate_map(_estimated_part(model), data, covariates=covariates,
                             starts=starts, seed=seed, max_iter=max_iter, tol=tol,
-                            initial=initial, interaction=interaction)
+                            initial=initial, interaction=interaction, records=records)
         return replace(part, model=model,
                        individuals=_with_fixed_columns(part.individuals, model))
     problem, full = _build_problem(model, data, covariates)
@@ -1080,7 +1087,18 @@ def estimate_map(
     individuals = _individuals(problem, fit, best, eta, final_ofv, etc, pd_ok,
                                starts=starts, max_iter=max_iter)
     names = problem.names
+    if not records:
+        return MAPEstimate(individuals=individuals, records=pd.DataFrame(), model=model,
+                           names=tuple(names), _problem=(problem, covariates))
+    return _with_records(model, problem, full, covariates, obj, eta, individuals)
 
+
+def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
+                  covariates: str, obj: _Objective, eta: np.ndarray,
+                  individuals: pd.DataFrame) -> MAPEstimate:
+    """The fit with its per-record table (predictions, IPRED_OCC, IWRES) and the
+    plausibility of each ID's fit marked."""
+    take = np.arange(len(problem.ids))
     records = predict_validated(model, full, _full_events(problem, full, covariates),
                                 individuals[["ID", *model.eta_names]])
     used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
@@ -1099,7 +1117,7 @@ def estimate_map(
     _explain_non_finite(model, individuals, records, used)
     _mark_plausibility(model, individuals, records)
     return MAPEstimate(individuals=individuals, records=records, model=model,
-                       names=tuple(names), _problem=(problem, covariates))
+                       names=tuple(problem.names), _problem=(problem, covariates))
 
 
 def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,

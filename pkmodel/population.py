@@ -401,7 +401,7 @@ def _fit_part(job: tuple) -> pd.DataFrame | None:
             warnings.simplefilter("ignore", PlausibilityWarning)
             warnings.simplefilter("ignore", CovariateWarning)
             fit = estimate_map(model, data, covariates=covariates, starts=1, tol=_INNER_TOL,
-                               initial=warm, interaction=interaction)
+                               initial=warm, interaction=interaction, records=False)
     except (ValueError, np.linalg.LinAlgError):
         return None
     return fit.individuals if fit.success else None

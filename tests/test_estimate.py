@@ -777,3 +777,17 @@ def test_a_child_the_model_fits_badly_converges_in_few_iterations():
     row = fit.individuals.iloc[0]
     assert row["SUCCESS"] and row["ITERATIONS"] < 40
     assert row["OBJ"] == pytest.approx(18.844548, abs=1e-5)
+
+
+def test_a_fit_without_records_has_the_same_individuals():
+    """records=False (a population fit's inner problems) skips the per-record table and
+    the plausibility flags; the conditional modes, OBJ and ETC are the same."""
+    model = load("xu2012")
+    table = infliximab_regimen(70.0, until_week=30, covariates={"ALB": 4.0, "ATI": 0})
+    table.loc[table["EVID"] == 0, ["MDV", "DV"]] = [0, 5.0]
+    full = est.estimate_map(model, table)
+    light = est.estimate_map(model, table, records=False)
+    assert light.records.empty and not full.records.empty
+    assert "PLAUSIBLE" in full.individuals and "PLAUSIBLE" not in light.individuals
+    columns = [c for c in light.individuals.columns if c != "MESSAGE"]
+    pd.testing.assert_frame_equal(light.individuals[columns], full.individuals[columns])

@@ -40,16 +40,13 @@ from pkmodel.sensitivity import (
 __all__ = ["fo_gradient", "focei_gradient", "focei_gradient_unsupported"]
 
 
-def focei_gradient_unsupported(model: PopulationModel, table: pd.DataFrame,
-                               censored: bool = False) -> str | None:
+def focei_gradient_unsupported(model: PopulationModel, table: pd.DataFrame) -> str | None:
     """Why :func:`focei_gradient` does not apply (None when it does): the limits of
-    :func:`~pkmodel.sensitivity.sensitivities_unsupported`, censored records, and a
-    combined error adding SDs (``combine="sd"``)."""
+    :func:`~pkmodel.sensitivity.sensitivities_unsupported`, and a combined error adding
+    SDs (``combine="sd"``)."""
     reason = sensitivities_unsupported(model, table)
     if reason is not None:
         return reason
-    if censored:
-        return "censored records (LLOQ, ULOQ)"
     residual = model.residual
     if residual.combine == "sd" and residual.additive and residual.proportional:
         return "a combined error adding SDs (combine='sd')"
@@ -216,9 +213,10 @@ def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
         covariates=covariates)
     q = _residual(model, s, typical, len(pairs), sigmas)
     e = eta_all[:, active]
-    w = s.mask.astype(float)
     dv = table["DV"].to_numpy(dtype=float)
     y = np.where(s.mask, dv[np.maximum(s.rows, 0)], 0.0)
+    censored = _censoring(table, s, model.residual.log_scale)
+    w = (s.mask & ~censored.any).astype(float)  # the normal terms' observations
     if model.residual.log_scale:
         y = np.log(np.where(s.mask, y, 1.0))
     r = np.where(s.mask, y - q.F, 0.0)
@@ -248,14 +246,121 @@ def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
     cross = np.einsum("bk,bkix->bix", w, _second(r, V, q.F_a, q.F_p, q.F_ap, q.V_a,
                                                    q.V_p, q.V_ap))
     cross[:, :, m_t:m_t + m_o] += 2 * np.einsum("cij,bj->bic", d_oinv, e)
-    mode_moves = -np.linalg.solve(hess, cross)  # d eta^ / d psi, (B, n, m)
     fisher = (np.einsum("bk,bki,bkj->bij", w / V, 2 * q.F_a, q.F_a)
               + np.einsum("bk,bki,bkj->bij", w / V**2, q.V_a, q.V_a) + 2 * oinv)
+    c = _CensoredTerms.of(q, censored) if censored.any.any() else None
+    if c is not None:
+        explicit = explicit + c.explicit
+        hess, cross, fisher = hess + c.hess, cross + c.cross, fisher + c.fisher
+    mode_moves = -np.linalg.solve(hess, cross)  # d eta^ / d psi, (B, n, m)
     minv = np.linalg.inv(fisher)
     trace_p = _trace_dm(minv, q, w, q.F_ap, q.V_ap, q.V_p)
     trace_p[:, m_t:m_t + m_o] += 2 * np.einsum("bij,cji->bc", minv, d_oinv)
     trace_eta = _trace_dm(minv, q, w, q.F_ab, q.V_ab, q.V_a)  # (B, n)
+    if c is not None:
+        trace_p = trace_p + c.trace(minv, c.z_p, c.z_ap)
+        trace_eta = trace_eta + c.trace(minv, c.z_a, c.z_ab)
     return explicit + trace_p + np.einsum("ba,bam->bm", trace_eta, mode_moves)
+
+
+@dataclass(frozen=True)
+class _Censoring:
+    """Which observations are censored ``(B, K)``: below their LLOQ (M3) or above their
+    ULOQ, and the bound on the fitted scale."""
+
+    below: np.ndarray
+    above: np.ndarray
+    bound: np.ndarray
+
+    @property
+    def any(self) -> np.ndarray:
+        return self.below | self.above
+
+
+def _censoring(table: pd.DataFrame, s: PredictionSensitivities, log: bool) -> _Censoring:
+    rows = np.maximum(s.rows, 0)
+    dv = table["DV"].to_numpy(dtype=float)[rows]
+    nan = np.full(len(table), np.nan)
+    lloq = (table["LLOQ"].to_numpy(dtype=float) if "LLOQ" in table else nan)[rows]
+    uloq = (table["ULOQ"].to_numpy(dtype=float) if "ULOQ" in table else nan)[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = s.mask & np.isfinite(lloq) & (dv < lloq)
+        above = s.mask & np.isfinite(uloq) & (dv > uloq)
+        bound = np.where(below, lloq, np.where(above, uloq, 1.0))
+        bound = np.log(bound) if log else bound
+    return _Censoring(below, above, bound)
+
+
+@dataclass(frozen=True)
+class _CensoredTerms:
+    """The censored observations' part of the objective's derivatives: their term
+    ``-2 ln Phi(z)``, ``z = (LLOQ - F) / g`` below, ``(F - ULOQ) / g`` above (``g`` the
+    residual SD), and their part ``2 m (m + z) z_a z_b`` of the FOCE Hessian (``m`` the
+    inverse Mills ratio ``phi(z) / Phi(z)``), as :mod:`pkmodel.estimate` writes them."""
+
+    explicit: np.ndarray  # (B, m)
+    hess: np.ndarray  # (B, n, n)
+    cross: np.ndarray  # (B, n, m)
+    fisher: np.ndarray  # (B, n, n)
+    weight: np.ndarray  # (B, K): 2 m (m + z) on censored observations, else 0
+    slope: np.ndarray  # (B, K): its derivative in z
+    z_a: np.ndarray
+    z_p: np.ndarray
+    z_ab: np.ndarray
+    z_ap: np.ndarray
+
+    @classmethod
+    def of(cls, q: _Residual, censored: _Censoring) -> _CensoredTerms:
+        from scipy.special import log_ndtr  # here: only censored data need scipy.special
+
+        on = censored.any
+        sign = np.where(censored.above, -1.0, 1.0)
+        g = np.sqrt(q.V)
+        a = np.where(on, sign * (censored.bound - q.F), 0.0)  # z = a / g
+        z = a / g
+
+        def first(F_x: np.ndarray, V_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            g_x = V_x / (2 * g[..., None])
+            return (-sign[..., None] * F_x / g[..., None] - (a / g**2)[..., None] * g_x), g_x
+
+        z_a, g_a = first(q.F_a, q.V_a)
+        z_p, g_p = first(q.F_p, q.V_p)
+
+        def second(F_xy: np.ndarray, V_xy: np.ndarray, F_y: np.ndarray, V_y: np.ndarray,
+                   g_y: np.ndarray) -> np.ndarray:
+            G = g[..., None, None]
+            g_xy = V_xy / (2 * G) - q.V_a[..., :, None] * V_y[..., None, :] / (4 * G**3)
+            A = a[..., None, None]
+            a_x = (-sign[..., None] * q.F_a)[..., :, None]
+            a_y = (-sign[..., None] * F_y)[..., None, :]
+            return (-sign[..., None, None] * F_xy / G - (a_x * g_y[..., None, :]
+                                                          + a_y * g_a[..., :, None]) / G**2
+                    - A * g_xy / G**2 + 2 * A * g_a[..., :, None] * g_y[..., None, :] / G**3)
+
+        z_ab = second(q.F_ab, q.V_ab, q.F_a, q.V_a, g_a)
+        z_ap = second(q.F_ap, q.V_ap, q.F_p, q.V_p, g_p)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            mills = np.where(on, np.exp(-0.5 * z**2 - 0.5 * np.log(2 * np.pi) - log_ndtr(z)),
+                             0.0)
+        d_mills = -mills * (z + mills)
+        c = on.astype(float)
+        weight = c * 2 * mills * (mills + z)
+        slope = c * 2 * (d_mills * (mills + z) + mills * (d_mills + 1))
+        explicit = np.einsum("bk,bkx->bx", c * -2 * mills, z_p)
+        hess = -2 * (np.einsum("bk,bki,bkj->bij", c * d_mills, z_a, z_a)
+                     + np.einsum("bk,bkij->bij", c * mills, z_ab))
+        cross = -2 * (np.einsum("bk,bki,bkx->bix", c * d_mills, z_a, z_p)
+                      + np.einsum("bk,bkix->bix", c * mills, z_ap))
+        fisher = np.einsum("bk,bki,bkj->bij", weight, z_a, z_a)
+        return cls(explicit, hess, cross, fisher, weight, slope, z_a, z_p, z_ab, z_ap)
+
+    def trace(self, minv: np.ndarray, z_x: np.ndarray, z_ax: np.ndarray) -> np.ndarray:
+        """``tr(inv(M) dM_c/dx)`` for ``M_c = sum 2 m (m + z) z_a z_b`` and the
+        directions ``x`` (last axis)."""
+        mz = np.einsum("bij,bkj->bki", minv, self.z_a)
+        zmz = np.einsum("bki,bki->bk", self.z_a, mz)
+        return (np.einsum("bk,bkx->bx", self.slope * zmz, z_x)
+                + 2 * np.einsum("bk,bki,bkix->bx", self.weight, mz, z_ax))
 
 
 def fo_gradient(model: PopulationModel, table: pd.DataFrame, *, thetas: Sequence[str],

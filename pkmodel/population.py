@@ -17,7 +17,7 @@ the Cholesky factor of OMEGA with log diagonal, log residual SDs) by BFGS. Its g
 exact (:mod:`pkmodel.gradient`: the predictions' sensitivities through the closed forms,
 the modes followed by the implicit function theorem) wherever
 :func:`~pkmodel.gradient.focei_gradient_unsupported` allows; elsewhere (IOV, steady
-state, dose modifiers, time-varying covariates, censored records, three compartments)
+state, dose modifiers, time-varying covariates, three compartments)
 it is taken by forward differences of the objective (central near the optimum), whose
 inner modes are converged to 1e-14 in OFV, and :attr:`PopulationFit.gradient` says so.
 The covariance step follows NONMEM's: the R matrix (Hessian of the objective in the
@@ -423,8 +423,7 @@ class _Objective:
         groups = np.array_split(ids, max(1, min(chunks, len(ids)))) if executor else [ids]
         self.parts = [data[data["ID"].isin(g)] for g in groups]
         #: None when the gradient is exact, else why it is taken by differences.
-        self.inexact: str | None = focei_gradient_unsupported(
-            layout.model, data, bool(_censored(data).any()))
+        self.inexact: str | None = focei_gradient_unsupported(layout.model, data)
         self._last: tuple[bytes, pd.DataFrame | None] | None = None
 
     def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:

@@ -17,8 +17,10 @@ parameter ``psi`` (THETA, OMEGA entry, SIGMA variance) follows the mode
 + sum_c tr(inv(M) dM/deta_c) deta^_c/dpsi``,
 ``deta^/dpsi = -inv(H) d2 OFV / deta dpsi``
 
-(``dOFV/deta = 0`` at the mode; ``H`` the exact Hessian of OFV in the ETAs). Everything
-comes from the predictions' exact first and second derivatives
+(``dOFV/deta = 0`` at the mode; ``H`` the exact Hessian of OFV in the ETAs). A record
+below its LLOQ (M3) or above its ULOQ enters ``OFV`` as ``-2 ln Phi(z)`` and ``M`` as
+``2 m (m + z) z_a z_b`` (``m`` the inverse Mills ratio), as in :mod:`pkmodel.estimate`.
+Everything comes from the predictions' exact first and second derivatives
 (:mod:`pkmodel.sensitivity`): no finite difference.
 """
 

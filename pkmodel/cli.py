@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import runpy
 import sys
 import warnings
@@ -447,7 +448,8 @@ def _fit(args: argparse.Namespace) -> int:
     model, bounds = _load_model(args.model)
     bounds.update(dict(args.bound))  # the command line over the file
     data = read_nonmem(args.data)
-    fix = tuple(f.strip() for f in args.fix.split(",") if f.strip())
+    # commas inside parentheses belong to the name: OMEGA(2,1)
+    fix = tuple(f.strip() for f in re.split(r",(?![^()]*\))", args.fix) if f.strip())
     label = "-2 ln p(y | ETA) of the chains" if args.method == "saem" else "OFV"
 
     def progress(iteration: int, ofv: float) -> None:

@@ -679,6 +679,9 @@ class MAPEstimate(JsonDocument):
         >>> fit.summary()[["PARAMETER", "UNIT"]].T.to_numpy().tolist()[0]
         ['CL', 'V1', 'Q', 'V2', 'HALF_LIFE', 'VSS']
         """
+        if self.records.empty:
+            raise ValueError("this fit was made with records=False: it has no per-record "
+                             "table to take the covariates from; fit with records=True")
         model, rows = self.model, []
         unit_of = {"CL": "L/{t}", "Q": "L/{t}", "Q3": "L/{t}", "V1": "L", "V2": "L",
                    "V3": "L", "KA": "1/{t}", "HALF_LIFE": "{t}", "VSS": "L"}

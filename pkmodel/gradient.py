@@ -216,12 +216,13 @@ def focei_gradient(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
     q = _residual(model, s, typical, len(pairs), sigmas)
     e = eta_all[:, active]
     dv = table["DV"].to_numpy(dtype=float)
-    y = np.where(s.mask, dv[np.maximum(s.rows, 0)], 0.0)
     censored = _censoring(table, s, model.residual.log_scale)
-    w = (s.mask & ~censored.any).astype(float)  # the normal terms' observations
+    normal = s.mask & ~censored.any  # (a censored DV may be 0, or missing)
+    w = normal.astype(float)
+    y = np.where(normal, dv[np.maximum(s.rows, 0)], 1.0)
     if model.residual.log_scale:
-        y = np.log(np.where(s.mask, y, 1.0))
-    r = np.where(s.mask, y - q.F, 0.0)
+        y = np.log(y)
+    r = np.where(normal, y - q.F, 0.0)
     V = q.V
     n = len(active)
     # OMEGA's part: d inv(OMEGA) for each entry, and its terms.

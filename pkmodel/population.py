@@ -41,13 +41,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sympy as sp
 from scipy import optimize
 
 from pkmodel.data import plain_json, validate
 from pkmodel.errors import CovariateWarning, PlausibilityWarning
 from pkmodel.estimate import ConditionalLikelihood, MAPEstimate, estimate_map
 from pkmodel.gradient import fo_gradient, focei_gradient, focei_gradient_unsupported
-from pkmodel.model import PopulationModel, evaluate_parameters
+from pkmodel.model import PopulationModel
 from pkmodel.predict import predict
 from pkmodel.saem import ImportanceDraws, SAEMOptions, run_saem
 from pkmodel.sensitivity import prediction_sensitivities, sensitivities_unsupported
@@ -361,13 +362,17 @@ def _first_order(model: PopulationModel, table: pd.DataFrame,
     return float(_first_order_terms(model, table, covariates).sum())
 
 
+def _first_order_supported(model: PopulationModel, table: pd.DataFrame) -> None:
+    if model.residual.log_scale or model.iov or _censored(table).any():
+        raise ValueError("FO is implemented without IOV, censored records (LLOQ, ULOQ) and "
+                         "log-additive error; use 'foce-i' (or 'foce') for this model")
+
+
 def _first_order_terms(model: PopulationModel, table: pd.DataFrame,
                        covariates: str = "nocb") -> np.ndarray:
     """Each ID's FO objective ``ln det C_i + e_i' C_i^-1 e_i`` (inf where C_i is not
     positive definite)."""
-    if model.residual.log_scale or model.iov or _censored(table).any():
-        raise ValueError("FO is implemented without IOV, censored records (LLOQ, ULOQ) and "
-                         "log-additive error; use 'foce-i' (or 'foce') for this model")
+    _first_order_supported(model, table)
     ids = pd.unique(table["ID"])
     zero = np.zeros((len(ids), len(model.eta_names)))
     if sensitivities_unsupported(model, table) is None:  # the exact G at the observations
@@ -763,13 +768,15 @@ def estimate_population(
     _check_method(method, (*METHODS, "saem"))
     table = validate(data, covariates=model.covariate_names)
     layout = _layout(model, tuple(fix), bounds)
-    inert = _inert_thetas(layout, table)
+    inert = _inert_thetas(layout, table, covariates)
     if inert:
         raise ValueError(
-            f"{inert} change no individual parameter on any record of these data (a "
-            "covariate effect whose covariate never varies from its reference, ATI = 0 in "
-            "every record say): the data cannot estimate them; fix them (fix="
+            f"{inert} change no prediction on any record of these data (a covariate effect "
+            "whose covariate never varies from its reference, ATI = 0 in every record say, "
+            "or a dose modifier no dose uses): the data cannot estimate them; fix them (fix="
             f"{tuple(inert)!r}) or drop them from the model")
+    if method == "fo":  # said now, not as an objective that cannot be evaluated
+        _first_order_supported(model, table)
     if method == "saem":
         return _saem_fit(layout, table, covariates, saem or SAEMOptions(), progress,
                          covariance)
@@ -828,19 +835,36 @@ def estimate_population(
                   else f"differences: {objective.inexact}"))
 
 
-def _inert_thetas(layout: _Layout, table: pd.DataFrame) -> list[str]:
-    """The estimated THETAs that move no parameter of any record (ETAs 0): moved by 1 %
-    (0.01 from 0), every parameter on every row stays exactly what it was."""
+def _inert_thetas(layout: _Layout, table: pd.DataFrame, covariates: str) -> list[str]:
+    """The estimated THETAs that move no prediction of any record: moved by 1 % (0.01 from
+    0), every PRED and IPRED stays exactly what it was, with ETAs 0 and with ETAs 0.3 (a
+    THETA may scale an ETA: an SD, a Box-Cox shape). THETAs that enter only through terms
+    with a KAPPA (gone when the KAPPAs are 0) are left alone: predictions are made with
+    KAPPAs 0."""
     model = layout.model
-    covariates = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
-    base = evaluate_parameters(model, covariates)
+    zero = {sp.Symbol(k): 0 for k in model.kappa_names}
+    present = {str(v) for e in model.parameters.values() for v in e.free_symbols}
+    without_kappas = {str(v) for e in model.parameters.values()
+                      for v in e.xreplace(zero).free_symbols}
+    with_kappa = present - without_kappas
+    ids = pd.unique(table["ID"])
+    etas = [np.zeros((len(ids), len(model.eta_names))),
+            np.full((len(ids), len(model.eta_names)), 0.3)]
+
+    def predictions(m: PopulationModel) -> list[np.ndarray]:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            return [predict(m, table, e, covariates=covariates)[["PRED", "IPRED"]].to_numpy()
+                    for e in etas]
+
+    base = predictions(model)
     out = []
     for name in layout.thetas:
+        if name in with_kappa:
+            continue
         value = model.theta[name]
-        moved = model.with_values({name: value * 1.01 if value else 0.01})
-        with np.errstate(all="ignore"):
-            other = evaluate_parameters(moved, covariates)
-        if all(np.array_equal(base[k], other[k], equal_nan=True) for k in base):
+        moved = predictions(model.with_values({name: value * 1.01 if value else 0.01}))
+        if all(np.array_equal(a, b, equal_nan=True) for a, b in zip(base, moved)):
             out.append(name)
     return out
 
@@ -976,6 +1000,8 @@ def _condition(cov: np.ndarray | None) -> float:
     if cov is None:
         return float("nan")
     sd = np.sqrt(np.diag(cov))
+    if not (np.isfinite(cov).all() and (sd > 0).all()):
+        return float("inf")
     corr = cov / np.outer(sd, sd)
     eig = np.linalg.eigvalsh(corr)
     return float(eig.max() / eig.min()) if eig.min() > 0 else float("inf")
@@ -1073,6 +1099,10 @@ MAX_CONDITION = 1e5
 def _unidentified(cov: np.ndarray, names: list[str]) -> str:
     """Why ``cov`` cannot be trusted (parameters the data cannot tell apart), or ''."""
     sd = np.sqrt(np.diag(cov))
+    if not (np.isfinite(cov).all() and (sd > 0).all()):
+        bad = [n for n, v in zip(names, sd) if not v > 0] or names
+        return (f"the covariance of {bad} is not finite or has no variance: the data do not "
+                "move them; fix them or reparameterise")
     corr = cov / np.outer(sd, sd)
     eig = np.linalg.eigvalsh(corr)
     condition = eig.max() / eig.min() if eig.min() > 0 else np.inf

@@ -324,6 +324,11 @@ def test_fit_command_takes_bounds_from_the_command_line_and_the_model_file(tmp_p
     assert main(["fit", str(model_path), str(path), "--out", str(out), "--fix", "TVCL",
                  "--bound", "TVCL=0,1"]) == 2
     assert "which are fixed" in capsys.readouterr().err
+    # names with a comma inside parentheses stay whole
+    assert main(["fit", str(model_path), str(path), "--out", str(out), "--fix",
+                 "OMEGA(1,1),OMEGA(2,2)", "--no-covariance", "--json"]) == 0
+    fixed = {e["NAME"]: e["FIXED"] for e in json.loads(capsys.readouterr().out)["estimates"]}
+    assert fixed["OMEGA(1,1)"] and fixed["OMEGA(2,2)"] and not fixed["TVCL"]
 
 
 def test_fit_command_names_a_bad_model(tmp_path, capsys):

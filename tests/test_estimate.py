@@ -788,6 +788,8 @@ def test_a_fit_without_records_has_the_same_individuals():
     full = est.estimate_map(model, table)
     light = est.estimate_map(model, table, records=False)
     assert light.records.empty and not full.records.empty
+    with pytest.raises(ValueError, match="records=False"):
+        light.summary()
     assert "PLAUSIBLE" in full.individuals and "PLAUSIBLE" not in light.individuals
     columns = [c for c in light.individuals.columns if c != "MESSAGE"]
     pd.testing.assert_frame_equal(light.individuals[columns], full.individuals[columns])

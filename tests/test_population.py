@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import sympy as sp
 
+from pkmodel.data import validate
 from pkmodel.engine import Structure
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import Covariate, PopulationModel, ResidualError
@@ -613,7 +614,26 @@ def test_a_theta_the_data_cannot_move_is_a_named_error():
               for i, w in enumerate((25.0, 35.0, 45.0), start=1)]
     data = pd.concat(tables, ignore_index=True)
     data.loc[data["EVID"] == 0, ["MDV", "DV"]] = [0, 4.0]
-    with pytest.raises(ValueError, match=r"\['CL_ATI'\] change no individual parameter"):
+    with pytest.raises(ValueError, match=r"\['CL_ATI'\] change no prediction"):
         estimate_population(model, data, covariance=False)
     with pytest.raises(ValueError, match=r"fix=\('CL_ATI',\)"):
         estimate_population(model, data, method="saem")
+
+
+def test_inert_thetas_are_found_by_the_predictions_they_move():
+    """A THETA that scales an ETA (an SD, NONMEM's idiom with OMEGA 1 FIX) moves nothing
+    at ETA 0 and must not be refused; one used only in D1 when no dose has RATE = -2
+    moves a parameter but no prediction, and is refused (its fit ended in a singular
+    covariance step that raised)."""
+    from pkmodel.population import _inert_thetas, _layout
+    start, data = simulated_population()
+    tvcl, tvv, sd_cl, e_cl, e_v = sp.symbols("TVCL TVV SD_CL ETA_CL ETA_V")
+    scaled = replace(start, theta={**start.theta, "SD_CL": 0.3},
+                     parameters={"CL": tvcl * sp.exp(sd_cl * e_cl), "V1": tvv * sp.exp(e_v)},
+                     omega=np.diag([1.0, 0.1]))
+    table = validate(data)
+    assert _inert_thetas(_layout(scaled, ("OMEGA(1,1)",), None), table, "nocb") == []
+    unused = replace(start, theta={**start.theta, "DUR": 0.5},
+                     parameters={**start.parameters, "D1": sp.Symbol("DUR")})
+    with pytest.raises(ValueError, match=r"\['DUR'\] change no prediction"):
+        estimate_population(unused, data, covariance=False)

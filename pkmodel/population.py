@@ -578,7 +578,7 @@ class PopulationFit:
     evaluations : int
         Objective evaluations (each a MAP fit of every ID for FOCE-I and FOCE).
     notes : tuple of str
-        Estimates at or near a bound.
+        THETA estimates at or near a bound, variances (OMEGA, IOV) shrunk to about 0.
     gradient : str
         How the outer gradient was taken: ``"exact"`` (:mod:`pkmodel.gradient`) or
         ``"differences: <why the exact one does not apply>"``.
@@ -870,7 +870,8 @@ def _inert_thetas(layout: _Layout, table: pd.DataFrame, covariates: str) -> list
 
 
 def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:
-    """A note per THETA estimate that ended at one of its bounds."""
+    """A note per THETA estimate that ended at one of its bounds, and per variance (OMEGA,
+    IOV) that ended near 0, below 1e-4 of its initial value."""
     out = []
     for name, v, lo, hi in zip(layout.thetas, values, layout.lower, layout.upper):
         span = hi - lo if np.isfinite(hi - lo) else abs(v)
@@ -878,6 +879,14 @@ def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:
             if np.isfinite(bound) and abs(v - bound) <= max(1e-3 * span, 1e-6 * abs(v)):
                 out.append(f"{name} = {v:.6g} is at its {side} bound {bound:g}: the data "
                            "may want it beyond; the SE there is not to be trusted")
+    start = layout.natural(layout.model)
+    for name, v, v0 in zip(layout.names, values, start):
+        variance = name.startswith("IOV(") or (
+            name.startswith("OMEGA(") and name.split(",")[0][6:] == name.split(",")[1][:-1])
+        if variance and v < 1e-4 * v0:
+            out.append(f"{name} = {v:.3g} has shrunk to about 0 (from {v0:.3g}): the data "
+                       "do not support this variability; fix it at 0 or remove it (its "
+                       "SE, at a boundary, is not to be trusted)")
     return tuple(out)
 
 

@@ -637,3 +637,21 @@ def test_inert_thetas_are_found_by_the_predictions_they_move():
                      parameters={**start.parameters, "D1": sp.Symbol("DUR")})
     with pytest.raises(ValueError, match=r"\['DUR'\] change no prediction"):
         estimate_population(unused, data, covariance=False)
+
+
+def test_a_variance_that_shrinks_to_zero_is_said():
+    """An OMEGA or IOV variance that ends below 1e-4 of its start (a trough-only fit of
+    an infliximab model sent OMEGA(3,3) from 0.306 to 9e-9 and called it successful) gets
+    a note; covariances and THETAs near 0 do not."""
+    from pkmodel.population import _at_bounds, _layout
+    start, _ = iov_population()
+    layout = _layout(start, (), None)
+    values = layout.natural(start)
+    assert _at_bounds(layout, values) == ()
+    shrunk = values.copy()
+    shrunk[layout.names.index("OMEGA(2,2)")] = 9e-9
+    shrunk[layout.names.index("IOV(KAPPA_CL)")] = 1e-7
+    notes = _at_bounds(layout, shrunk)
+    assert len(notes) == 2
+    assert notes[0].startswith("OMEGA(2,2) = 9e-09 has shrunk to about 0 (from 0.04)")
+    assert notes[1].startswith("IOV(KAPPA_CL) = 1e-07 has shrunk to about 0 (from 0.1)")

@@ -21,7 +21,7 @@ state, dose modifiers, time-varying covariates, three compartments)
 it is taken by forward differences of the objective (central near the optimum), whose
 inner modes are converged to 1e-14 in OFV, and :attr:`PopulationFit.gradient` says so.
 The covariance step follows NONMEM's: the R matrix (Hessian of the objective in the
-natural parameters: THETA, OMEGA elements, SIGMA variances) and the sandwich
+natural parameters: THETA, OMEGA elements, IOV and SIGMA variances) and the sandwich
 ``R^-1 S R^-1`` (``S`` from each ID's objective gradient); with exact gradients ``S`` is
 theirs and the Hessian their central differences, otherwise both are central differences
 of the objective.
@@ -102,8 +102,8 @@ class _Layout:
         omega = self.model.omega.copy()
         for (i, j), v in zip(self.omega_pairs, values[n_t:n_t + n_o]):
             omega[i, j] = omega[j, i] = v
-        iov = {**self.model.iov, **dict(zip(self.iovs, map(float, values[n_t + n_o:
-                                                                         n_t + n_o + n_i])))}
+        at = n_t + n_o  # the IOV variances' place
+        iov = {**self.model.iov, **dict(zip(self.iovs, map(float, values[at:at + n_i])))}
         residual = replace(self.model.residual, **{
             kind: float(math.sqrt(max(v, 0.0)))
             for kind, v in zip(self.sigmas, values[n_t + n_o + n_i:])})

@@ -60,6 +60,9 @@ _FD_STEP = 1e-5  # forward-difference step of the outer gradient, in transformed
 _CENTRAL_STEP, _NEAR = 1e-3, 1.0  # central differences once the gradient is below _NEAR
 _COV_STEP = 1e-2  # step of the covariance step, in transformed units
 _EXACT_STEP = 1e-3  # step of the differences of exact gradients (covariance step)
+#: Times the minimisation goes on from better modes found at its end, and by how much an
+#: ID's MAP objective must be lower there.
+_RESTARTS, _BETTER_MODES = 3, 1e-3
 _INNER_TOL = 1e-14
 
 
@@ -429,17 +432,17 @@ class _Objective:
         self.parts = [data[data["ID"].isin(g)] for g in groups]
         #: None when the gradient is exact, else why it is taken by differences.
         self.inexact: str | None = focei_gradient_unsupported(layout.model, data)
-        self._last: tuple[bytes, pd.DataFrame | None] | None = None
+        self._last: tuple[bytes, pd.DataFrame | None, pd.DataFrame | None] | None = None
 
     def fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:
         """Every ID's MAP fit at ``values`` (its ``individuals``; None where one fails),
         the IDs in parts on the executor when there is one; the last point's are kept
         (the optimiser asks for the objective and then the gradient at the same point)."""
         key = np.asarray(values, dtype=float).tobytes()
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
+        if self._last is not None and self._last[0] == key and self._last[1] is warm:
+            return self._last[2]
         result = self._fit(values, warm)
-        self._last = (key, result)
+        self._last = (key, warm, result)
         return result
 
     def _fit(self, values: np.ndarray, warm: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -492,9 +495,21 @@ class _Objective:
                               interaction=self.method == "foce-i",
                               covariates=self.covariates)
 
+    def accept(self, x: np.ndarray) -> None:
+        """Warm start later inner fits from the modes at ``x``, an accepted iterate: not
+        from a line search's trial points, whose modes, far off, could lead back to
+        another (worse) local mode at the same parameters and make the objective depend
+        on the search's path (a BFGS stop for "precision loss" at the start, on troughs
+        with records below the LLOQ)."""
+        if self.method != "fo":
+            fit = self.fit(self.layout.from_x(x), self.warm)
+            if fit is not None:
+                self.warm = fit
+
     def gradient(self, x: np.ndarray) -> np.ndarray:
         """The exact gradient (:mod:`pkmodel.gradient`) where it applies, the inner modes
-        warm started from the previous point's; else differences of the objective."""
+        warm started from the last accepted iterate's; else differences of the
+        objective."""
         if self.inexact is None:
             values = self.layout.from_x(x)
             centre = None
@@ -502,7 +517,6 @@ class _Objective:
                 centre = self.fit(values, self.warm)
                 if centre is None:
                     return np.full_like(x, np.nan)
-                self.warm = centre
             try:
                 per_id = self.id_gradients(values, centre)
             except np.linalg.LinAlgError:  # a singular inner Hessian: differences
@@ -517,11 +531,12 @@ class _Objective:
         in OFV); once the gradient is below _NEAR, central ones, whose accuracy BFGS needs
         near the optimum (with a threshold of 0.05 the forward differences' O(h) bias
         stalled the Bauer 504 and theophylline fits)."""
+        accepted = self.warm
         if self.method != "fo":
             centre = self.fit(self.layout.from_x(x), self.warm)
             if centre is None:
                 return np.full_like(x, np.nan)
-            self.warm = centre
+            self.warm = centre  # the differences start from x's own modes
             base = float(centre["OBJ"].sum())
         else:
             base = self.at_x(x)
@@ -535,6 +550,7 @@ class _Objective:
                 step = np.zeros_like(x)
                 step[k] = _CENTRAL_STEP
                 grad[k] = (self.at_x(x + step) - self.at_x(x - step)) / (2 * _CENTRAL_STEP)
+        self.warm = accepted
         return grad
 
 
@@ -786,30 +802,51 @@ def estimate_population(
     history: list[dict[str, Any]] = []
 
     def record(x: np.ndarray) -> None:
+        objective.accept(x)
         values = layout.from_x(x)
         history.append({"ITERATION": len(history), "OFV": objective.at_x(x),
                         **dict(zip(layout.names, values))})
         if progress is not None:
             progress(history[-1]["ITERATION"], history[-1]["OFV"])
 
-    first = objective.fit(start, None)
-    if first is None or objective.per_id(start) is None:
+    if method != "fo":  # from ETAs 0, NONMEM's start (the modes are checked at the end)
+        objective.warm = objective.fit(start, None)
+    if objective.per_id(start) is None:
         raise ValueError("the objective cannot be evaluated at the initial values (an ID's "
                          "MAP fit fails): check the data and the initial estimates")
-    objective.warm = first
     record(x0)
-    # The first step: of length about 1 in the transformed coordinates (BFGS would take the
-    # whole gradient, thousands of units from a poor start, and overflow).
-    g0 = objective.gradient(x0)
-    scale = 1.0 / max(1.0, float(np.linalg.norm(g0))) if np.isfinite(g0).all() else 1e-3
-    result = optimize.minimize(objective.at_x, x0, jac=objective.gradient, method="BFGS",
-                               callback=record, options={"gtol": gtol, "maxiter": max_iter,
-                                                         "hess_inv0": np.eye(x0.size) * scale})
-    final_values = layout.from_x(result.x)
-    final_model = layout.model_at(final_values)
-    # The conditional modes (POSTHOC) and the objective of the method at the estimates.
-    fit = estimate_map(final_model, table, covariates=covariates, tol=_INNER_TOL,
-                       initial=objective.warm, interaction=method != "foce")
+
+    def minimise(x: np.ndarray) -> optimize.OptimizeResult:
+        # The first step: of length about 1 in the transformed coordinates (BFGS would take
+        # the whole gradient, thousands of units from a poor start, and overflow).
+        g0 = objective.gradient(x)
+        scale = 1.0 / max(1.0, float(np.linalg.norm(g0))) if np.isfinite(g0).all() else 1e-3
+        return optimize.minimize(objective.at_x, x, jac=objective.gradient, method="BFGS",
+                                 callback=record,
+                                 options={"gtol": gtol, "maxiter": max_iter,
+                                          "hess_inv0": np.eye(x.size) * scale})
+
+    result = minimise(x0)
+    for restart in range(_RESTARTS + 1):
+        # The conditional modes (POSTHOC) from several starts: where an ID's mode beats
+        # the one the minimisation followed (warm started, it can stay in a local mode of
+        # the MAP objective), the minimisation goes on from them, so that each ID's
+        # contribution is taken at its conditional mode whatever path led there.
+        final_values = layout.from_x(result.x)
+        final_model = layout.model_at(final_values)
+        with warnings.catch_warnings(record=True) as said:  # the last fit's, said once
+            warnings.simplefilter("always")
+            fit = _best_modes(final_model, table, covariates, objective.warm,
+                              method != "foce", records=True)
+        followed = objective.fit(final_values, objective.warm) if method != "fo" else None
+        if followed is None or restart == _RESTARTS or not fit.success or not (
+                fit.individuals["OFV"].to_numpy() < followed["OFV"].to_numpy()
+                - _BETTER_MODES).any():
+            break
+        objective.warm = fit.individuals
+        result = minimise(result.x)
+    for item in said:
+        warnings.warn(item.message, item.category, stacklevel=2)
     final_terms = objective.per_id(final_values)
     ofv = float(final_terms.sum()) if final_terms is not None else math.inf
     converged = bool(result.success or np.max(np.abs(result.jac)) < 10 * gtol)
@@ -867,6 +904,19 @@ def _inert_thetas(layout: _Layout, table: pd.DataFrame, covariates: str) -> list
         if all(np.array_equal(a, b, equal_nan=True) for a, b in zip(base, moved)):
             out.append(name)
     return out
+
+
+def _best_modes(model: PopulationModel, table: pd.DataFrame, covariates: str,
+                warm: pd.DataFrame | None, interaction: bool,
+                records: bool = False) -> MAPEstimate:
+    """Every ID's conditional mode from several starts (``warm``'s modes first): the
+    POSTHOC step, and the check that the modes a minimisation followed are the best."""
+    with warnings.catch_warnings():  # said at the final estimates
+        if not records:
+            warnings.simplefilter("ignore", PlausibilityWarning)
+            warnings.simplefilter("ignore", CovariateWarning)
+        return estimate_map(model, table, covariates=covariates, tol=_INNER_TOL,
+                            initial=warm, interaction=interaction, records=records)
 
 
 def _at_bounds(layout: _Layout, values: np.ndarray) -> tuple[str, ...]:

@@ -381,9 +381,9 @@ def prediction_sensitivities(model: PopulationModel, table: pd.DataFrame, eta: n
     _, p_eta, p_theta, p_eta_eta, p_eta_theta = params
     f_eta = np.einsum("bkp,bpi->bki", h_p, p_eta)
     f_theta = np.einsum("bkp,bpj->bkj", h_p, p_theta)
-    f_eta_eta = (np.einsum("bkpq,bpi,bqj->bkij", h_pp, p_eta, p_eta)
+    f_eta_eta = (np.einsum("bkpq,bpi,bqj->bkij", h_pp, p_eta, p_eta, optimize=True)
                  + np.einsum("bkp,bpij->bkij", h_p, p_eta_eta))
-    f_eta_theta = (np.einsum("bkpq,bpi,bqj->bkij", h_pp, p_eta, p_theta)
+    f_eta_theta = (np.einsum("bkpq,bpi,bqj->bkij", h_pp, p_eta, p_theta, optimize=True)
                    + np.einsum("bkp,bpij->bkij", h_p, p_eta_theta))
     return PredictionSensitivities(ids=ids, rows=rows, value=h, eta=f_eta, theta=f_theta,
                                    eta_eta=f_eta_eta, eta_theta=f_eta_theta)
@@ -457,7 +457,7 @@ def _concentration_in_p(structure: Any, events: Any, p: np.ndarray, rows: np.nda
         np.add.at(in_z, where, scale[at, None] * g)
         np.add.at(in_zz, where, scale[at, None, None] * h)
     grad = np.einsum("bkz,bzp->bkp", in_z, z_p)
-    hess = (np.einsum("bkyz,byp,bzq->bkpq", in_zz, z_p, z_p)
+    hess = (np.einsum("bkyz,byp,bzq->bkpq", in_zz, z_p, z_p, optimize=True)
             + np.einsum("bkz,bzpq->bkpq", in_z, z_pp))
     return value, grad, hess
 

@@ -72,6 +72,14 @@ _NEWTON_MAX = 6  # above this many ETAs/KAPPAs no Hessian by differences (too ma
 #: trial arm (IOV: 3 ETAs and up to 12 KAPPAs)
 _FISHER_ITERATIONS = 8
 _STUCK_DECREASE = 1e-9
+#: Two starts of one ID are heading for the same mode, and one of them stops (taking the
+#: other's result), when both are near a minimum (the decrease their steps predict is
+#: below _NEAR_DECREASE, in OFV units) and their steps' targets differ by less than
+#: _SAME_TARGET in ``d' H d`` (the FOCE Hessian of OFV: an OFV difference of about half
+#: that, a fraction of a posterior SD). In a Bayesian trial arm every child's three starts
+#: ended at one mode; their work is then done once.
+_NEAR_DECREASE = 1.0
+_SAME_TARGET = 0.25
 
 
 # --------------------------------------------------------------------------- the problem
@@ -495,6 +503,30 @@ def _with_hessian(values: tuple) -> tuple:
     return ofv, grad, fisher, fisher if hess is None else hess
 
 
+def _merge_starts(at: np.ndarray, near: np.ndarray, target: np.ndarray, ofv: np.ndarray,
+                  fisher: np.ndarray, s_count: int, twin: np.ndarray) -> np.ndarray:
+    """Among the starts ``at`` (pair indices, ID-major with ``s_count`` starts per ID), those
+    near a minimum whose step targets coincide with another start's of the same ID
+    (see _SAME_TARGET): the one with the higher OFV is marked merged (``twin`` set to the
+    other); returns which of ``at`` were merged."""
+    merged = np.zeros(at.size, dtype=bool)
+    if s_count == 1 or np.count_nonzero(near) < 2:
+        return merged
+    position = {int(pair): k for k, pair in enumerate(at)}
+    candidates = [k for k in np.flatnonzero(near)]
+    for k in candidates:
+        for m in candidates:
+            pk, pm = int(at[k]), int(at[m])
+            if (m <= k or merged[k] or merged[m] or pk // s_count != pm // s_count):
+                continue
+            d = target[m] - target[k]
+            if d @ fisher[pk] @ d < _SAME_TARGET:
+                drop, keep = (pm, pk) if ofv[pm] >= ofv[pk] else (pk, pm)
+                twin[drop] = keep
+                merged[position[drop]] = True
+    return merged
+
+
 @dataclass
 class _Fit:
     eta: np.ndarray  # (B, S, p)
@@ -526,6 +558,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
     hess = np.zeros((pairs, n, n))
     hess_bfgs = np.zeros((pairs, n, n))
 
+    twin = np.full(pairs, -1)  # the start a start merged into (same mode), or -1
     seen = np.zeros(pairs, dtype=bool)  # derivatives were stored before
     last = np.zeros((pairs, n))  # where they were taken
 
@@ -559,8 +592,11 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         decrease = -np.einsum("ai,ai->a", grad[at], step)
         done = usable & (decrease < tol)
         converged[at[done]] = True
+        eta[at[done]] += step[done]  # the last (tiny) step too: quadratic convergence
         active[at[~usable | done]] = False  # not finite: reported as not converged
-        go = ~done & usable
+        go = ~done & usable & ~_merge_starts(at, usable & (decrease < _NEAR_DECREASE),
+                                             eta[at] + step, ofv, fisher, s_count, twin)
+        active[twin >= 0] = False
         if not go.any():
             break
         at, step, decrease = at[go], step[go], decrease[go]
@@ -595,6 +631,12 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
             decrease[~moved] < _STUCK_DECREASE * (1.0 + np.abs(ofv[stuck])))
         converged[stuck[tiny]] = True
         active[stuck] = False
+    for pair in np.flatnonzero(twin >= 0):  # a merged start ends where its twin did
+        root = pair
+        while twin[root] >= 0:
+            root = twin[root]
+        eta[pair], converged[pair] = eta[root], converged[root]
+        iterations[pair] = iterations[root]
     final = obj.ofv(eta[:, None, :], ids)[:, 0]
     shape = (b_count, s_count)
     return _Fit(eta.reshape(b_count, s_count, n), final.reshape(shape),

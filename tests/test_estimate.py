@@ -793,3 +793,60 @@ def test_a_fit_without_records_has_the_same_individuals():
     assert "PLAUSIBLE" in full.individuals and "PLAUSIBLE" not in light.individuals
     columns = [c for c in light.individuals.columns if c != "MESSAGE"]
     pd.testing.assert_frame_equal(light.individuals[columns], full.individuals[columns])
+
+
+def test_starts_heading_for_one_mode_merge_and_give_the_same_fit(monkeypatch):
+    """Three starts per child that reach one mode (every child of a Bayesian trial arm) do
+    the work once: a start whose step's target coincides with another's stops and takes
+    its result. Against the same fits with merging switched off: the same ETAs (1e-6) and
+    OFV (1e-8) for 12 children of the Kang cohort on label dosing with two troughs each,
+    with fewer start-iterations in all. Distinct modes are never merged (see
+    test_map_finds_the_lower_of_two_modes, whose modes lie 0.9 apart)."""
+    from pkmodel.trial import kang_cohort
+
+    model = load("fasanmade2011")
+    cohort = kang_cohort(12, seed=3)
+    tables = []
+    for i, child in cohort.reset_index(drop=True).iterrows():
+        table = infliximab_regimen(float(child["WT"]), until_week=22, covariates={
+            "ALB": float(child["ALB"]), "ATI": 0, "IMM": 1})
+        samples = table.index[(table["EVID"] == 0) & table["TIME"].isin([98.0, 154.0])]
+        table.loc[samples, "MDV"] = 0
+        table.loc[samples, "DV"] = [2.0 + 0.3 * i, 1.0 + 0.2 * i]
+        tables.append(table.assign(ID=i + 1))
+    data = pd.concat(tables, ignore_index=True)
+    moving = [0]  # start-iterations: the starts still moving, summed over iterations
+    merge = est._merge_starts
+
+    def counting(at, *args):
+        moving[0] += at.size
+        return merge(at, *args)
+
+    monkeypatch.setattr(est, "_merge_starts", counting)
+    merged = est.estimate_map(model, data, records=False).individuals
+    with_merging, moving[0] = moving[0], 0
+    monkeypatch.setattr(est, "_SAME_TARGET", -1.0)  # no two targets closer: no merging
+    separate = est.estimate_map(model, data, records=False).individuals
+    assert merged["SUCCESS"].all() and separate["SUCCESS"].all()
+    names = list(model.eta_names) + [c for c in merged if c.startswith("KAPPA")]
+    np.testing.assert_allclose(merged[names], separate[names], atol=1e-6)
+    np.testing.assert_allclose(merged["OFV"], separate["OFV"], atol=1e-8)
+    assert with_merging < 0.75 * moving[0]
+
+
+def test_starts_merge_only_near_one_minimum_of_the_same_id():
+    """_merge_starts: two IDs with two starts each, FOCE Hessian 100 I. ID 1's step targets
+    lie 0.01 apart (d'Hd = 0.01 < 0.25): the start with the higher OFV merges into the
+    other. ID 2's lie 0.1 apart (d'Hd = 1): both go on. A start of ID 1 and one of ID 2 with
+    the same target never merge, nor do starts not yet near a minimum."""
+    at = np.arange(4)
+    target = np.array([[0.0, 0.0], [0.01, 0.0], [0.01, 0.0], [0.11, 0.0]])
+    ofv = np.array([5.0, 4.0, 1.0, 1.0])
+    fisher = np.broadcast_to(100.0 * np.eye(2), (4, 2, 2))
+    twin = np.full(4, -1)
+    merged = est._merge_starts(at, np.ones(4, bool), target, ofv, fisher, 2, twin)
+    assert merged.tolist() == [True, False, False, False] and twin.tolist() == [1, -1, -1, -1]
+    twin = np.full(4, -1)
+    far = est._merge_starts(at, np.array([False, True, True, True]), target, ofv, fisher, 2,
+                            twin)
+    assert not far.any() and (twin == -1).all()

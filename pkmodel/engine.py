@@ -382,8 +382,14 @@ def _decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> _Modes:
         theta = 0.5 * np.arctan2(2.0 * off, a - c)  # rotation diagonalising M
         cos, sin = np.cos(theta), np.sin(theta)
         lam = np.stack([slow, fast], axis=-1)
-        u = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
-        sqrt_v = np.sqrt(np.stack([v1, v2], axis=-1))
+        # u = [[cos, -sin], [sin, cos]]; p = sqrt(V) u, pinv = u' / sqrt(V), written out
+        s1, s2 = np.sqrt(v1), np.sqrt(v2)
+        p, pinv = np.empty(shape + (2, 2)), np.empty(shape + (2, 2))
+        p[..., 0, 0], p[..., 0, 1] = s1 * cos, -s1 * sin
+        p[..., 1, 0], p[..., 1, 1] = s2 * sin, s2 * cos
+        pinv[..., 0, 0], pinv[..., 0, 1] = cos / s1, sin / s2
+        pinv[..., 1, 0], pinv[..., 1, 1] = -sin / s1, cos / s2
+        return _Modes(lam, p, pinv, params["KA"] if depot else None)
     else:
         q, v2, q3, v3 = params["Q"], params["V2"], params["Q3"], params["V3"]
         m = np.zeros(shape + (3, 3))
@@ -583,9 +589,10 @@ def solve(
     n_states = structure.n_states
 
     # Decompose once per distinct parameter column.
-    stacked = np.stack([arrays[name] for name in names], axis=-1)
     changed = np.ones(n_rec, dtype=bool)
-    changed[1:] = np.any(stacked[:, 1:] != stacked[:, :-1], axis=(0, 2))
+    changed[1:] = False
+    for name in names:
+        changed[1:] |= np.any(arrays[name][:, 1:] != arrays[name][:, :-1], axis=0)
     column_of = np.cumsum(changed) - 1
     unique = {name: arrays[name][:, changed] for name in names}
     modes_all = _decompose(structure.n_compartments, unique, structure.depot)

@@ -509,22 +509,27 @@ def _merge_starts(at: np.ndarray, near: np.ndarray, target: np.ndarray, ofv: np.
     near a minimum whose step targets coincide with another start's of the same ID
     (see _SAME_TARGET): the one with the higher OFV is marked merged (``twin`` set to the
     other); returns which of ``at`` were merged."""
-    merged = np.zeros(at.size, dtype=bool)
     if s_count == 1 or np.count_nonzero(near) < 2:
-        return merged
-    position = {int(pair): k for k, pair in enumerate(at)}
-    candidates = [k for k in np.flatnonzero(near)]
-    for k in candidates:
-        for m in candidates:
-            pk, pm = int(at[k]), int(at[m])
-            if (m <= k or merged[k] or merged[m] or pk // s_count != pm // s_count):
-                continue
-            d = target[m] - target[k]
-            if d @ fisher[pk] @ d < _SAME_TARGET:
-                drop, keep = (pm, pk) if ofv[pm] >= ofv[pk] else (pk, pm)
-                twin[drop] = keep
-                merged[position[drop]] = True
-    return merged
+        return np.zeros(at.size, dtype=bool)
+    pairs, n = twin.size, target.shape[1]
+    free = np.zeros(pairs, dtype=bool)  # near a minimum, not merged: (ID, start) below
+    free[at[near]] = True
+    aim = np.zeros((pairs, n))
+    aim[at] = target
+    free, aim = free.reshape(-1, s_count), aim.reshape(-1, s_count, n)
+    level = ofv.reshape(-1, s_count)
+    first = np.arange(free.shape[0]) * s_count
+    for k in range(s_count):
+        for m in range(k + 1, s_count):
+            d = aim[:, m] - aim[:, k]
+            close = free[:, k] & free[:, m] & (
+                np.einsum("bi,bij,bj->b", d, fisher[first + k], d) < _SAME_TARGET)
+            drop_m = close & (level[:, m] >= level[:, k])
+            drop_k = close & ~drop_m
+            twin[first[drop_m] + m] = first[drop_m] + k
+            twin[first[drop_k] + k] = first[drop_k] + m
+            free[drop_m, m] = free[drop_k, k] = False
+    return twin[at] >= 0
 
 
 @dataclass
@@ -582,8 +587,9 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         need = at[~known[at]]
         if need.size:
             store(need, _with_hessian(_derivatives(obj, eta[need], ids[need], newton=newton)))
-        newton_step, ok = _step(hess[at], grad[at])
         fisher_step, usable = _step(fisher[at], grad[at])
+        newton_step, ok = ((fisher_step, usable) if np.array_equal(hess[at], fisher[at])
+                           else _step(hess[at], grad[at]))  # scoring steps: the same
         usable &= np.isfinite(ofv[at])
         step = np.where(ok[:, None], newton_step, fisher_step)
         decrease = -np.einsum("ai,ai->a", grad[at], step)

@@ -669,29 +669,30 @@ def solve(
 
 
 #: Doses, steady states, resets and the schedule of event profiles without dose
-#: modifiers, which do not depend on the parameters: built once per Events object (and
-#: number of sets per profile), as a fit solves the same records many times.
-_PLAIN_INPUTS: dict[tuple[int, int, Structure], tuple[weakref.ref, tuple]] = {}
+#: modifiers, which do not depend on the parameters: built once per Events object (then
+#: repeated for the number of sets per profile of each call), as a fit solves the same
+#: records many times.
+_PLAIN_INPUTS: dict[tuple[int, Structure], tuple[weakref.ref, tuple]] = {}
 
 
 def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray],
                   repeats: int) -> tuple:
     """:func:`_build_inputs` and :func:`_schedule` without modifiers, cached for
     ``events`` (confirmed by a weak reference, never by a reused id)."""
-    key = (id(events), repeats, structure)
+    key = (id(events), structure)
     hit = _PLAIN_INPUTS.get(key)
     if hit is not None and hit[0]() is events:
-        return hit[1]
-    b_events, n_rec = events.shape
-    inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
-    schedule = _schedule(inputs, ev["time"], n_rec)
+        inputs, ss_specs, reset, schedule = hit[1]
+    else:
+        b_events, n_rec = events.shape
+        inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
+        schedule = _schedule(inputs, ev["time"], n_rec)
+        if len(_PLAIN_INPUTS) >= 64:
+            _PLAIN_INPUTS.clear()
+        _PLAIN_INPUTS[key] = (weakref.ref(events), (inputs, ss_specs, reset, schedule))
     if repeats > 1:
         inputs, ss_specs, reset = _repeat_inputs(inputs, ss_specs, reset, repeats)
-    value = (inputs, ss_specs, reset, schedule)
-    if len(_PLAIN_INPUTS) >= 64:
-        _PLAIN_INPUTS.clear()
-    _PLAIN_INPUTS[key] = (weakref.ref(events), value)
-    return value
+    return inputs, ss_specs, reset, schedule
 
 
 def central_amounts(

@@ -257,9 +257,14 @@ def predict_validated(model: PopulationModel, table: pd.DataFrame, events: Event
     population, individual = _parameters(model, table, eta)
     out = table.copy()
     n = len(table)
-    out["PRED"] = _per_row(events, _central_concentration(model, events, population), n)
-    out["IPRED"] = out["PRED"] if eta is None else _per_row(
-        events, _central_concentration(model, events, individual), n)
+    if eta is None:
+        out["PRED"] = _per_row(events, _central_concentration(model, events, population), n)
+        out["IPRED"] = out["PRED"]
+    else:  # one engine call: two parameter sets per profile
+        both = {k: np.stack([population[k], individual[k]]) for k in population}
+        conc = profile_concentrations(model, events, both)
+        out["PRED"] = _per_row(events, conc[:, 0], n)
+        out["IPRED"] = _per_row(events, conc[:, 1], n)
     for name, values in individual.items():
         out[name] = values
     return out

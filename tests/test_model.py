@@ -15,11 +15,13 @@ from pkmodel.model import (
     Covariate,
     PopulationModel,
     ResidualError,
+    _compile,
+    _numpy_source,
     check_covariates,
     evaluate_parameters,
     typical_covariates,
 )
-from pkmodel.models import load
+from pkmodel.models import available, load
 from pkmodel.predict import predict
 
 WT, TVCL, TVV, ETA_CL, ETA_V, KAPPA_CL = sp.symbols("WT TVCL TVV ETA_CL ETA_V KAPPA_CL")
@@ -137,3 +139,34 @@ def test_aliases_and_modelled_dose_parameters_without_rebuilding():
         base.with_aliases({"X": "CRP"})
     with pytest.raises(ValueError, match="dose modifier"):
         base.with_parameters(KA=1.0)
+
+
+@pytest.mark.parametrize("name", available())
+def test_equations_written_out_equal_sympy_lambdify(name):
+    """Every built-in model's equations, compiled by pkmodel's own writer (or by lambdify
+    where it declines), agree with sympy.lambdify within 1e-14 relative at 200 random
+    covariate and ETA values (THETAs as published)."""
+    model = load(name)
+    symbols = [sp.Symbol(n) for n in (*model.theta, *model.covariate_names,
+                                      *model.eta_names, *model.iov)]
+    rng = np.random.default_rng(7)
+    values = [float(v) for v in model.theta.values()] + [
+        rng.uniform(0.2, 3.0, 200) for _ in symbols[len(model.theta):]]
+    for parameter, expr in model.parameters.items():
+        ours = np.asarray(_compile(symbols, expr)(*values), dtype=float)
+        theirs = np.asarray(sp.lambdify(symbols, expr, modules=[np])(*values), dtype=float)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-14, err_msg=parameter)
+
+
+def test_equation_writer_covers_arithmetic_and_declines_the_rest():
+    """Numbers (integer, rational, float), +, *, powers, exp, log and sqrt are written
+    out; a Piecewise is left to lambdify (None), as is a symbol that is not an argument."""
+    x, y = sp.symbols("x y")
+    expr = (sp.Rational(3, 4) * x + 2) ** sp.Float(0.5) * sp.exp(-y) + sp.log(x) / sp.sqrt(y)
+    f = _compile([x, y], sp.UnevaluatedExpr(expr))
+    assert f(2.0, 0.5) == pytest.approx(
+        3.5 ** 0.5 * np.exp(-0.5) + np.log(2.0) / np.sqrt(0.5), rel=1e-15)
+    assert _numpy_source(expr, {"x": 0, "y": 1}) is not None
+    assert _numpy_source(sp.Piecewise((x, y > 0), (y, True)), {"x": 0, "y": 1}) is None
+    assert _numpy_source(x + y, {"x": 0}) is None
+    assert _compile([x, y], sp.Piecewise((x, y > 0), (y, True)))(2.0, -1.0) == -1.0

@@ -1073,7 +1073,8 @@ def estimate_map(
     starts : int
         Starting points per ID: zero, then the lowest-OFV points of a screen of
         SCREEN_POINTS quasi-random points within SCREEN_SD prior SDs (``seed``). Every start
-        is optimised; the best is kept, and another optimum is reported in MESSAGE.
+        is optimised (two heading for the same optimum merge into one); the best is kept,
+        and another optimum is reported in MESSAGE.
     seed : int
         Seed of the screen (same seed, same result).
     max_iter : int

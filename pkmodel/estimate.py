@@ -588,7 +588,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         if need.size:
             store(need, _with_hessian(_derivatives(obj, eta[need], ids[need], newton=newton)))
         fisher_step, usable = _step(fisher[at], grad[at])
-        newton_step, ok = ((fisher_step, usable) if np.array_equal(hess[at], fisher[at])
+        newton_step, ok = ((fisher_step, usable.copy()) if np.array_equal(hess[at], fisher[at])
                            else _step(hess[at], grad[at]))  # scoring steps: the same
         usable &= np.isfinite(ofv[at])
         step = np.where(ok[:, None], newton_step, fisher_step)
@@ -600,8 +600,9 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         converged[at[done]] = True
         eta[at[done]] += step[done]  # the last (tiny) step too: quadratic convergence
         active[at[~usable | done]] = False  # not finite: reported as not converged
-        go = ~done & usable & ~_merge_starts(at, usable & (decrease < _NEAR_DECREASE),
-                                             eta[at] + step, ofv, fisher, s_count, twin)
+        go = ~done & usable  # a converged start is neither merged nor merged into
+        go &= ~_merge_starts(at, go & (decrease < _NEAR_DECREASE), eta[at] + step, ofv,
+                             fisher, s_count, twin)
         active[twin >= 0] = False
         if not go.any():
             break

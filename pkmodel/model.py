@@ -477,8 +477,9 @@ def _numpy_source(expr: sp.Expr, index: Mapping[str, int]) -> str | None:
         return "(" + " + ".join(parts) + ")"
     if expr.is_Mul:
         return "(" + "*".join(parts) + ")"
-    if expr.is_Pow:
-        return f"({parts[0]}**{parts[1]})"
+    if expr.is_Pow:  # a square root as numpy's (nan below 0), as lambdify writes it
+        return (f"sqrt({parts[0]})" if expr.exp == sp.Rational(1, 2)
+                else f"({parts[0]}**{parts[1]})")
     for name in _FUNCTIONS:
         if expr.func == getattr(sp, name):
             return f"{name}({parts[0]})"

@@ -160,7 +160,8 @@ def test_equations_written_out_equal_sympy_lambdify(name):
 
 def test_equation_writer_covers_arithmetic_and_declines_the_rest():
     """Numbers (integer, rational, float), +, *, powers, exp, log and sqrt are written
-    out; a Piecewise is left to lambdify (None), as is a symbol that is not an argument."""
+    out (a square root of a negative number is nan, not complex); a Piecewise is left to
+    lambdify (None), as is a symbol that is not an argument."""
     x, y = sp.symbols("x y")
     expr = (sp.Rational(3, 4) * x + 2) ** sp.Float(0.5) * sp.exp(-y) + sp.log(x) / sp.sqrt(y)
     f = _compile([x, y], sp.UnevaluatedExpr(expr))
@@ -170,3 +171,5 @@ def test_equation_writer_covers_arithmetic_and_declines_the_rest():
     assert _numpy_source(sp.Piecewise((x, y > 0), (y, True)), {"x": 0, "y": 1}) is None
     assert _numpy_source(x + y, {"x": 0}) is None
     assert _compile([x, y], sp.Piecewise((x, y > 0), (y, True)))(2.0, -1.0) == -1.0
+    with np.errstate(invalid="ignore"):  # numpy's square root, as lambdify's: nan below 0
+        assert np.isnan(_compile([x], sp.sqrt(x))(-4.0))

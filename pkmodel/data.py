@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -156,6 +156,21 @@ def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
         ident = int(ident)
     more = f" and {rows.size - 1} other row(s)" if rows.size > 1 else ""
     return f"row {first} (ID {ident}){more}"
+
+
+def with_columns(table: pd.DataFrame, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """A copy of ``table`` with ``columns`` set: those it has replaced in place, the others
+    appended in order (one concatenation, not a copy per column)."""
+    out = table.copy()
+    new = {}
+    for name, values in columns.items():
+        if name in out.columns:
+            out[name] = values
+        else:
+            new[name] = values
+    if not new:
+        return out
+    return pd.concat([out, pd.DataFrame(new, index=out.index)], axis=1)
 
 
 def fail_where(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,

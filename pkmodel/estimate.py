@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import sympy as sp
 
-from pkmodel.data import JsonDocument, fail_where, plain_json, validate
+from pkmodel.data import JsonDocument, fail_where, plain_json, validate, with_columns
 from pkmodel.engine import Events, stack_events
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
@@ -50,7 +50,7 @@ from pkmodel.model import (
 )
 from pkmodel.predict import (
     dosing_occasions,
-    predict_validated,
+    prediction_columns,
     profile_concentrations,
     to_events,
 )
@@ -312,6 +312,7 @@ class _Objective:
         self.row_lo = np.searchsorted(problem.row_id, np.arange(n_ids), side="left")
         self.row_hi = np.searchsorted(problem.row_id, np.arange(n_ids), side="right")
         self._cache: dict[bytes, tuple[np.ndarray, np.ndarray, Events]] = {}
+        self._centre: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
     def _select(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, Events]:
         """Rows of the selected IDs, their position in the selection, and their events
@@ -347,6 +348,15 @@ class _Objective:
         covariates = {k: v[rows] for k, v in p.covariates.items()}
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
         return profile_concentrations(model, events, params, at=p.obs_record[ids])
+
+    def fitted(self, eta: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Predictions ``(A, K)`` at ``eta (A, p)``: those of the last derivatives taken
+        exactly there (see :func:`_derivatives`), else computed."""
+        centre = self._centre
+        if centre is not None and centre[0] == ids.tobytes() and np.array_equal(
+                centre[1], eta):
+            return centre[2]
+        return self.predictions(eta[:, None, :], ids)[:, 0, :]
 
     def terms(self, f: np.ndarray, ids: np.ndarray, residual: ResidualError | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -406,6 +416,7 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
     offsets = _stencil(n, newton)
     points = eta[:, None, :] + offsets[None]
     f = obj.predictions(points, ids)
+    obj._centre = (ids.tobytes(), eta.copy(), f[:, 0])
     value, f_fit, g = obj.terms(f, ids)
     total = value.sum(axis=2) + obj.prior(points)
     h = _STEP
@@ -1149,26 +1160,27 @@ def estimate_map(
 def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
                   covariates: str, obj: _Objective, eta: np.ndarray,
                   individuals: pd.DataFrame) -> MAPEstimate:
-    """The fit with its per-record table (predictions, IPRED_OCC, IWRES) and the
-    plausibility of each ID's fit marked."""
-    take = np.arange(len(problem.ids))
-    records = predict_validated(model, full, _full_events(problem, full, covariates),
-                                individuals[["ID", *model.eta_names]])
-    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy()
+    """The fit with its per-record table (predictions, IPRED_OCC, IWRES, OUTLIER_SD) and
+    the plausibility of each ID's fit marked."""
+    columns = prediction_columns(model, full, _full_events(problem, full, covariates),
+                                 individuals)
+    used = (full["EVID"].to_numpy() == 0) & (full["MDV"].to_numpy() == 0)
     # The fitted prediction of each observation, with its occasion's KAPPAs (the
     # observations of the problem are those of the table, ID by ID, in file order).
-    fitted = obj.predictions(eta[:, None, :], take)[:, 0, :]
-    records["IPRED_OCC"] = np.nan
-    records.loc[used, "IPRED_OCC"] = fitted[problem.obs_mask]
+    f = np.full(len(full), np.nan)
+    f[used] = obj.fitted(eta, np.arange(len(problem.ids)))[problem.obs_mask]
+    dv = full["DV"].to_numpy(dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        f = records["IPRED_OCC"]
         if model.residual.log_scale:
-            iwres = (np.log(records["DV"]) - np.log(f)) / model.residual.additive
+            iwres = (np.log(dv) - np.log(f)) / model.residual.additive
         else:
-            iwres = (records["DV"] - f) / model.residual.sd(f)
-    records["IWRES"] = np.where(used, iwres, np.nan)
+            iwres = (dv - f) / model.residual.sd(f)
+    iwres = np.where(used, iwres, np.nan)
+    score = _outlier_score(model, full, f, iwres)
+    records = with_columns(full, {**columns, "IPRED_OCC": f, "IWRES": iwres,
+                                  "OUTLIER_SD": score})
     _explain_non_finite(model, individuals, records, used)
-    _mark_plausibility(model, individuals, records)
+    individuals = _with_plausibility(model, individuals, full["ID"].to_numpy(), score)
     return MAPEstimate(individuals=individuals, records=records, model=model,
                        names=tuple(problem.names), _problem=(problem, covariates))
 
@@ -1177,14 +1189,14 @@ def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray
                  final_ofv: np.ndarray, etc: np.ndarray, pd_ok: np.ndarray, *, starts: int,
                  max_iter: int) -> pd.DataFrame:
     """One row per ID: the ETAs, OFV, OBJ, N_OBS, SUCCESS, ITERATIONS, MESSAGE and ETC."""
-    rows = []
-    names = problem.names
-    n = problem.n_params
-    for b in range(len(problem.ids)):
-        others = fit.ofv[b][fit.converged[b]]
+    b_count, n = len(problem.ids), problem.n_params
+    chosen = (np.arange(b_count), best)
+    finite = np.isfinite(final_ofv)
+    success = fit.converged[chosen] & pd_ok & finite
+    messages = []
+    for b in range(b_count):
         message = "converged"
-        success = bool(fit.converged[b, best[b]] and pd_ok[b] and np.isfinite(final_ofv[b]))
-        if not np.isfinite(final_ofv[b]):
+        if not finite[b]:
             message = ("objective not finite: a prediction of 0 where the error model needs one "
                        "> 0 (a sample before the first dose with proportional error?), or a "
                        "measured value too large")
@@ -1194,24 +1206,25 @@ def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray
                        else "line search failed to decrease the objective")
         elif not pd_ok[b]:
             message = "Hessian not positive definite at the optimum"
-        if success and others.size > 1 and np.ptp(others) > 1e-4:
+        others = fit.ofv[b][fit.converged[b]]
+        if success[b] and others.size > 1 and np.ptp(others) > 1e-4:
             message += (f"; {starts} starts reached objectives {np.round(np.sort(others), 4)}"
                         " (best kept)")
-        sign, logdet = (np.linalg.slogdet(etc[b]) if np.isfinite(etc[b]).all()
-                        else (0.0, np.nan))
-        row: dict[str, Any] = {"ID": problem.ids[b]}
-        row.update(dict(zip(names, eta[b])))
-        row.update(OFV=final_ofv[b],
-                   OBJ=final_ofv[b] + problem.omega_logdet - (logdet if sign > 0 else np.nan),
-                   N_OBS=int(problem.obs_mask[b].sum()), SUCCESS=success,
-                   ITERATIONS=int(fit.iterations[b, best[b]]), MESSAGE=message)
-        for i in range(n):
-            for j in range(i + 1):
-                row[f"ETC_{i + 1}_{j + 1}"] = etc[b, i, j]
-        rows.append(row)
-    individuals = pd.DataFrame(rows).set_index("ID", drop=False)
-    individuals.index.name = None
-    return individuals
+        messages.append(message)
+    logdet = np.full(b_count, np.nan)
+    usable = np.isfinite(etc).all(axis=(1, 2))
+    if usable.any():
+        sign, value = np.linalg.slogdet(etc[usable])
+        logdet[usable] = np.where(sign > 0, value, np.nan)
+    columns: dict[str, Any] = {"ID": problem.ids}
+    columns.update({name: eta[:, i] for i, name in enumerate(problem.names)})
+    columns.update(OFV=final_ofv, OBJ=final_ofv + problem.omega_logdet - logdet,
+                   N_OBS=problem.obs_mask.sum(axis=1).astype(int), SUCCESS=success,
+                   ITERATIONS=fit.iterations[chosen].astype(int), MESSAGE=messages)
+    for i in range(n):
+        for j in range(i + 1):
+            columns[f"ETC_{i + 1}_{j + 1}"] = etc[:, i, j]
+    return pd.DataFrame(columns, index=pd.Index(problem.ids))
 
 
 def _explain_non_finite(model: PopulationModel, individuals: pd.DataFrame,
@@ -1233,27 +1246,32 @@ def _explain_non_finite(model: PopulationModel, individuals: pd.DataFrame,
                 "nothing about this patient)")
 
 
-def _mark_plausibility(model: PopulationModel, individuals: pd.DataFrame,
-                       records: pd.DataFrame) -> None:
-    """OUTLIER_SD per observation; MAX_OUTLIER_SD, MAX_ETA_SD and PLAUSIBLE per ID; a
-    PlausibilityWarning naming the IDs beyond PLAUSIBLE_SD."""
-    records["OUTLIER_SD"] = outlier_sd(model, records)
-    worst = records.groupby("ID", sort=False)["OUTLIER_SD"].max()
-    individuals["MAX_OUTLIER_SD"] = worst.reindex(individuals["ID"]).to_numpy()
+def _with_plausibility(model: PopulationModel, individuals: pd.DataFrame, ids: np.ndarray,
+                       score: np.ndarray) -> pd.DataFrame:
+    """``individuals`` with MAX_OUTLIER_SD (the largest ``score`` of each ID's records),
+    MAX_ETA_SD and PLAUSIBLE; a PlausibilityWarning naming the IDs beyond PLAUSIBLE_SD."""
+    row_of_id, unique_ids = pd.factorize(ids)
+    worst = np.full(len(unique_ids), np.nan)
+    np.fmax.at(worst, row_of_id, score)  # NaN (not measured) ignored; NaN if none is
+    where = pd.Index(unique_ids).get_indexer(individuals["ID"].to_numpy())
+    max_outlier = np.where(where >= 0, worst[where], np.nan)
     sd = np.sqrt(np.diag(model.omega))
+    eta = np.column_stack([individuals[n].to_numpy(dtype=float) for n in model.eta_names]
+                          or [np.empty((len(individuals), 0))])
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.abs(individuals[list(model.eta_names)].to_numpy(dtype=float)) / sd
-    individuals["MAX_ETA_SD"] = np.nanmax(np.where(sd > 0, z, np.nan), axis=1) if z.size \
-        else np.nan
-    beyond = (individuals["MAX_OUTLIER_SD"] > PLAUSIBLE_SD) | (
-        individuals["MAX_ETA_SD"] > PLAUSIBLE_SD)
-    individuals["PLAUSIBLE"] = ~beyond
+        z = np.where(sd > 0, np.abs(eta) / sd, np.nan)
+    with warnings.catch_warnings():  # an ID without a finite ETA: NaN, as pandas gives
+        warnings.simplefilter("ignore", RuntimeWarning)
+        max_eta = np.nanmax(z, axis=1) if z.size else np.full(len(individuals), np.nan)
+    beyond = (max_outlier > PLAUSIBLE_SD) | (max_eta > PLAUSIBLE_SD)
     if beyond.any():
-        ids = ", ".join(str(i) for i in individuals.loc[beyond, "ID"].tolist()[:10])
-        warnings.warn(f"ID {ids}: a measured value or an ETA lies more than "
+        ids_text = ", ".join(str(i) for i in individuals["ID"].to_numpy()[beyond][:10])
+        warnings.warn(f"ID {ids_text}: a measured value or an ETA lies more than "
                       f"{PLAUSIBLE_SD:g} SDs from the model's expectation (MAX_OUTLIER_SD, "
                       "MAX_ETA_SD): a unit slip (ng/mL?), a mis-timed sample or a model "
-                      "that does not fit this patient", PlausibilityWarning, stacklevel=3)
+                      "that does not fit this patient", PlausibilityWarning, stacklevel=4)
+    return with_columns(individuals, {"MAX_OUTLIER_SD": max_outlier, "MAX_ETA_SD": max_eta,
+                                      "PLAUSIBLE": ~beyond})
 
 
 def outlier_sd(model: PopulationModel, records: pd.DataFrame) -> np.ndarray:
@@ -1265,17 +1283,25 @@ def outlier_sd(model: PopulationModel, records: pd.DataFrame) -> np.ndarray:
     measured or are censored (below their LLOQ, above their ULOQ); infinity where the
     prediction is 0.
     """
-    used = ((records["EVID"] == 0) & (records["MDV"] == 0)).to_numpy(copy=True)
+    return _outlier_score(model, records, records["IPRED_OCC"].to_numpy(dtype=float),
+                          records["IWRES"].to_numpy(dtype=float))
+
+
+def _outlier_score(model: PopulationModel, records: pd.DataFrame, f: np.ndarray,
+                   iwres: np.ndarray) -> np.ndarray:
+    """:func:`outlier_sd` from the records' EVID, MDV, DV, LLOQ and ULOQ and the fitted
+    predictions ``f`` and ``iwres`` given as arrays."""
+    used = (records["EVID"].to_numpy() == 0) & (records["MDV"].to_numpy() == 0)
+    dv = records["DV"].to_numpy(dtype=float)
     if "LLOQ" in records.columns:
-        used = used & ~(records["DV"] < records["LLOQ"]).to_numpy()
+        used = used & ~(dv < records["LLOQ"].to_numpy(dtype=float))
     if "ULOQ" in records.columns:
-        used = used & ~(records["DV"] > records["ULOQ"]).to_numpy()
-    score = np.abs(records["IWRES"].to_numpy(dtype=float))
+        used = used & ~(dv > records["ULOQ"].to_numpy(dtype=float))
+    score = np.abs(iwres)
     if not model.residual.log_scale and model.residual.proportional > 0:
-        f = records["IPRED_OCC"].to_numpy(dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             cv = model.residual.sd(f) / f
-            ratio = np.abs(np.log(records["DV"].to_numpy(dtype=float) / f)) / cv
+            ratio = np.abs(np.log(dv / f)) / cv
         score = np.fmax(score, ratio)
     return np.where(used, np.where(np.isnan(score), np.inf, score), np.nan)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import fail_where, validate
+from pkmodel.data import fail_where, validate, with_columns
 from pkmodel.engine import (
     Events,
     Structure,
@@ -135,40 +135,41 @@ def _per_row(events: Events, values: np.ndarray, n_rows: int) -> np.ndarray:
     return out[0] if events.shape[0] == 1 else out
 
 
-def _row_parameters(model: PopulationModel, table: pd.DataFrame,
-                    eta: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Parameters on every row of ``table`` (shape ``(N,)`` each)."""
-    cov = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
-    values = evaluate_parameters(model, cov, eta)
-    return {k: np.broadcast_to(v, (len(table),)) for k, v in values.items()}
-
-
 def _parameters(model: PopulationModel, table: pd.DataFrame, eta: Any
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Population and individual parameters per row (the same object without ETAs)."""
-    population = _row_parameters(model, table, None)
+    """Population and individual parameters per row, ``(N,)`` each (the same object
+    without ETAs); both in one evaluation of the equations."""
+    cov = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
+    n = len(table)
     if eta is None:
+        values = evaluate_parameters(model, cov)
+        population = {k: np.broadcast_to(v, (n,)) for k, v in values.items()}
         return population, population
-    return population, _row_parameters(model, table, _eta_rows(model, table, eta))
+    rows = _eta_rows(model, table, eta)
+    both = evaluate_parameters(model, cov, np.stack([np.zeros_like(rows), rows]))
+    both = {k: np.broadcast_to(v, (2, n)) for k, v in both.items()}
+    return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
 
 
 def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarray | None:
     """ETAs per row of ``table`` from a DataFrame by ID or an (n_ids, n_eta) array."""
     if eta is None:
         return None
-    ids = table["ID"].to_numpy()
-    unique_ids = pd.unique(ids)
+    row_of_id, unique_ids = pd.factorize(table["ID"].to_numpy())  # order of appearance
     names = list(model.eta_names)
     if isinstance(eta, pd.DataFrame):
-        frame = eta.set_index("ID") if "ID" in eta.columns else eta
-        missing_cols = [n for n in names if n not in frame.columns]
+        missing_cols = [n for n in names if n not in eta.columns]
         if missing_cols:
             raise ValueError(f"`eta` lacks columns {missing_cols}; {model.name} has {names}")
-        absent = [i for i in unique_ids if i not in frame.index]
-        if absent:
-            ident = absent[0].item() if isinstance(absent[0], np.generic) else absent[0]
-            raise ValueError(f"`eta` has no row for ID {ident!r}")
-        values = frame.loc[unique_ids, names].to_numpy(dtype=float)
+        index = pd.Index(eta["ID"] if "ID" in eta.columns else eta.index)
+        if not index.is_unique:
+            twice = index[index.duplicated()][0]
+            raise ValueError(f"`eta` has more than one row for ID {_plain(twice)!r}")
+        where = index.get_indexer(unique_ids)
+        if (where < 0).any():
+            raise ValueError(f"`eta` has no row for ID {_plain(unique_ids[where < 0][0])!r}")
+        values = np.column_stack([eta[n].to_numpy(dtype=float) for n in names]
+                                 or [np.empty((len(eta), 0))])[where]
     else:
         values = np.atleast_2d(np.asarray(eta, dtype=float))
         if values.shape != (len(unique_ids), len(names)):
@@ -176,8 +177,12 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
                              f"order of appearance x {names}); got {values.shape}")
     if not np.all(np.isfinite(values)):
         raise ValueError("`eta` must be finite")
-    position = {ident: i for i, ident in enumerate(unique_ids)}
-    return values[[position[i] for i in ids]]
+    return values[row_of_id]
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (for messages)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _central_concentration(model: PopulationModel, events: Events,
@@ -254,20 +259,23 @@ def predict(
 def predict_validated(model: PopulationModel, table: pd.DataFrame, events: Events,
                       eta: pd.DataFrame | np.ndarray | None) -> pd.DataFrame:
     """:func:`predict` on a table already validated and converted to ``events``."""
+    return with_columns(table, prediction_columns(model, table, events, eta))
+
+
+def prediction_columns(model: PopulationModel, table: pd.DataFrame, events: Events,
+                       eta: pd.DataFrame | np.ndarray | None) -> dict[str, np.ndarray]:
+    """The columns :func:`predict_validated` adds: PRED, IPRED and the individual
+    parameters, per row of ``table``."""
     population, individual = _parameters(model, table, eta)
-    out = table.copy()
     n = len(table)
     if eta is None:
-        out["PRED"] = _per_row(events, _central_concentration(model, events, population), n)
-        out["IPRED"] = out["PRED"]
+        pred = _per_row(events, _central_concentration(model, events, population), n)
+        ipred = pred
     else:  # one engine call: two parameter sets per profile
         both = {k: np.stack([population[k], individual[k]]) for k in population}
         conc = profile_concentrations(model, events, both)
-        out["PRED"] = _per_row(events, conc[:, 0], n)
-        out["IPRED"] = _per_row(events, conc[:, 1], n)
-    for name, values in individual.items():
-        out[name] = values
-    return out
+        pred, ipred = _per_row(events, conc[:, 0], n), _per_row(events, conc[:, 1], n)
+    return {"PRED": pred, "IPRED": ipred, **individual}
 
 
 def draw_concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta: np.ndarray,

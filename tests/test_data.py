@@ -17,6 +17,7 @@ from pkmodel.data import (
     infliximab_regimen,
     read_nonmem,
     validate,
+    with_columns,
 )
 from pkmodel.engine import Structure, solve
 from pkmodel.errors import CovariateError, DatasetError, PKModelError
@@ -43,6 +44,17 @@ def test_read_nonmem_reads_dots_as_missing(tmp_path):
     table = read_nonmem(path)
     assert np.isnan(table["DV"].iloc[0]) and table["DV"].iloc[1] == 3.5
     assert list(table.columns) == ["ID", "TIME", "AMT", "DV", "MDV"]
+
+
+def test_with_columns_replaces_in_place_appends_in_order_and_leaves_the_input():
+    table = pd.DataFrame({"ID": [1, 1], "PRED": [9.0, 9.0], "DV": [1.0, 2.0]},
+                         index=[5, 7])
+    out = with_columns(table, {"IPRED": np.array([3.0, 4.0]), "PRED": np.array([1.0, 2.0]),
+                               "CL": np.array([0.2, 0.3])})
+    assert list(out.columns) == ["ID", "PRED", "DV", "IPRED", "CL"]
+    assert out.index.tolist() == [5, 7]
+    assert out["PRED"].tolist() == [1.0, 2.0] and out["CL"].tolist() == [0.2, 0.3]
+    assert table["PRED"].tolist() == [9.0, 9.0] and "IPRED" not in table.columns
 
 
 def test_validate_fills_nonmem_defaults_and_keeps_rows():

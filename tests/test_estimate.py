@@ -668,6 +668,32 @@ def test_implausible_fits_are_flagged_with_a_warning():
     assert not ind["PLAUSIBLE"] and ind["MAX_OUTLIER_SD"] > 4 and ind["MAX_ETA_SD"] > 4
 
 
+def test_plausibility_is_marked_per_id_among_many():
+    """MAX_OUTLIER_SD is each ID's largest OUTLIER_SD (NaN for an ID with nothing
+    measured), MAX_ETA_SD its largest |ETA| / sqrt(OMEGA), and only the ID beyond 4 SDs
+    (a trough in ng/mL, placed second of three) is implausible and named."""
+    model = load("fasanmade2011")
+    parts = []
+    for ident, dv in ((1, [2.1, 1.4]), (2, [2100.0, 1400.0]), (3, None)):
+        table = infliximab_regimen(28.0, until_week=22, id=ident,
+                                   covariates={"ALB": 3.3, "ATI": 0, "IMM": 1})
+        if dv is not None:
+            samples = table.index[(table["EVID"] == 0) & table["TIME"].isin([98.0, 154.0])]
+            table.loc[samples, ["MDV", "DV"]] = [[0, dv[0]], [0, dv[1]]]
+        parts.append(table)
+    with pytest.warns(est_errors.PlausibilityWarning, match=r"ID 2: "):
+        fit = est.estimate_map(model, pd.concat(parts, ignore_index=True))
+    ind = fit.individuals.set_index("ID")
+    worst = fit.records.groupby("ID")["OUTLIER_SD"].max()
+    np.testing.assert_array_equal(ind["MAX_OUTLIER_SD"].to_numpy(), worst.loc[[1, 2, 3]])
+    assert np.isnan(ind.loc[3, "MAX_OUTLIER_SD"]) and ind.loc[1, "MAX_OUTLIER_SD"] < 4
+    sd = np.sqrt(np.diag(model.omega))
+    np.testing.assert_allclose(ind["MAX_ETA_SD"],
+                               (ind[list(model.eta_names)].abs() / sd).max(axis=1),
+                               rtol=1e-14)
+    assert ind["PLAUSIBLE"].tolist() == [True, False, True]
+
+
 @pytest.mark.filterwarnings("ignore::pkmodel.errors.CovariateWarning")
 def test_an_eta_with_variance_fixed_at_zero_is_the_limit_of_a_tiny_variance():
     """OMEGA FIX 0 on ETA_Q of xu2012: that ETA is not estimated and reported 0, ETC

@@ -75,6 +75,24 @@ def test_eta_errors_are_explicit():
     with pytest.raises(ValueError, match="no row for ID 1"):
         predict(model, child_regimen(), pd.DataFrame({"ID": [2], "ETA_CL": [0.0],
                                                       "ETA_V1": [0.0], "ETA_V2": [0.0]}))
+    with pytest.raises(ValueError, match="more than one row for ID 1"):  # which one?
+        predict(model, child_regimen(), pd.DataFrame({"ID": [1, 1], "ETA_CL": [0.0, 0.3],
+                                                      "ETA_V1": 0.0, "ETA_V2": 0.0}))
+
+
+def test_etas_are_matched_by_id_not_by_position():
+    """ETAs given in another order than the IDs appear (and with extra IDs) reach their
+    own ID's rows."""
+    model = load("fasanmade2011")
+    a, b = two_children()
+    table = pd.concat([a, b], ignore_index=True)
+    eta = pd.DataFrame({"ID": [3, 2, 1], "ETA_CL": [0.9, 0.4, -0.2], "ETA_V1": 0.0,
+                        "ETA_V2": 0.0})
+    out = predict(model, table, eta)
+    typical = predict(model, table)
+    ratio = out["CL"] / typical["CL"]
+    np.testing.assert_allclose(ratio[table["ID"] == 1], np.exp(-0.2), rtol=1e-14)
+    np.testing.assert_allclose(ratio[table["ID"] == 2], np.exp(0.4), rtol=1e-14)
 
 
 def two_children() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -161,16 +161,17 @@ def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
 def with_columns(table: pd.DataFrame, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """A copy of ``table`` with ``columns`` set: those it has replaced in place, the others
     appended in order (one concatenation, not a copy per column)."""
-    out = table.copy()
-    new = {}
-    for name, values in columns.items():
-        if name in out.columns:
+    if not table.columns.is_unique:  # a name twice: set column by column
+        out = table.copy()
+        for name, values in columns.items():
             out[name] = values
-        else:
-            new[name] = values
-    if not new:
         return out
-    return pd.concat([out, pd.DataFrame(new, index=out.index)], axis=1)
+    data = {name: columns[name] if name in columns else table[name]
+            for name in table.columns}
+    data.update((name, values) for name, values in columns.items() if name not in data)
+    out = pd.DataFrame(data, index=table.index)
+    out.columns.name, out.attrs = table.columns.name, dict(table.attrs)
+    return out
 
 
 def fail_where(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
@@ -191,6 +192,8 @@ def fail_where(data: pd.DataFrame, column: str, bad: np.ndarray, expected: str,
 
 def _numeric(data: pd.DataFrame, column: str) -> np.ndarray:
     raw = data[column]
+    if isinstance(raw.dtype, np.dtype) and raw.dtype.kind in "iuf":  # already numbers
+        return raw.to_numpy(dtype=float)
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
     fail_where(data, column, np.isnan(values) & raw.notna().to_numpy(), "a number",
                raw.to_numpy())
@@ -245,7 +248,7 @@ def validate(
         raise TypeError(f"`data` must be a pandas DataFrame; got {type(data).__name__}")
     if len(data) == 0:
         raise DatasetError("the table has no rows")
-    out = data.copy()
+    out = data
     for column in ("ID", "TIME"):
         if column not in out.columns:
             near = [c for c in out.columns if str(c).upper() == column]
@@ -367,6 +370,7 @@ def validate(
     fail_where(out, "TIME", back,
                "TIME non-decreasing within an ID (records are processed in file order)", time)
 
+    covariate_values = {}
     for name in covariates:
         if name not in out.columns:
             raise CovariateError(f"column '{name}' is missing: the model needs covariate "
@@ -379,14 +383,11 @@ def validate(
                 f"every record (covariates apply between records); got "
                 f"{out[name].iloc[np.flatnonzero(bad)[0]]!r}"
             )
-        out[name] = cov
+        covariate_values[name] = cov
 
-    for column in NONMEM_COLUMNS[1:]:
-        out[column] = values[column]
-    for column in _OPTIONAL:
-        if column in values:
-            out[column] = values[column]
-    return out
+    standard = {c: values[c] for c in NONMEM_COLUMNS[1:]}
+    standard.update((c, values[c]) for c in _OPTIONAL if c in values)
+    return with_columns(data, {**covariate_values, **standard})
 
 
 # --------------------------------------------------------------------------- regimens

@@ -166,6 +166,10 @@ def with_columns(table: pd.DataFrame, columns: Mapping[str, np.ndarray]) -> pd.D
         for name, values in columns.items():
             out[name] = values
         return out
+    if not any(name in table.columns for name in columns):  # only new ones: append
+        out = pd.concat([table, pd.DataFrame(dict(columns), index=table.index)], axis=1)
+        out.columns.name, out.attrs = table.columns.name, dict(table.attrs)
+        return out
     data = {name: columns[name] if name in columns else table[name]
             for name in table.columns}
     data.update((name, values) for name, values in columns.items() if name not in data)

@@ -17,7 +17,6 @@ numbers do not depend on where they run.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from scipy import stats
 from pkmodel.data import JsonDocument, plain_json
 from pkmodel.dosing import recommend_regimen
 from pkmodel.engine import Events, central_amounts
-from pkmodel.errors import PlausibilityWarning
 from pkmodel.estimate import estimate_map
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 from pkmodel.predict import make_cohort
@@ -213,9 +211,9 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
     Troughs are linear in the new dose: ``C_history + D * C_unit``; ``C_unit`` depends
     on time since the next dose only, so one shared schedule serves every child.
     """
-    with warnings.catch_warnings():  # virtual troughs: the model's own tails are expected
-        warnings.simplefilter("ignore", PlausibilityWarning)
-        fit = estimate_map(model, visit.records)
+    # The modes and SUCCESS only: no per-record table, no plausibility flags (virtual
+    # troughs come from the model itself; its tails are expected).
+    fit = estimate_map(model, visit.records, records=False)
     eta = fit.individuals[list(model.eta_names)].to_numpy(dtype=float)
     n = eta.shape[0]
     cov = {k: np.asarray(v, dtype=float) for k, v in (visit.covariates or {}).items()}

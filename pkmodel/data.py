@@ -15,6 +15,7 @@ table into the engine's events: this module stays above the engine in the layers
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -160,21 +161,25 @@ def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
 
 def with_columns(table: pd.DataFrame, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """A copy of ``table`` with ``columns`` set: those it has replaced in place, the others
-    appended in order (one concatenation, not a copy per column)."""
+    appended in order; built in one step (setting columns one by one copies per column).
+    The index, column index, ``attrs`` and flags are those of ``table``."""
     if not table.columns.is_unique:  # a name twice: set column by column
         out = table.copy()
         for name, values in columns.items():
             out[name] = values
         return out
-    if not any(name in table.columns for name in columns):  # only new ones: append
+    appended = [name for name in columns if name not in table.columns]
+    if len(appended) == len(columns):  # only new columns: one concatenation
         out = pd.concat([table, pd.DataFrame(dict(columns), index=table.index)], axis=1)
-        out.columns.name, out.attrs = table.columns.name, dict(table.attrs)
-        return out
-    data = {name: columns[name] if name in columns else table[name]
-            for name in table.columns}
-    data.update((name, values) for name, values in columns.items() if name not in data)
-    out = pd.DataFrame(data, index=table.index)
-    out.columns.name, out.attrs = table.columns.name, dict(table.attrs)
+    else:
+        data = {name: columns[name] if name in columns else table[name]
+                for name in table.columns}
+        data.update((name, columns[name]) for name in appended)
+        out = pd.DataFrame(data, index=table.index)
+    out.columns = table.columns.append(pd.Index(appended, dtype=object)) if appended \
+        else table.columns
+    out.attrs = copy.deepcopy(table.attrs)
+    out.flags.allows_duplicate_labels = table.flags.allows_duplicate_labels
     return out
 
 

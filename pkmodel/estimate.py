@@ -682,7 +682,8 @@ class MAPEstimate(JsonDocument):
         the estimated ETAs (KAPPAs set to 0, as for forecasting); on observations also
         IPRED_OCC, the fitted prediction with the occasion's estimated KAPPAs (equal to
         IPRED without IOV), and IWRES, ``(DV - IPRED_OCC) / SD`` as NONMEM computes it at the
-        conditional estimates (on the log scale for a log-additive error).
+        conditional estimates (on the log scale for a log-additive error), and
+        OUTLIER_SD (:func:`outlier_sd`).
     model : PopulationModel
         The model the estimates belong to.
     names : tuple of str
@@ -1260,7 +1261,7 @@ def _with_plausibility(model: PopulationModel, individuals: pd.DataFrame, ids: n
                           or [np.empty((len(individuals), 0))])
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(sd > 0, np.abs(eta) / sd, np.nan)
-    with warnings.catch_warnings():  # an ID without a finite ETA: NaN, as pandas gives
+    with warnings.catch_warnings():  # an ID without a finite ETA: NaN, without a warning
         warnings.simplefilter("ignore", RuntimeWarning)
         max_eta = np.nanmax(z, axis=1) if z.size else np.full(len(individuals), np.nan)
     beyond = (max_outlier > PLAUSIBLE_SD) | (max_eta > PLAUSIBLE_SD)

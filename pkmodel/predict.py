@@ -161,7 +161,11 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
         missing_cols = [n for n in names if n not in eta.columns]
         if missing_cols:
             raise ValueError(f"`eta` lacks columns {missing_cols}; {model.name} has {names}")
-        index = pd.Index(eta["ID"] if "ID" in eta.columns else eta.index)
+        index = pd.Index(eta["ID"]) if "ID" in eta.columns else eta.index
+        if isinstance(index, pd.MultiIndex):  # the level named ID, else the first
+            index = index.get_level_values("ID" if "ID" in index.names else 0)
+        used = np.flatnonzero(index.isin(unique_ids))  # rows for IDs of the table
+        index = index[used]
         if not index.is_unique:
             twice = index[index.duplicated()][0]
             raise ValueError(f"`eta` has more than one row for ID {_plain(twice)!r}")
@@ -169,7 +173,7 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
         if (where < 0).any():
             raise ValueError(f"`eta` has no row for ID {_plain(unique_ids[where < 0][0])!r}")
         values = np.column_stack([eta[n].to_numpy(dtype=float) for n in names]
-                                 or [np.empty((len(eta), 0))])[where]
+                                 or [np.empty((len(eta), 0))])[used[where]]
     else:
         values = np.atleast_2d(np.asarray(eta, dtype=float))
         if values.shape != (len(unique_ids), len(names)):
@@ -231,8 +235,9 @@ def predict(
         NONMEM-style records (see :mod:`pkmodel.data`) with the model's covariates.
     eta : DataFrame or ndarray, optional
         Individual ETAs: a DataFrame with an ``ID`` column (or index) and one column per
-        ETA name, or an array ``(n_ids, n_eta)`` with IDs in order of appearance. Omitted:
-        IPRED equals PRED. IOV KAPPAs are zero (forecasting).
+        ETA name, one row per ID of ``data`` (rows of other IDs are ignored), or an array
+        ``(n_ids, n_eta)`` with IDs in order of appearance. Omitted: IPRED equals PRED.
+        IOV KAPPAs are zero (forecasting).
     covariates : {"nocb", "locf"}
         Which record's covariates govern the interval before a record (NONMEM: NOCB).
 

@@ -55,6 +55,10 @@ def test_with_columns_replaces_in_place_appends_in_order_and_leaves_the_input():
     assert out.index.tolist() == [5, 7]
     assert out["PRED"].tolist() == [1.0, 2.0] and out["CL"].tolist() == [0.2, 0.3]
     assert table["PRED"].tolist() == [9.0, 9.0] and "IPRED" not in table.columns
+    table.attrs["source"] = {"file": "a.csv"}
+    for columns in ({"CL": np.array([0.2, 0.3])}, {"PRED": np.array([1.0, 2.0])}):
+        out = with_columns(table, columns)
+        assert out.attrs == table.attrs and out.attrs["source"] is not table.attrs["source"]
 
 
 def test_validate_fills_nonmem_defaults_and_keeps_rows():

@@ -93,6 +93,10 @@ def test_etas_are_matched_by_id_not_by_position():
     ratio = out["CL"] / typical["CL"]
     np.testing.assert_allclose(ratio[table["ID"] == 1], np.exp(-0.2), rtol=1e-14)
     np.testing.assert_allclose(ratio[table["ID"] == 2], np.exp(0.4), rtol=1e-14)
+    twice_elsewhere = pd.concat([eta, eta.iloc[[0]]])  # ID 3 twice: not in the table
+    np.testing.assert_array_equal(predict(model, table, twice_elsewhere)["CL"], out["CL"])
+    by_level = eta.assign(ARM="A").set_index(["ARM", "ID"])  # the level named ID
+    np.testing.assert_array_equal(predict(model, table, by_level)["CL"], out["CL"])
 
 
 def two_children() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -268,6 +268,12 @@ def validate(
     if lower:
         raise DatasetError(f"column {lower[0]!r} must be written in uppercase "
                            f"({str(lower[0]).upper()!r}), as NONMEM's columns are")
+    covariates = tuple(covariates)
+    named = set(NONMEM_COLUMNS + _OPTIONAL + covariates)
+    twice = [c for c in out.columns[out.columns.duplicated()] if c in named]
+    if twice:
+        raise DatasetError(f"column '{twice[0]}' appears more than once: which one holds the "
+                           "values is ambiguous; keep one", column=str(twice[0]))
     fail_where(out, "ID", out["ID"].isna().to_numpy(), "an ID on every row", out["ID"].to_numpy())
 
     ids = out["ID"].to_numpy()

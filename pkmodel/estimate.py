@@ -120,10 +120,13 @@ class _Problem:
 
 
 def _essential_rows(table: pd.DataFrame, names: tuple[str, ...], covariates: str) -> np.ndarray:
-    """Rows that change a prediction: doses, resets, used observations, covariate changes."""
+    """Rows that change a prediction (doses, resets, used observations, covariate changes)
+    and the first row of every ID (an ID with nothing else is fitted to its prior, not
+    dropped)."""
     evid = table["EVID"].to_numpy()
     keep = (evid != 0) & (evid != 2) | ((evid == 0) & (table["MDV"].to_numpy() == 0))
     ids = table["ID"].to_numpy()
+    keep[np.r_[True, ids[1:] != ids[:-1]]] = True  # every ID, even one with nothing else
     if names:
         values = table[list(names)].to_numpy(dtype=float)
         shift = 1 if covariates == "nocb" else -1

@@ -72,6 +72,18 @@ def test_validate_fills_nonmem_defaults_and_keeps_rows():
     assert table.columns.tolist() == base_table().drop(columns=["EVID"]).columns.tolist()
 
 
+@pytest.mark.parametrize("column", ["DV", "AMT", "WT"])
+def test_a_column_given_twice_is_named(column):
+    """Two DV (or AMT, or covariate) columns: which holds the values is ambiguous (this
+    was an AttributeError)."""
+    table = base_table().assign(WT=28.0)
+    twice = pd.concat([table, table[[column]]], axis=1)
+    with pytest.raises(DatasetError, match=f"column '{column}' appears more than once"):
+        validate(twice, covariates=("WT",))
+    note = table[["WT"]].set_axis(["NOTE"], axis=1)
+    validate(pd.concat([table, note, note], axis=1))  # another column twice: not read
+
+
 def test_validate_without_dv_makes_every_record_non_observed():
     out = validate(base_table().drop(columns=["DV"]))
     assert (out["MDV"] == 1).all()

@@ -668,6 +668,25 @@ def test_implausible_fits_are_flagged_with_a_warning():
     assert not ind["PLAUSIBLE"] and ind["MAX_OUTLIER_SD"] > 4 and ind["MAX_ETA_SD"] > 4
 
 
+def test_an_id_with_nothing_to_fit_keeps_its_row_at_the_prior():
+    """IDs whose only records are EVID 2 (nothing dosed, nothing measured) are fitted to
+    their prior (ETAs 0) and reported, never dropped: two such IDs in a row after a child
+    with data (the second was once lost)."""
+    model = load("fasanmade2011")
+    table = infliximab_regimen(28.0, until_week=22, covariates={"ALB": 3.3, "ATI": 0,
+                                                                 "IMM": 1})
+    sample = table.index[(table["EVID"] == 0) & (table["TIME"] == 98.0)]
+    table.loc[sample, ["MDV", "DV"]] = [0, 2.1]
+    empty = table.iloc[[0]].assign(EVID=2, AMT=0.0, RATE=0.0, MDV=1)
+    data = pd.concat([table, empty.assign(ID=8), empty.assign(ID=9)], ignore_index=True)
+    for records in (True, False):
+        fit = est.estimate_map(model, data, records=records)
+        ind = fit.individuals.set_index("ID")
+        assert ind.index.tolist() == [1, 8, 9]
+        assert (ind.loc[[8, 9], list(model.eta_names)] == 0).all().all()
+        assert ind.loc[[8, 9], "N_OBS"].tolist() == [0, 0] and ind["SUCCESS"].all()
+
+
 def test_plausibility_is_marked_per_id_among_many():
     """MAX_OUTLIER_SD is each ID's largest OUTLIER_SD (NaN for an ID with nothing
     measured), MAX_ETA_SD its largest |ETA| / sqrt(OMEGA), and only the ID beyond 4 SDs

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sympy as sp
 
 from pkmodel.data import JsonDocument, fail_where, plain_json, validate, with_columns
 from pkmodel.engine import Events, stack_events
@@ -154,7 +153,7 @@ def _problem_key(model: PopulationModel, data: pd.DataFrame, covariates: str) ->
     """The data's content (hashed), columns and the model's equations and names."""
     content = pd.util.hash_pandas_object(data, index=True).to_numpy()
     return (covariates, tuple(map(str, data.columns)), tuple(map(str, data.dtypes)),
-            content.tobytes(), model.structure, tuple(model.parameters.items()),
+            content.tobytes(), model.structure, model.equations_key,
             tuple(model.theta), model.eta_names, tuple(model.iov), model.covariate_names,
             model.residual.log_scale)
 
@@ -958,6 +957,8 @@ def _estimated_part(model: PopulationModel) -> PopulationModel:
     if not keep:
         raise ValueError(f"{model.name}: every ETA has variance 0, so there is nothing to "
                          "estimate (predict() gives the population prediction)")
+    import sympy as sp
+
     zero = {sp.Symbol(n): 0 for n in fixed}
     return replace(model, omega=model.omega[np.ix_(keep, keep)],
                    eta_names=tuple(model.eta_names[i] for i in keep),

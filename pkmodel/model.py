@@ -2,7 +2,9 @@
 
 A :class:`PopulationModel` is immutable. Its parameter equations are sympy expressions in
 named symbols (THETAs, covariates, ETAs and IOV KAPPAs), compiled once to numpy functions;
-nothing is parsed from text. Derive a variant with :func:`dataclasses.replace`.
+nothing is parsed from text. Derive a variant with :func:`dataclasses.replace`. The
+published models load their equations already compiled (:class:`CompiledEquations`), so
+a command that only fits and forecasts never imports sympy (a third of a cold start).
 
 Example: a one-compartment model with allometric weight on clearance.
 
@@ -29,19 +31,22 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import sympy as sp
 
 from pkmodel.engine import DOSE_MODIFIERS, Structure
 from pkmodel.errors import CovariateError, CovariateWarning
 
+if TYPE_CHECKING:
+    import sympy as sp
+
 __all__ = [
+    "CompiledEquations",
     "Covariate",
     "DosingLabel",
     "PopulationModel",
@@ -203,6 +208,98 @@ class DosingLabel:
     source: str = ""
 
 
+class CompiledEquations(Mapping[str, "sp.Expr"]):
+    """Parameter equations as compiled numpy source, their sympy expressions built only
+    when one is asked for (printing, symbolic derivatives, a variant of the model).
+
+    The published models are stored so (:mod:`pkmodel.models`): fitting and forecasting
+    evaluate the sources and never import sympy.
+
+    Parameters
+    ----------
+    arguments : tuple of str
+        The names ``a[0], a[1], ...`` of the sources stand for: THETAs, covariates, ETAs
+        and KAPPAs, in the model's order.
+    sources : mapping of str to str
+        Per parameter, a numpy expression of ``a`` (functions exp, log and sqrt).
+    symbols : mapping of str to tuple of str
+        Per parameter, the names of the symbols its equation uses.
+    build : callable
+        Returns the sympy expressions, by parameter name (called once, when first needed).
+    key : tuple
+        Identifies the equations: equal keys, equal equations.
+    """
+
+    def __init__(self, arguments: Sequence[str], sources: Mapping[str, str],
+                 symbols: Mapping[str, Sequence[str]], build: Callable[[], Mapping[str, Any]],
+                 key: tuple) -> None:
+        self.arguments = tuple(arguments)
+        self.sources = dict(sources)
+        self.symbols = {k: frozenset(v) for k, v in symbols.items()}
+        self.key = key
+        self._build = build
+
+    @classmethod
+    def of(cls, model: PopulationModel, build: Callable[[], Mapping[str, Any]],
+           key: tuple) -> CompiledEquations:
+        """The compiled form of ``model``'s (sympy) equations, over its THETAs,
+        covariates, ETAs and KAPPAs; ``build`` must return the same expressions.
+
+        Raises
+        ------
+        ValueError
+            For an equation using a function other than exp, log and sqrt.
+        """
+        import sympy as sp
+
+        arguments = (*model.theta, *model.covariate_names, *model.eta_names, *model.iov)
+        index = {name: i for i, name in enumerate(arguments)}
+        sources = {}
+        for name, expr in model.parameters.items():
+            source = _numpy_source(sp.sympify(expr), index)
+            if source is None:
+                raise ValueError(f"{model.name}: the equation of {name} uses a function "
+                                 "that cannot be written out (arithmetic, exp, log, sqrt, "
+                                 "comparisons and Piecewise can)")
+            sources[name] = source
+        return cls(arguments, sources,
+                   {name: sorted(model.parameter_symbols(name)) for name in sources}, build,
+                   key)
+
+    @cached_property
+    def expressions(self) -> dict[str, sp.Expr]:
+        """The sympy expressions (built on first use)."""
+        built = dict(self._build())
+        if list(built) != list(self.sources):
+            raise ValueError(f"the equations built ({list(built)}) are not those compiled "
+                             f"({list(self.sources)})")
+        return built
+
+    def __getitem__(self, name: str) -> sp.Expr:
+        if name not in self.sources:
+            raise KeyError(name)
+        return self.expressions[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CompiledEquations):
+            return self.key == other.key
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"CompiledEquations({', '.join(self.sources)}; key={self.key!r})"
+
+
 @dataclass(frozen=True)
 class PopulationModel:
     """A population PK model: structure, equations, variability and residual error.
@@ -279,11 +376,10 @@ class PopulationModel:
             raise ValueError(f"`parameters` lacks {missing}, needed by {self.structure}")
         known = (set(self.theta) | {c.name for c in self.covariates} | set(self.eta_names)
                  | set(self.iov))
-        for pname, expr in self.parameters.items():
-            if not isinstance(expr, sp.Expr):
-                raise TypeError(f"parameter {pname} must be a sympy expression; got "
-                                f"{type(expr).__name__}")
-            unknown = sorted(str(s) for s in expr.free_symbols if str(s) not in known)
+        symbols = _symbols(self.parameters)
+        object.__setattr__(self, "_symbols", symbols)
+        for pname, used in symbols.items():
+            unknown = sorted(used - known)
             if unknown:
                 raise ValueError(f"parameter {pname} uses {unknown}, which are not THETA, "
                                  "covariate, ETA or KAPPA names of this model")
@@ -297,6 +393,24 @@ class PopulationModel:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+    def parameter_symbols(self, name: str) -> frozenset[str]:
+        """Names of the THETAs, covariates, ETAs and KAPPAs parameter ``name`` uses.
+
+        Examples
+        --------
+        >>> from pkmodel.models import load
+        >>> sorted(load("xu2012").parameter_symbols("V1"))
+        ['ETA_V1', 'TVV1', 'V1_WT', 'WT']
+        """
+        return self._symbols[name]  # type: ignore[attr-defined]
+
+    @cached_property
+    def equations_key(self) -> tuple:
+        """Identifies the equations (equal keys, equal equations), for caches."""
+        if isinstance(self.parameters, CompiledEquations):
+            return self.parameters.key
+        return tuple(self.parameters.items())
 
     @property
     def covariate_names(self) -> tuple[str, ...]:
@@ -318,6 +432,8 @@ class PopulationModel:
         >>> load("fasanmade2011").without_iov().iov
         {}
         """
+        import sympy as sp
+
         zero = {sp.Symbol(k): 0 for k in self.iov}
         return replace(self, name=f"{self.name}_without_iov", iov={},
                        parameters={k: v.subs(zero) for k, v in self.parameters.items()})
@@ -333,6 +449,8 @@ class PopulationModel:
         >>> load("xu2012").with_parameters(D1=2 / 24).parameters["D1"]
         0.0833333333333333
         """
+        import sympy as sp
+
         known = set(self.structure.parameter_names)
         for name in values:
             if name not in known and not _is_dose_modifier(name):
@@ -386,6 +504,8 @@ class PopulationModel:
                 raise ValueError(f"{covariate!r} is not a covariate of {self.name} "
                                  f"({sorted(names)})")
             rename[covariate] = str(column).upper()
+        import sympy as sp
+
         symbols = {sp.Symbol(k): sp.Symbol(v) for k, v in rename.items()}
         return replace(
             self, covariates=tuple(replace(c, name=rename.get(c.name, c.name))
@@ -401,19 +521,21 @@ class PopulationModel:
     def _compiled(self) -> dict[str, Any]:
         # THETA values are arguments, so models differing only in them (the steps of a
         # population fit) share one compilation.
-        key = (tuple(self.theta), self.covariate_names, self.eta_names, tuple(self.iov),
-               tuple(self.parameters.items()))
+        names = (*self.theta, *self.covariate_names, *self.eta_names, *self.iov)
+        key = (names, self.equations_key)
         if key not in _COMPILED:
             if len(_COMPILED) > 256:
                 _COMPILED.clear()
-            args = ([sp.Symbol(n) for n in self.theta]
-                    + [sp.Symbol(n) for n in self.covariate_names]
-                    + [sp.Symbol(n) for n in self.eta_names] + [sp.Symbol(n) for n in self.iov])
-            # numpy as a module object, not the name "numpy": sympy then takes its namespace
-            # as it is instead of star-importing it (which loads numpy.f2py and
-            # numpy.testing: 65 ms of a cold command, against 7 ms)
-            _COMPILED[key] = {name: _compile(args, expr)
-                              for name, expr in self.parameters.items()}
+            equations = self.parameters
+            if isinstance(equations, CompiledEquations) and equations.arguments == names:
+                _COMPILED[key] = {name: _from_source(source)
+                                  for name, source in equations.sources.items()}
+            else:
+                import sympy as sp
+
+                args = [sp.Symbol(n) for n in names]
+                _COMPILED[key] = {name: _compile(args, expr)
+                                  for name, expr in equations.items()}
         return _COMPILED[key]
 
     def equations(self, format: str = "text") -> str:
@@ -430,6 +552,8 @@ class PopulationModel:
         """
         if format not in ("text", "latex"):
             raise ValueError(f"`format` must be 'text' or 'latex'; got {format!r}")
+        import sympy as sp
+
         lines = []
         for name, expr in self.parameters.items():
             if format == "latex":
@@ -452,14 +576,42 @@ def _compile(args: list[sp.Symbol], expr: sp.Expr) -> Any:
     ``sympy.lambdify``."""
     source = _numpy_source(expr, {a.name: i for i, a in enumerate(args)})
     if source is None:
+        import sympy as sp
+
+        # numpy as a module object, not the name "numpy": sympy then takes its namespace
+        # as it is instead of star-importing it (which loads numpy.f2py and numpy.testing)
         return sp.lambdify(args, expr, modules=[np])
+    return _from_source(source)
+
+
+def _from_source(source: str) -> Any:
+    """The numpy function ``lambda *a: source`` (see :func:`_numpy_source`)."""
     return eval(compile(f"lambda *a: {source}", "<pkmodel equation>", "eval"),
-                {"__builtins__": {}, **_FUNCTIONS})
+                {"__builtins__": {}, **_FUNCTIONS, "where": np.where, "nan": np.nan})
+
+
+def _symbols(parameters: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """Per parameter, the names of the symbols its equation uses (sympy expressions are
+    required, except for equations already compiled)."""
+    if isinstance(parameters, CompiledEquations):
+        return dict(parameters.symbols)
+    import sympy as sp
+
+    out = {}
+    for pname, expr in parameters.items():
+        if not isinstance(expr, sp.Expr):
+            raise TypeError(f"parameter {pname} must be a sympy expression; got "
+                            f"{type(expr).__name__}")
+        out[pname] = frozenset(str(s) for s in expr.free_symbols)
+    return out
 
 
 def _numpy_source(expr: sp.Expr, index: Mapping[str, int]) -> str | None:
     """Python source of ``expr`` over ``a[i]`` (the i-th argument), or None where it holds
-    anything but symbols of ``index``, numbers, +, *, **, exp, log and sqrt."""
+    anything but symbols of ``index``, numbers, +, *, **, exp, log, sqrt, comparisons and
+    Piecewise (numpy's where; nan where no condition holds, as lambdify)."""
+    import sympy as sp
+
     if isinstance(expr, sp.UnevaluatedExpr):
         return _numpy_source(expr.args[0], index)
     if expr.is_Symbol:
@@ -470,6 +622,19 @@ def _numpy_source(expr: sp.Expr, index: Mapping[str, int]) -> str | None:
         return f"({expr.p}/{expr.q})"
     if expr.is_Float:
         return f"({float(expr)!r})"
+    if expr is sp.true:
+        return "True"
+    if isinstance(expr, sp.Piecewise):  # the first condition that holds picks the value
+        out = "nan"
+        for value, condition in reversed(expr.args):
+            pair = (_numpy_source(value, index), _numpy_source(condition, index))
+            if None in pair:
+                return None
+            out = f"where({pair[1]}, {pair[0]}, {out})"
+        return out
+    if expr.is_Relational and expr.rel_op in ("<", "<=", ">", ">=", "==", "!="):
+        sides = [_numpy_source(arg, index) for arg in expr.args]
+        return None if None in sides else f"({sides[0]} {expr.rel_op} {sides[1]})"
     parts = [_numpy_source(arg, index) for arg in expr.args]
     if not expr.args or any(p is None for p in parts):
         return None
@@ -537,10 +702,10 @@ def eta_of(model: PopulationModel, parameter: str) -> str | None:
     >>> eta_of(load("xu2012"), "CL")
     'ETA_CL'
     """
-    expr = model.parameters.get(parameter)
-    if expr is None:
+    if parameter not in model.parameters:
         return None
-    used = [n for n in model.eta_names if n in {str(s) for s in expr.free_symbols}]
+    symbols = model.parameter_symbols(parameter)
+    used = [n for n in model.eta_names if n in symbols]
     return used[0] if len(used) == 1 else None
 
 
@@ -551,6 +716,7 @@ def disposition(model: PopulationModel, parameters: Mapping[str, float]) -> dict
 
     Examples
     --------
+    >>> import sympy as sp
     >>> from pkmodel.engine import Structure
     >>> m = PopulationModel("one", Structure(1), {}, {"CL": sp.Float(2), "V1": sp.Float(10)},
     ...                     np.zeros((0, 0)), (), ResidualError(proportional=0.1))

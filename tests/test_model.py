@@ -159,8 +159,9 @@ def test_equations_written_out_equal_sympy_lambdify(name):
 
 
 def test_equation_writer_covers_arithmetic_and_declines_the_rest():
-    """Numbers (integer, rational, float), +, *, powers, exp, log and sqrt are written
-    out (a square root of a negative number is nan, not complex); a Piecewise is left to
+    """Numbers (integer, rational, float), +, *, powers, exp, log, sqrt, comparisons and
+    Piecewise are written out (a square root of a negative number is nan, not complex; a
+    Piecewise is nan where no condition holds, as lambdify's); another function is left to
     lambdify (None), as is a symbol that is not an argument."""
     x, y = sp.symbols("x y")
     expr = (sp.Rational(3, 4) * x + 2) ** sp.Float(0.5) * sp.exp(-y) + sp.log(x) / sp.sqrt(y)
@@ -168,8 +169,15 @@ def test_equation_writer_covers_arithmetic_and_declines_the_rest():
     assert f(2.0, 0.5) == pytest.approx(
         3.5 ** 0.5 * np.exp(-0.5) + np.log(2.0) / np.sqrt(0.5), rel=1e-15)
     assert _numpy_source(expr, {"x": 0, "y": 1}) is not None
-    assert _numpy_source(sp.Piecewise((x, y > 0), (y, True)), {"x": 0, "y": 1}) is None
+    assert _numpy_source(sp.sin(x), {"x": 0}) is None
     assert _numpy_source(x + y, {"x": 0}) is None
-    assert _compile([x, y], sp.Piecewise((x, y > 0), (y, True)))(2.0, -1.0) == -1.0
+    piecewise = sp.Piecewise((x, y > 0), (2 * x, sp.Le(y, -1)), (y, True))
+    assert _numpy_source(piecewise, {"x": 0, "y": 1}) is not None
+    np.testing.assert_array_equal(_compile([x, y], piecewise)(2.0, np.array([1.0, -1.0, -0.5])),
+                                  [2.0, 4.0, -0.5])
+    partial = sp.Piecewise((x, sp.Eq(y, 1)), (-x, sp.Ne(y, 2) & (y < 0)))  # no default
+    assert np.isnan(_compile([x, y], sp.Piecewise((x, sp.Eq(y, 1))))(3.0, 0.0))
+    assert _compile([x, y], sp.Piecewise((x, sp.Eq(y, 1))))(3.0, 1.0) == 3.0
+    assert _numpy_source(partial, {"x": 0, "y": 1}) is None  # And is not written out
     with np.errstate(invalid="ignore"):  # numpy's square root, as lambdify's: nan below 0
         assert np.isnan(_compile([x], sp.sqrt(x))(-4.0))

@@ -1,10 +1,11 @@
 """Population PK models: typical values, covariate equations, variability, residual error.
 
 A :class:`PopulationModel` is immutable. Its parameter equations are sympy expressions in
-named symbols (THETAs, covariates, ETAs and IOV KAPPAs), compiled once to numpy functions;
-nothing is parsed from text. Derive a variant with :func:`dataclasses.replace`. The
-published models load their equations already compiled (:class:`CompiledEquations`), so
-a command that only fits and forecasts never imports sympy (a third of a cold start).
+named symbols (THETAs, covariates, ETAs and IOV KAPPAs), compiled once to numpy functions
+(pkmodel writes the numpy source itself; no text a user gives is evaluated). Derive a
+variant with :func:`dataclasses.replace`. The published models load their equations
+already compiled, as that source (:class:`CompiledEquations`), so loading one, fitting,
+forecasting and recommending never import sympy (a third of a cold start).
 
 Example: a one-compartment model with allometric weight on clearance.
 
@@ -213,7 +214,8 @@ class CompiledEquations(Mapping[str, "sp.Expr"]):
     when one is asked for (printing, symbolic derivatives, a variant of the model).
 
     The published models are stored so (:mod:`pkmodel.models`): fitting and forecasting
-    evaluate the sources and never import sympy.
+    evaluate the sources and never import sympy. Two are the same equations when their
+    arguments and sources are (a cache key); otherwise equality compares the expressions.
 
     Parameters
     ----------
@@ -221,34 +223,42 @@ class CompiledEquations(Mapping[str, "sp.Expr"]):
         The names ``a[0], a[1], ...`` of the sources stand for: THETAs, covariates, ETAs
         and KAPPAs, in the model's order.
     sources : mapping of str to str
-        Per parameter, a numpy expression of ``a`` (functions exp, log and sqrt).
+        Per parameter, a numpy expression of ``a``: arithmetic, comparisons, the
+        functions exp, log, sqrt and where, and nan (as :meth:`of` writes them).
     symbols : mapping of str to tuple of str
         Per parameter, the names of the symbols its equation uses.
     build : callable
-        Returns the sympy expressions, by parameter name (called once, when first needed).
-    key : tuple
-        Identifies the equations: equal keys, equal equations.
+        Returns the sympy expressions, by parameter name (called once, when first needed;
+        a module-level function or a partial of one, so that the equations pickle).
     """
 
     def __init__(self, arguments: Sequence[str], sources: Mapping[str, str],
-                 symbols: Mapping[str, Sequence[str]], build: Callable[[], Mapping[str, Any]],
-                 key: tuple) -> None:
+                 symbols: Mapping[str, Sequence[str]],
+                 build: Callable[[], Mapping[str, Any]]) -> None:
         self.arguments = tuple(arguments)
         self.sources = dict(sources)
         self.symbols = {k: frozenset(v) for k, v in symbols.items()}
-        self.key = key
+        self.key = ("compiled", self.arguments, tuple(self.sources.items()))
         self._build = build
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Without the expressions if built: a process the model is sent to (Dask) then
+        # imports sympy only if it needs them too.
+        state = dict(self.__dict__)
+        state.pop("expressions", None)
+        return state
+
     @classmethod
-    def of(cls, model: PopulationModel, build: Callable[[], Mapping[str, Any]],
-           key: tuple) -> CompiledEquations:
+    def of(cls, model: PopulationModel,
+           build: Callable[[], Mapping[str, Any]]) -> CompiledEquations:
         """The compiled form of ``model``'s (sympy) equations, over its THETAs,
         covariates, ETAs and KAPPAs; ``build`` must return the same expressions.
 
         Raises
         ------
         ValueError
-            For an equation using a function other than exp, log and sqrt.
+            For an equation that cannot be written out: anything but arithmetic, exp,
+            log, sqrt, comparisons and Piecewise (``And``, ``Min``, ``Abs``, ...).
         """
         import sympy as sp
 
@@ -263,8 +273,7 @@ class CompiledEquations(Mapping[str, "sp.Expr"]):
                                  "comparisons and Piecewise can)")
             sources[name] = source
         return cls(arguments, sources,
-                   {name: sorted(model.parameter_symbols(name)) for name in sources}, build,
-                   key)
+                   {name: sorted(model.parameter_symbols(name)) for name in sources}, build)
 
     @cached_property
     def expressions(self) -> dict[str, sp.Expr]:
@@ -290,14 +299,14 @@ class CompiledEquations(Mapping[str, "sp.Expr"]):
         return name in self.sources
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, CompiledEquations):
-            return self.key == other.key
+        if isinstance(other, CompiledEquations) and self.key == other.key:
+            return True
         return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"CompiledEquations({', '.join(self.sources)}; key={self.key!r})"
+        return f"CompiledEquations({', '.join(self.sources)})"
 
 
 @dataclass(frozen=True)
@@ -571,9 +580,9 @@ _FUNCTIONS = {"exp": np.exp, "log": np.log, "sqrt": np.sqrt}
 
 def _compile(args: list[sp.Symbol], expr: sp.Expr) -> Any:
     """A numpy function of ``args`` computing ``expr``: written out directly for the
-    arithmetic, exp, log and sqrt that model equations use (sympy's code printer took 14 ms
-    for the four equations of an infliximab model, a third of a first fit), else by
-    ``sympy.lambdify``."""
+    arithmetic, exp, log, sqrt, comparisons and Piecewise that model equations use
+    (sympy's code printer took 14 ms for the four equations of an infliximab model, a
+    third of a first fit), else by ``sympy.lambdify``."""
     source = _numpy_source(expr, {a.name: i for i, a in enumerate(args)})
     if source is None:
         import sympy as sp

@@ -75,6 +75,38 @@ def test_a_catalogued_model_derives_pickles_and_names_its_etas():
         np.testing.assert_array_equal(v, evaluate_parameters(MODELS["xu2012"], cov)[k])
 
 
+def test_compiled_equations_are_told_apart_by_their_sources():
+    """Two models whose compiled equations differ never share a compilation or compare
+    equal (the cache key is the arguments and sources, not a name a caller gives)."""
+    def one(expr):
+        base = load("xu2012")
+        return dataclasses.replace(base, parameters={**base.parameters, "CL": expr})
+    tvcl = sp.Symbol("TVCL")
+    models_ = [one(tvcl), one(3 * tvcl)]
+    compiled = [dataclasses.replace(m, parameters=CompiledEquations.of(
+        m, lambda m=m: dict(m.parameters))) for m in models_]
+    assert compiled[0].parameters != compiled[1].parameters
+    assert compiled[0].parameters == dict(models_[0].parameters)
+    cov = {"WT": np.array([70.0]), "ALB": np.array([4.0]), "ATI": np.zeros(1)}
+    cl = [evaluate_parameters(m, cov)["CL"][0] for m in compiled]
+    assert cl == pytest.approx([0.294, 3 * 0.294], rel=1e-15)
+
+
+def test_a_model_pickles_without_its_built_expressions():
+    """A worker the model is sent to imports sympy only if it needs the expressions."""
+    model = load("fasanmade2011")
+    model.parameters["CL"]  # built here
+    state = pickle.loads(pickle.dumps(model)).parameters.__dict__
+    assert "expressions" not in state and state["sources"] == model.parameters.sources
+
+
+def test_write_catalogue_stamps_the_definitions_it_compiled(tmp_path):
+    content = models.write_catalogue(tmp_path / "compiled.json")
+    assert content["definitions"] == models._digest()
+    assert json.loads((tmp_path / "compiled.json").read_text()) == content
+    assert sorted(content["models"]) == sorted(MODELS)
+
+
 def test_a_stale_or_unreadable_catalogue_is_not_used(tmp_path, monkeypatch):
     """A catalogue written from other definitions (or broken) is ignored: the models come
     from the definitions themselves."""

@@ -4,9 +4,10 @@ The models are defined, with their citations, in :mod:`pkmodel.models.infliximab
 expressions). ``compiled.json`` holds the same models with their equations already written
 as numpy source (:class:`~pkmodel.model.CompiledEquations`), so that loading one, fitting
 and forecasting never import sympy (a third of a cold command); the expressions are built
-from the definitions when first asked for. The file records a digest of the definitions:
-when they change, it is ignored (the definitions are used) until ``write_catalogue()``
-rewrites it, and a test fails meanwhile.
+from the definitions when first asked for (plots and reports that print equations then
+import sympy). The file records a digest of the definitions: when they change, it is
+ignored (the definitions are used) until ``write_catalogue()`` rewrites it, and a test
+fails meanwhile.
 
 Examples
 --------
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -38,7 +40,7 @@ from pkmodel.model import (
     ResidualError,
 )
 
-__all__ = ["DEFAULT", "available", "load", "write_catalogue"]
+__all__ = ["DEFAULT", "available", "load"]
 
 #: The default infliximab model (Fasanmade 2011, children and adults with Crohn's disease).
 DEFAULT = "fasanmade2011"
@@ -81,12 +83,20 @@ def load(name: str = DEFAULT) -> PopulationModel:
 
 def write_catalogue(path: Path | None = None) -> dict[str, Any]:
     """Write (and return) the compiled form of every published model: ``compiled.json``
-    beside the definitions, or ``path``."""
-    definitions = _definitions()
-    content = {"definitions": _digest(),
-               "models": {name: _entry(model) for name, model in sorted(definitions.items())}}
-    (path or _CATALOGUE).write_text(json.dumps(content, indent=1) + "\n")
-    return content
+    beside the definitions, or ``path``. For maintainers, after an edit of the
+    definitions; they are executed afresh from the file, so that the digest written is
+    that of the equations written (not of a module imported before the edit)."""
+    source = _DEFINITIONS.read_bytes()
+    spec = importlib.util.spec_from_file_location("pkmodel.models._catalogued", _DEFINITIONS)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if _DEFINITIONS.read_bytes() != source:
+        raise RuntimeError(f"{_DEFINITIONS} changed while the catalogue was written")
+    text = json.dumps({"definitions": _digest_of(source),
+                       "models": {name: _entry(model)
+                                  for name, model in sorted(module.MODELS.items())}}, indent=1)
+    (path or _CATALOGUE).write_text(text + "\n")
+    return json.loads(text)
 
 
 def _definitions() -> dict[str, PopulationModel]:
@@ -98,7 +108,12 @@ def _definitions() -> dict[str, PopulationModel]:
 
 @functools.cache
 def _digest() -> str:
-    return hashlib.sha256(_DEFINITIONS.read_bytes()).hexdigest()
+    return _digest_of(_DEFINITIONS.read_bytes())
+
+
+def _digest_of(source: bytes) -> str:
+    """sha256 of the definitions' text (line endings as written on any system)."""
+    return hashlib.sha256(source.replace(b"\r\n", b"\n")).hexdigest()
 
 
 @functools.cache
@@ -120,8 +135,7 @@ def _expressions(name: str) -> dict[str, Any]:
 
 def _entry(model: PopulationModel) -> dict[str, Any]:
     """A model as plain JSON, its equations compiled."""
-    equations = CompiledEquations.of(model, functools.partial(_expressions, model.name),
-                                     key=())
+    equations = CompiledEquations.of(model, functools.partial(_expressions, model.name))
     return {
         "structure": dataclasses.asdict(model.structure),
         "theta": dict(model.theta),
@@ -149,8 +163,7 @@ def _tuples(record: dict[str, Any]) -> dict[str, Any]:
 
 def _from_entry(name: str, entry: dict[str, Any]) -> PopulationModel:
     equations = CompiledEquations(entry["arguments"], entry["sources"], entry["symbols"],
-                                  functools.partial(_expressions, name),
-                                  key=("published", name, _digest()))
+                                  functools.partial(_expressions, name))
     label = entry["label"]
     return PopulationModel(
         name=name,

@@ -386,7 +386,9 @@ class _Objective:
         return value, f_fit, g
 
     def prior(self, eta: np.ndarray) -> np.ndarray:
-        return np.einsum("ami,ij,amj->am", eta, self.p.precision, eta)
+        # eta' P eta, by a matrix product first (a three-operand einsum loops naively:
+        # 2 ms of a 9-ms derivative step with 15 ETAs and KAPPAs)
+        return np.einsum("ami,ami->am", eta @ self.p.precision, eta)
 
     def ofv(self, eta: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """OFV for ``eta (A, M, p)``: ``(A, M)``; +inf where a prediction is unusable."""
@@ -451,10 +453,8 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
         dz = (sign[..., None] * df - z[..., None] * dg) / g0[..., None]
     weight_f, weight_g, weight_c, dz = (np.nan_to_num(w) for w in (weight_f, weight_g,
                                                                    weight_c, dz))
-    fisher = (np.einsum("ak,aki,akj->aij", weight_f, df, df)
-              + np.einsum("ak,aki,akj->aij", weight_g, dg, dg)
-              + np.einsum("ak,aki,akj->aij", weight_c, dz, dz)
-              + 2.0 * p.precision)
+    fisher = (_weighted_gram(weight_f, df) + _weighted_gram(weight_g, dg)
+              + _weighted_gram(weight_c, dz) + 2.0 * p.precision)
     if not newton:
         return ofv0, grad, fisher, None
     hess = np.zeros((a_count, n, n))
@@ -469,6 +469,11 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *,
                 hess[:, i, j] = hess[:, j, i] = (both - single + 2 * ofv0) / (2 * h**2)
                 q += 2
     return ofv0, grad, fisher, hess
+
+
+def _weighted_gram(weight: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``sum_k weight[a, k] d[a, k, i] d[a, k, j]``, ``(A, p, p)``, as a matrix product."""
+    return np.swapaxes(d * weight[..., None], 1, 2) @ d
 
 
 def _log_ndtr(z: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import JsonDocument, fail_where, plain_json, validate, with_columns
-from pkmodel.engine import Events, stack_events
+from pkmodel.engine import Events, select_profiles, stack_events
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
     PopulationModel,
@@ -329,10 +329,8 @@ class _Objective:
             position = np.repeat(np.arange(len(ids)), sizes)
             offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             ev = self.p.events
-            fields = {k: v[ids] if isinstance(v, np.ndarray) else v
-                      for k, v in ev.__dict__.items()}
-            fields["param_row"] = ev.param_row[ids] - lo[:, None] + offset[:, None]
-            self._cache[key] = (rows, position, Events(**fields))
+            self._cache[key] = (rows, position, select_profiles(
+                ev, ids, param_row=ev.param_row[ids] - lo[:, None] + offset[:, None]))
         return self._cache[key]
 
     def predictions(self, eta: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -485,6 +485,11 @@ def _steady_infusion(modes: _Modes, v: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- solver
 
 
+def _full(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` broadcast to ``shape`` (itself when it has that shape already)."""
+    return a if a.shape == shape else np.broadcast_to(a, shape)
+
+
 def _is_dose(evid: np.ndarray) -> np.ndarray:
     return (evid == 1) | (evid == 4)
 
@@ -590,7 +595,7 @@ def solve(
                          "give 1 profile, one per set, or an equal number of sets per profile")
     repeats = n_sets // b_events  # consecutive sets per event profile
     full = (n_sets, n_rec)
-    arrays = {k: np.broadcast_to(v, full) for k, v in arrays.items()}
+    arrays = {k: _full(v, full) for k, v in arrays.items()}
     n_states = structure.n_states
 
     # Decompose once per distinct parameter column.
@@ -788,9 +793,9 @@ def central_amounts(
     if simple:
         n_sets = max([b_events] + [np.broadcast_shapes(a.shape, (1, n_rec))[0]
                                    for a in arrays.values()])
-        full = {k: np.broadcast_to(arrays[k], (n_sets, n_rec)) for k in names}
-        simple = n_sets % b_events == 0 and all(
-            np.array_equal(v, np.broadcast_to(v[:, :1], v.shape)) for v in full.values())
+        full = {k: _full(arrays[k], (n_sets, n_rec)) for k in names}
+        simple = n_sets % b_events == 0 and all(bool((v == v[:, :1]).all())
+                                                for v in full.values())
         doses = int(_is_dose(evid).any(axis=0).sum())
         outputs = n_rec if at is None else np.shape(at)[1]
         size = n_sets * doses * outputs * structure.n_states

@@ -698,8 +698,12 @@ def evaluate_parameters(
                              f"{values.shape}")
         args.extend(values[..., i] for i in range(len(names)))
     shape = np.broadcast_shapes(*(np.shape(a) for a in args))
-    return {name: np.broadcast_to(np.asarray(f(*args), dtype=float), shape).copy()
-            for name, f in model._compiled.items()}
+    out = {}
+    for name, f in model._compiled.items():
+        value = np.asarray(f(*args), dtype=float)
+        out[name] = (value.copy() if value.shape == shape
+                     else np.broadcast_to(value, shape).copy())
+    return out
 
 
 def eta_of(model: PopulationModel, parameter: str) -> str | None:

@@ -208,7 +208,8 @@ def profile_concentrations(model: PopulationModel, events: Events,
     b_count, n_rec = events.shape
     arrays = {k: np.atleast_2d(v) for k, v in row_params.items()}
     m_count = max(a.shape[0] for a in arrays.values())
-    per_set = {k: np.swapaxes(np.take(np.broadcast_to(a, (m_count, a.shape[1])),
+    per_set = {k: np.swapaxes(np.take(a if a.shape[0] == m_count
+                                      else np.broadcast_to(a, (m_count, a.shape[1])),
                                       events.param_row, axis=1), 0, 1)
                .reshape(b_count * m_count, n_rec) for k, a in arrays.items()}
     amounts = central_amounts(model.structure, events, per_set,

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,7 +68,6 @@ __all__ = [
     "at_rows",
     "central_amounts",
     "expand_records",
-    "select_profiles",
     "solve",
     "stack_events",
 ]
@@ -517,13 +516,9 @@ def _repeat_inputs(inputs: list[_Input], ss_specs: dict[int, _SteadyState],
                                                               dict[int, _SteadyState],
                                                               np.ndarray]:
     """Inputs built per event profile, expanded to the ``repeats`` sets of each profile."""
-    return _map_inputs(inputs, ss_specs, reset, lambda a: np.repeat(a, repeats, axis=0))
+    def rep(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a, repeats, axis=0)
 
-
-def _map_inputs(inputs: list[_Input], ss_specs: dict[int, _SteadyState], reset: np.ndarray,
-                rep: Callable[[np.ndarray], np.ndarray]) -> tuple[
-                    list[_Input], dict[int, _SteadyState], np.ndarray]:
-    """Inputs, steady states and resets with ``rep`` applied to their per-set arrays."""
     inputs = [dataclasses.replace(i, start=rep(i.start), end=rep(i.end), bolus=rep(i.bolus),
                                   rate=rep(i.rate), kill=rep(i.kill)) for i in inputs]
     ss_specs = {k: dataclasses.replace(v, mask=rep(v.mask), tau=rep(v.tau), lag=rep(v.lag),
@@ -620,7 +615,7 @@ def solve(
     modifiers = {k: v for k, v in arrays.items() if _is_modifier(k)}
     grouped = {k: v.reshape(b_events, repeats, n_rec) for k, v in modifiers.items()}
     if not modifiers:
-        inputs, ss_specs, reset, schedule = _plain_inputs(structure, events, repeats)
+        inputs, ss_specs, reset, schedule = _plain_inputs(structure, events, ev, repeats)
     elif all(np.all(g == g[:, :1]) for g in grouped.values()):
         inputs, ss_specs, reset = _build_inputs(
             structure, ev, {k: g[:, 0] for k, g in grouped.items()}, b_events, n_rec)
@@ -691,69 +686,24 @@ def solve(
 _PLAIN_INPUTS: dict[tuple[int, Structure], tuple[weakref.ref, tuple]] = {}
 
 
-def _plain_inputs(structure: Structure, events: Events, repeats: int) -> tuple:
+def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray],
+                  repeats: int) -> tuple:
     """:func:`_build_inputs` and :func:`_schedule` without modifiers, cached for
     ``events`` (confirmed by a weak reference, never by a reused id)."""
-    inputs, ss_specs, reset, schedule = _profile_inputs(structure, events)
-    if repeats > 1:
-        inputs, ss_specs, reset = _repeat_inputs(inputs, ss_specs, reset, repeats)
-    return inputs, ss_specs, reset, schedule
-
-
-def _profile_inputs(structure: Structure, events: Events) -> tuple:
-    """The cached part of :func:`_plain_inputs`, per event profile. For a selection
-    (:func:`select_profiles`) of events whose own are known, those are taken for its
-    rows: the schedule may then list inputs some of its profiles do not have, which add
-    exact zeros."""
     key = (id(events), structure)
     hit = _PLAIN_INPUTS.get(key)
     if hit is not None and hit[0]() is events:
-        return hit[1]
-    selection = _SELECTIONS.get(id(events))
-    parent = selection[1]() if selection is not None and selection[0]() is events else None
-    if parent is not None:
-        rows = selection[2]  # type: ignore[index]
-        inputs, ss_specs, reset, schedule = _profile_inputs(structure, parent)
-        inputs, ss_specs, reset = _map_inputs(inputs, ss_specs, reset, lambda a: a[rows])
+        inputs, ss_specs, reset, schedule = hit[1]
     else:
-        ev = {name: np.asarray(getattr(events, name)) for name in _RECORD_FIELDS}
         b_events, n_rec = events.shape
         inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
         schedule = _schedule(inputs, ev["time"], n_rec)
-    if len(_PLAIN_INPUTS) >= 64:
-        _PLAIN_INPUTS.clear()
-    _PLAIN_INPUTS[key] = (weakref.ref(events), (inputs, ss_specs, reset, schedule))
+        if len(_PLAIN_INPUTS) >= 64:
+            _PLAIN_INPUTS.clear()
+        _PLAIN_INPUTS[key] = (weakref.ref(events), (inputs, ss_specs, reset, schedule))
+    if repeats > 1:
+        inputs, ss_specs, reset = _repeat_inputs(inputs, ss_specs, reset, repeats)
     return inputs, ss_specs, reset, schedule
-
-
-#: Events made by select_profiles: (the selection, its parent, the parent's rows), by the
-#: selection's id, each confirmed by a weak reference.
-_SELECTIONS: dict[int, tuple[weakref.ref, weakref.ref, np.ndarray]] = {}
-
-
-def select_profiles(events: Events, rows: np.ndarray,
-                    param_row: np.ndarray | None = None) -> Events:
-    """The profiles ``rows`` of ``events`` (with ``param_row`` instead of theirs when
-    given): a fit's active IDs. Solving a selection reuses the dose schedule already built
-    for ``events``.
-
-    Examples
-    --------
-    >>> ev = stack_events([expand_records([0.0, 1.0], [1, 0], [100.0, 0.0]),
-    ...                    expand_records([0.0, 2.0], [1, 0], [50.0, 0.0])])
-    >>> select_profiles(ev, np.array([1])).amt.tolist()
-    [[50.0, 0.0]]
-    """
-    rows = np.asarray(rows, dtype=int)
-    fields = {k: v[rows] if isinstance(v, np.ndarray) else v
-              for k, v in events.__dict__.items()}
-    if param_row is not None:
-        fields["param_row"] = param_row
-    selection = Events(**fields)
-    if len(_SELECTIONS) >= 256:
-        _SELECTIONS.clear()
-    _SELECTIONS[id(selection)] = (weakref.ref(selection), weakref.ref(events), rows.copy())
-    return selection
 
 
 def central_amounts(

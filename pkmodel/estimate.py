@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import JsonDocument, fail_where, plain_json, validate, with_columns
-from pkmodel.engine import Events, select_profiles, stack_events
+from pkmodel.engine import Events, stack_events
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
     PopulationModel,
@@ -329,8 +329,10 @@ class _Objective:
             position = np.repeat(np.arange(len(ids)), sizes)
             offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             ev = self.p.events
-            self._cache[key] = (rows, position, select_profiles(
-                ev, ids, param_row=ev.param_row[ids] - lo[:, None] + offset[:, None]))
+            fields = {k: v[ids] if isinstance(v, np.ndarray) else v
+                      for k, v in ev.__dict__.items()}
+            fields["param_row"] = ev.param_row[ids] - lo[:, None] + offset[:, None]
+            self._cache[key] = (rows, position, Events(**fields))
         return self._cache[key]
 
     def predictions(self, eta: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -1264,8 +1266,7 @@ def _with_plausibility(model: PopulationModel, individuals: pd.DataFrame, ids: n
     where = pd.Index(unique_ids).get_indexer(individuals["ID"].to_numpy())
     max_outlier = np.where(where >= 0, worst[where], np.nan)
     sd = np.sqrt(np.diag(model.omega))
-    eta = np.column_stack([individuals[n].to_numpy(dtype=float) for n in model.eta_names]
-                          or [np.empty((len(individuals), 0))])
+    eta = individuals[list(model.eta_names)].to_numpy(dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(sd > 0, np.abs(eta) / sd, np.nan)
     with warnings.catch_warnings():  # an ID without a finite ETA: NaN, without a warning

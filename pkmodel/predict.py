@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import fail_where, validate, with_columns
+from pkmodel.data import fail_where, plain_json, validate, with_columns
 from pkmodel.engine import (
     Events,
     Structure,
@@ -168,10 +168,10 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
         index = index[used]
         if not index.is_unique:
             twice = index[index.duplicated()][0]
-            raise ValueError(f"`eta` has more than one row for ID {_plain(twice)!r}")
+            raise ValueError(f"`eta` has more than one row for ID {plain_json(twice)!r}")
         where = index.get_indexer(unique_ids)
         if (where < 0).any():
-            raise ValueError(f"`eta` has no row for ID {_plain(unique_ids[where < 0][0])!r}")
+            raise ValueError(f"`eta` has no row for ID {plain_json(unique_ids[where < 0][0])!r}")
         values = np.column_stack([eta[n].to_numpy(dtype=float) for n in names]
                                  or [np.empty((len(eta), 0))])[used[where]]
     else:
@@ -182,11 +182,6 @@ def _eta_rows(model: PopulationModel, table: pd.DataFrame, eta: Any) -> np.ndarr
     if not np.all(np.isfinite(values)):
         raise ValueError("`eta` must be finite")
     return values[row_of_id]
-
-
-def _plain(value: Any) -> Any:
-    """A numpy scalar as the Python value it holds (for messages)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _central_concentration(model: PopulationModel, events: Events,

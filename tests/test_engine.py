@@ -727,30 +727,3 @@ def test_one_events_object_solved_again_under_other_parameters(n_cmt, depot, dat
                                       solve(structure, fresh, again,
                                             before_events=before_events))
 
-
-def test_a_selection_of_profiles_solves_as_those_profiles_built_alone():
-    """select_profiles reuses its parent's dose schedule (which may list doses the selected
-    profiles lack, adding exact zeros): amounts equal, bit for bit, those of the same
-    profiles built on their own, with infusions, a steady-state dose, a reset, a dose
-    only one profile has, and several parameter sets per profile."""
-    from pkmodel.engine import select_profiles
-
-    profiles = [
-        expand_records([0.0, 1.0, 5.0, 9.0], [1, 0, 1, 0], [100.0, 0.0, 80.0, 0.0],
-                       rate=[200.0, 0.0, 0.0, 0.0]),
-        expand_records([0.0, 2.0, 4.0, 9.0], [1, 0, 3, 0], [50.0, 0.0, 0.0, 0.0],
-                       ss=[1, 0, 0, 0], ii=[3.0, 0.0, 0.0, 0.0]),
-        expand_records([0.0, 3.0, 6.0, 9.0], [1, 1, 0, 0], [30.0, 60.0, 0.0, 0.0],
-                       rate=[0.0, 120.0, 0.0, 0.0]),
-    ]
-    parent = stack_events(profiles)
-    rng = np.random.default_rng(3)
-    params = {"CL": rng.uniform(0.5, 2.0, (6, 1)), "V1": rng.uniform(5.0, 20.0, (6, 1)),
-              "Q": rng.uniform(0.5, 2.0, (6, 1)), "V2": rng.uniform(5.0, 20.0, (6, 1))}
-    solve(Structure(2), parent, {k: v[:3] for k, v in params.items()})  # parent's inputs
-    for rows in ([0, 2], [1], [2, 0, 1]):
-        chosen = {k: v[:2 * len(rows)] for k, v in params.items()}  # two sets a profile
-        ours = solve(Structure(2), select_profiles(parent, np.array(rows)), chosen)
-        alone = solve(Structure(2), stack_events([profiles[r] for r in rows]), chosen)
-        assert ours.shape == (2 * len(rows), 4, 2)
-        np.testing.assert_array_equal(ours, alone)

@@ -92,7 +92,10 @@ def write_catalogue(path: Path | None = None) -> dict[str, Any]:
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     if _DEFINITIONS.read_bytes() != source:
         raise RuntimeError(f"{_DEFINITIONS} changed while the catalogue was written")
-    text = json.dumps({"definitions": _digest_of(source),
+    text = json.dumps({"generated": "by pkmodel.models.write_catalogue() from "
+                                    "pkmodel/models/infliximab.py, where every number sits "
+                                    "next to its citation; do not edit",
+                       "definitions": _digest_of(source),
                        "models": {name: _entry(model)
                                   for name, model in sorted(module.MODELS.items())}}, indent=1)
     (path or _CATALOGUE).write_text(text + "\n")

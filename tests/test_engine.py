@@ -239,14 +239,15 @@ def test_batched_profiles_equal_separate_solves():
 
 
 def test_many_parameter_sets_in_one_call_equal_one_at_a_time():
-    """Vectorised over parameter sets (axis 0): each row equals its own solve."""
+    """Vectorised over parameter sets (axis 0): each row equals its own solve. 600 sets:
+    the modal transforms of a large batch are written out, of one set an einsum."""
     rng = np.random.default_rng(1)
     ev = expand_records([0.0, 0.5, 14.0, 20.0], [1, 0, 1, 0], [300.0, 0, 300.0, 0],
                         rate=[3600.0, 0, 3600.0, 0])
-    params = {"CL": 0.3 * np.exp(rng.normal(0, 0.3, (50, 1))), "V1": 3.0, "Q": 0.1,
-              "V2": 1.5 * np.exp(rng.normal(0, 0.5, (50, 1)))}
+    params = {"CL": 0.3 * np.exp(rng.normal(0, 0.3, (600, 1))), "V1": 3.0, "Q": 0.1,
+              "V2": 1.5 * np.exp(rng.normal(0, 0.5, (600, 1)))}
     together = solve(Structure(2), ev, params)
-    for i in (0, 17, 49):
+    for i in (0, 17, 599):
         one = solve(Structure(2), ev, {k: np.asarray(v)[i] if np.ndim(v) else v
                                        for k, v in params.items()})
         np.testing.assert_allclose(together[i], one[0], rtol=1e-14)

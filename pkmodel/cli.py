@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     trial.add_argument("--model", default=DEFAULT, choices=available())
     trial.add_argument("--json", action="store_true")
     trial.add_argument("--plot", metavar="PNG", help="write the figure here")
+    trial.add_argument("--workers", type=_workers, default=1,
+                       help="processes to run the trial's jobs (replicates, and children in "
+                            "jobs of 500) on; the numbers are the same for any count (1)")
     fit = sub.add_parser("fit", help="estimate a population model (FOCE-I, SAEM) from a NONMEM-"
                                      "style CSV, with standard errors and diagnostics")
     fit.add_argument("model", help="a built-in model name (its numbers are the initial "
@@ -130,6 +133,16 @@ def _times(text: str) -> list[float]:
     if values.size == 0 or not np.isfinite(values).all():
         raise argparse.ArgumentTypeError(f"expected finite times; got {text!r}")
     return sorted(set(values.tolist()))
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more; got {text!r}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -476,6 +489,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _trial(args: argparse.Namespace) -> int:
+    import contextlib
+    from concurrent.futures import ProcessPoolExecutor
+
     from pkmodel.trial import BayesianDosing, KangProactive, LabelDosing, run_trial
 
     model = load(args.model)
@@ -485,9 +501,11 @@ def _trial(args: argparse.Namespace) -> int:
     unknown = [a for a in arms if a not in known]
     if unknown or not arms:
         raise ValueError(f"--arms: unknown {unknown or arms}; choose from {sorted(known)}")
-    result = run_trial(model, {a: known[a] for a in arms}, n=args.n,
-                       replicates=args.replicates, seed=args.seed, target=args.target,
-                       progress=args.replicates > 1)
+    pool = ProcessPoolExecutor(max_workers=args.workers) if args.workers > 1 else None
+    with pool or contextlib.nullcontext():
+        result = run_trial(model, {a: known[a] for a in arms}, n=args.n,
+                           replicates=args.replicates, seed=args.seed, target=args.target,
+                           progress=args.replicates > 1, executor=pool)
     if args.plot:
         result.figure(args.plot)
     if args.json:

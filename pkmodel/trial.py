@@ -34,6 +34,7 @@ from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
 from pkmodel.predict import make_cohort
 
 __all__ = [
+    "CHILDREN_PER_JOB",
     "AntibodyFormation",
     "BayesianDosing",
     "Decision",
@@ -480,19 +481,23 @@ def _history_records(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.
 
 def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_seed: int,
              target: float, residual: bool, antibodies: AntibodyFormation | None,
-             lloq: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One arm of one replicate: visits and per-patient outcomes."""
+             lloq: float, rows: slice = slice(None)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One arm of one replicate, for the children ``rows`` of its cohort: visits and
+    per-patient outcomes. The arm's random draws are made for the whole cohort, so a
+    child's numbers do not depend on which children share its job."""
     rng = np.random.default_rng(rng_seed)
+    size = len(cohort)
+    eta = rng.multivariate_normal(np.zeros(len(model.eta_names)), model.omega, size=size,
+                                  method="eigh")[rows]
+    max_doses = len(INDUCTION_WEEKS) + int((END_WEEK - FIRST_MAINTENANCE_WEEK) / 4.0) + 2
+    iov_sd = np.sqrt(np.array(list(model.iov.values()))) if model.iov else np.zeros(0)
+    kappa = (rng.standard_normal((size, max_doses, iov_sd.size)) * iov_sd)[rows]
+    eps = rng.standard_normal((size, max_doses + 1))[rows]
+    uniform = rng.uniform(size=(size, max_doses + 1))[rows]
+    cohort = cohort.iloc[rows]
     n = len(cohort)
     cov = {c: cohort[c].to_numpy(dtype=float) for c in model.covariate_names}
     weight = cohort["WT"].to_numpy(dtype=float)
-    eta = rng.multivariate_normal(np.zeros(len(model.eta_names)), model.omega, size=n,
-                                  method="eigh")
-    max_doses = len(INDUCTION_WEEKS) + int((END_WEEK - FIRST_MAINTENANCE_WEEK) / 4.0) + 2
-    iov_sd = np.sqrt(np.array(list(model.iov.values()))) if model.iov else np.zeros(0)
-    kappa = rng.standard_normal((n, max_doses, iov_sd.size)) * iov_sd
-    eps = rng.standard_normal((n, max_doses + 1))
-    uniform = rng.uniform(size=(n, max_doses + 1))
     onset = np.full(n, np.inf)
     if antibodies is not None and "ATI" not in cov:
         raise ValueError(f"{model.name} has no ATI covariate: antibodies cannot act on it")
@@ -581,17 +586,25 @@ _OUTCOMES = {
 }
 
 
-def _replicate(args: tuple) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One replicate trial (module level, so process and Dask executors can run it)."""
-    model, strategies, cohort, seed, target, residual, replicate, antibodies, lloq = args
-    visits, patients = [], []
+#: A replicate's children are run in jobs of at most this many (every arm for each), which
+#: an executor runs in parallel. A Bayesian arm fits a job's children together: from 400
+#: children on, its cost per child is flat (32 ms against 39 ms for 100, measured 2026-11-27
+#: on the Kang cohort), and the arrays of larger batches only grow.
+CHILDREN_PER_JOB = 500
+
+
+def _job(args: tuple) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Every arm of one replicate for the children ``rows`` of its cohort (module level, so
+    process and Dask executors can run it): visits and patients per arm."""
+    model, strategies, cohort, seed, target, residual, replicate, antibodies, lloq, rows = args
+    out = []
     seeds = np.random.SeedSequence(seed).spawn(len(strategies))
     for (arm, policy), arm_seed in zip(strategies.items(), seeds):
         v, p = _run_arm(model, policy, cohort, int(arm_seed.generate_state(1)[0]), target,
-                        residual, antibodies, lloq)
-        visits.append(v.assign(ARM=arm, REPLICATE=replicate))
-        patients.append(p.assign(ARM=arm, REPLICATE=replicate))
-    return pd.concat(visits, ignore_index=True), pd.concat(patients, ignore_index=True)
+                        residual, antibodies, lloq, rows)
+        out.append((v.assign(ARM=arm, REPLICATE=replicate),
+                    p.assign(ARM=arm, REPLICATE=replicate)))
+    return out
 
 
 def run_trial(
@@ -639,7 +652,10 @@ def run_trial(
         the order of infliximab drug-level assays): a measured trough below it is reported
         as below the limit (0 for the policies; censored, M3, in the model fits).
     executor : concurrent.futures.Executor, optional
-        Where replicates run (``executor.map``); default: here, one after another.
+        Where the jobs run (``executor.map``): each replicate's children in jobs of at most
+        :data:`CHILDREN_PER_JOB`, every arm in each, so that even one large replicate
+        spreads over the workers; default: here, one after another. The jobs, and so the
+        numbers, are the same on any executor.
     progress : bool
         Report finished replicates on standard error.
 
@@ -656,23 +672,31 @@ def run_trial(
         raise ValueError("`strategies` must name at least one arm")
     make = cohort or kang_cohort
     seeds = np.random.SeedSequence(seed).spawn(replicates)
+    parts = [slice(lo, lo + CHILDREN_PER_JOB) for lo in range(0, n, CHILDREN_PER_JOB)]
     jobs = []
     for r, child_seed in enumerate(seeds):
         cohort_seed, arm_seed = (int(s.generate_state(1)[0]) for s in child_seed.spawn(2))
         children = make(n, seed=cohort_seed)
         check_covariates(model, children)
-        jobs.append((model, dict(strategies), children, arm_seed, target, residual, r,
-                     antibodies, lloq))
+        jobs += [(model, dict(strategies), children, arm_seed, target, residual, r,
+                  antibodies, lloq, rows) for rows in parts]
     mapper = executor.map if executor is not None else map
-    visits, patients = [], []
-    for done, (v, p) in enumerate(mapper(_replicate, jobs), start=1):
-        visits.append(v)
-        patients.append(p)
-        if progress:
-            sys.stderr.write(f"\rreplicate {done}/{replicates}")
+    done: list[list[tuple[pd.DataFrame, pd.DataFrame]]] = []
+    for result in mapper(_job, jobs):
+        done.append(result)
+        if progress and len(done) % len(parts) == 0:
+            sys.stderr.write(f"\rreplicate {len(done) // len(parts)}/{replicates}")
             sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
+    visits, patients = [], []
+    for r in range(replicates):  # per replicate and arm, the jobs' children in order
+        mine = done[r * len(parts):(r + 1) * len(parts)]
+        for a in range(len(strategies)):
+            # visits in the order of one job for all: by visit, then child
+            visits.append(pd.concat([job[a][0] for job in mine], ignore_index=True)
+                          .sort_values("VISIT", kind="stable"))
+            patients.append(pd.concat([job[a][1] for job in mine], ignore_index=True))
     visits_df = pd.concat(visits, ignore_index=True)
     patients_df = pd.concat(patients, ignore_index=True)
     per_replicate = patients_df.groupby(["ARM", "REPLICATE"], sort=False)[list(_OUTCOMES)].mean()

@@ -201,10 +201,21 @@ def test_trial_command_json_and_errors(capsys, tmp_path):
     assert figure.read_bytes()[:4] == b"\x89PNG"
     assert main(["trial", "--arms", "magic"]) == 2
     assert "unknown" in capsys.readouterr().err
-    for bad in ("nan", "-1"):
+    for flag, bad in (("--target", "nan"), ("--target", "-1"), ("--workers", "0"),
+                      ("--workers", "two")):
         with pytest.raises(SystemExit) as stop:
-            main(["trial", "--target", bad])
+            main(["trial", flag, bad])
         assert stop.value.code == 2
+
+
+def test_trial_command_on_worker_processes_gives_the_same_numbers(capsys):
+    """--workers 2 runs the trial's jobs (here two replicates) in two processes: the same
+    summary as in this one."""
+    args = ["trial", "--n", "6", "--replicates", "2", "--seed", "4", "--json"]
+    assert main(args) == 0
+    here = json.loads(capsys.readouterr().out)
+    assert main(args + ["--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == here
 
 
 MODEL_FILE = '''

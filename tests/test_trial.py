@@ -60,6 +60,30 @@ def test_same_seed_same_numbers_and_executors_agree():
     assert not np.allclose(a.patients["WEEK54_TROUGH"], d.patients["WEEK54_TROUGH"])
 
 
+def test_children_split_into_jobs_give_the_numbers_of_one_job(monkeypatch, capsys):
+    """A replicate's children run in jobs of CHILDREN_PER_JOB (every arm in each), so that
+    one large replicate spreads over an executor's workers. Ten children in jobs of four
+    (4, 4, 2) give the numbers of one job of ten, in the same order, for the label,
+    proactive and Bayesian arms (the arm's draws are made for the whole cohort; the fits
+    of a job's children together equal theirs among more children to 1e-9), and a thread
+    pool the same as one after another; progress names each finished replicate."""
+    from pkmodel import trial
+
+    arms = {**ARMS, "bayesian": BayesianDosing(MODEL)}
+    whole = run_trial(MODEL, arms, n=10, replicates=2, seed=8)
+    monkeypatch.setattr(trial, "CHILDREN_PER_JOB", 4)
+    split = run_trial(MODEL, arms, n=10, replicates=2, seed=8, progress=True)
+    assert "replicate 2/2" in capsys.readouterr().err
+    for a, b in ((whole.patients, split.patients), (whole.visits, split.visits)):
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True),
+                                      check_exact=False, rtol=1e-9)
+    assert len(split.patients) == 2 * 3 * 10
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pooled = run_trial(MODEL, arms, n=10, replicates=2, seed=8, executor=pool)
+    pd.testing.assert_frame_equal(split.patients, pooled.patients)
+    pd.testing.assert_frame_equal(split.visits, pooled.visits)
+
+
 def test_dask_cluster_gives_the_same_numbers():
     distributed = pytest.importorskip("distributed", reason="dask extra not installed")
     local = run_trial(MODEL, ARMS, n=15, replicates=2, seed=5)

@@ -907,7 +907,8 @@ def test_forward_and_central_derivatives_agree():
     """At the twelve children's zero ETAs (far from their modes), forward differences
     (step 1e-6) give the gradient within 0.05 of central ones (their error is about half
     the step times the OFV's curvature) and the FOCE Hessian within 1e-4 relative; the
-    OFV is the same number."""
+    OFV is the same number. A call mixing both (forward points padded with the centre)
+    gives each child what a call of one kind gives it."""
     problem, _ = est._build_problem(load("fasanmade2011"), twelve_children(), "nocb")
     obj = est._Objective(problem)
     ids = np.arange(len(problem.ids))
@@ -920,15 +921,20 @@ def test_forward_and_central_derivatives_agree():
     np.testing.assert_allclose(forward[1], central[1], atol=0.05)
     np.testing.assert_allclose(forward[2], central[2], rtol=1e-4,
                                atol=1e-4 * np.abs(central[2]).max())
+    which = ids % 3 == 0
+    mixed = est._derivatives(obj, eta, ids, newton=False, forward=which)
+    for got, one, other in zip(mixed[:3], forward[:3], central[:3]):
+        np.testing.assert_allclose(got[which], one[which], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[~which], other[~which], rtol=1e-12, atol=1e-12)
 
 
 def test_forward_differences_far_from_the_mode_give_the_same_fit(monkeypatch):
-    """Far from a minimum (its last step predicted a decrease of 1 OFV unit or more), a
-    large call differentiates by forward differences (n + 1 points, not 2n + 1); near one,
-    the derivatives are taken again by central differences before any step or convergence
-    test. The twelve children fitted with forward differences allowed in every call and
-    in none: the same ETAs (1e-6) and OFV (1e-8), with at least 5 % fewer parameter sets
-    evaluated."""
+    """A start whose last step predicted a decrease of 1 OFV unit or more takes forward
+    differences (n + 1 points, not 2n + 1); central ones judge convergence. The twelve
+    children: the same ETAs (1e-6) and OFV (1e-8) as with central differences only; each
+    child the same fit (1e-10) alone as among the twelve (a small call pads the forward
+    points, a large one splits: either way the same numbers); and, split, fewer parameter
+    sets evaluated than with central differences only."""
     model = load("fasanmade2011")
     data = twelve_children()
     sets = [0]
@@ -942,10 +948,53 @@ def test_forward_differences_far_from_the_mode_give_the_same_fit(monkeypatch):
     monkeypatch.setattr(est, "_SPLIT_SETS", 0)
     forward = est.estimate_map(model, data, records=False).individuals
     with_forward, sets[0] = sets[0], 0
-    monkeypatch.setattr(est, "_SPLIT_SETS", math.inf)
+    monkeypatch.setattr(est, "_FORWARD_DECREASE", math.inf)  # never forward
     central = est.estimate_map(model, data, records=False).individuals
     assert forward["SUCCESS"].all() and central["SUCCESS"].all()
     names = list(model.eta_names) + [c for c in forward if c.startswith("KAPPA")]
     np.testing.assert_allclose(forward[names], central[names], atol=1e-6)
     np.testing.assert_allclose(forward["OFV"], central["OFV"], atol=1e-8)
-    assert with_forward < 0.95 * sets[0]  # 4184 against 4638 sets
+    assert with_forward < 0.95 * sets[0]
+    monkeypatch.setattr(est, "_FORWARD_DECREASE", 1.0)
+    monkeypatch.setattr(est, "_SPLIT_SETS", 1000)
+    for i in (1, 7):
+        alone = est.estimate_map(model, data[data["ID"] == i], records=False).individuals
+        np.testing.assert_allclose(alone[names].to_numpy()[0],
+                                   forward[names].to_numpy()[i - 1], atol=1e-10)
+
+
+def test_newton_steps_by_cholesky_equal_those_by_eigenvalues(monkeypatch):
+    """_step confirms positive definiteness by Cholesky and the conditioning (smallest
+    eigenvalue above 1e-10 times the largest) by row-sum bounds, taking eigenvalues where
+    the bounds leave doubt or some H is indefinite: for matrices of condition 1, 1e3, 8e9
+    (usable; in doubt for the bounds, so judged by eigenvalues) and 1e12 (not usable), and
+    a non-finite one, the verdicts of eigenvalues and the steps -H^-1 g (1e-8 relative;
+    -g where not usable); each ID's step is the same (bit for bit) in a batch with an
+    indefinite H, and alone."""
+    rng = np.random.default_rng(4)
+    n = 6
+    mats = []
+    for cond in (1.0, 1e3, 8e9, 1e12):
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        mats.append(q @ np.diag(np.geomspace(1.0, cond, n)) @ q.T)
+    mats.append(np.full((n, n), np.nan))
+    hess, grad = np.array(mats), rng.normal(size=(len(mats), n))
+    judged = []
+    well_conditioned = est._well_conditioned
+
+    def counting(h):
+        judged.append(len(h))
+        return well_conditioned(h)
+
+    monkeypatch.setattr(est, "_well_conditioned", counting)
+    step, ok = est._step(hess, grad)
+    assert ok.tolist() == [True, True, True, False, False]
+    assert judged == [2]  # condition 8e9 and 1e12: by eigenvalues
+    exact = -np.linalg.solve(hess[:3], grad[:3, :, None])[..., 0]
+    np.testing.assert_allclose(step[:3], exact, rtol=1e-8)
+    np.testing.assert_array_equal(step[3:], -np.nan_to_num(grad[3:]) * [[1.0], [0.0]])
+    indefinite = np.concatenate([hess[:2], -hess[:1]])
+    mixed, ok = est._step(indefinite, grad[:3])
+    assert ok.tolist() == [True, True, False]
+    for i in range(2):
+        np.testing.assert_array_equal(mixed[i], est._step(hess[i:i + 1], grad[i:i + 1])[0][0])

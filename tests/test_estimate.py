@@ -998,3 +998,17 @@ def test_newton_steps_by_cholesky_equal_those_by_eigenvalues(monkeypatch):
     assert ok.tolist() == [True, True, False]
     for i in range(2):
         np.testing.assert_array_equal(mixed[i], est._step(hess[i:i + 1], grad[i:i + 1])[0][0])
+
+
+def test_starts_draw_etas_and_leave_kappas_at_zero():
+    """The second start is drawn within 1.5 prior SDs of the ETAs, the third from the
+    screen of the ETAs; KAPPAs start at 0 in all (the first is zero throughout)."""
+    problem, _ = est._build_problem(load("fasanmade2011"), twelve_children(), "nocb")
+    obj = est._Objective(problem)
+    start = est._starts(obj, 3, seed=0)
+    n_eta = len(problem.model.eta_names)
+    sd = np.sqrt(np.diag(np.linalg.inv(problem.precision)))[:n_eta]
+    assert problem.n_params > n_eta  # the twelve children have KAPPAs
+    assert (start[:, 0] == 0).all() and (start[:, :, n_eta:] == 0).all()
+    assert (np.abs(start[:, 1, :n_eta]) <= est.NEAR_SD * sd).all()
+    assert (start[:, 1, :n_eta] != 0).all() and (start[:, 2, :n_eta] != 0).any()

@@ -1127,7 +1127,7 @@ def _starts(obj: _Objective, starts: int, seed: int,
     shifted Halton screen of the ETAs within SCREEN_SD prior SDs, each at least one prior
     SD from the others, so that a second mode far out in the prior is still reached. The
     KAPPAs start at 0 (a drawn KAPPA for every occasion put the starts of a Bayesian trial
-    arm's children thousands of OFV units away from a mode they reached anyway, for 6-10 %
+    arm's children thousands of OFV units away from a mode they reached anyway, for 3-10 %
     of the arm's time)."""
     problem = obj.p
     b_count, n = len(problem.ids), problem.n_params

@@ -67,7 +67,8 @@ _STEP = 1e-4  # finite-difference step in ETA units (central differences)
 #: _FORWARD_STEP, in ETA units: n + 1 points instead of 2n + 1). Their error in the
 #: gradient, about _FORWARD_STEP / 2 times the OFV's curvature (35,000 at most with IOV:
 #: 0.02), only bends steps still far from the mode; steps near one, and every convergence
-#: test, use central differences.
+#: test, use central differences (a start stuck on forward differences is judged again by
+#: central ones).
 _FORWARD_DECREASE = 1.0
 _FORWARD_STEP = 1e-6
 #: Starts far from a minimum are differentiated apart from the others when the call has at
@@ -429,7 +430,7 @@ def _stencil(n: int, newton: bool, forward: bool = False) -> np.ndarray:
 def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *, newton: bool,
                  forward: np.ndarray | bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """At ``eta (A, p)``: OFV, central-difference gradient, the FOCE Hessian (NONMEM's,
+    """At ``eta (A, p)``: OFV, gradient by finite differences, the FOCE Hessian (NONMEM's,
     from first derivatives of the predictions, positive definite) and, with ``newton``,
     the finite-difference Hessian of OFV (the FOCE Hessian in its place where forward);
     ``forward`` (per ID or for all): forward differences (see _FORWARD_STEP), their
@@ -748,7 +749,9 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         stuck = at[~moved]
         tiny = (np.abs(step[~moved]).max(axis=1) < 1e-7) | (
             decrease[~moved] < _STUCK_DECREASE * (1.0 + np.abs(ofv[stuck])))
-        again = tiny & ~central[stuck]  # on forward differences: judged again, central
+        # On forward differences (their error can point a step landing at the mode
+        # slightly uphill): judged again at the same point, by central differences.
+        again = ~central[stuck]
         far[stuck[again]], known[stuck[again]] = False, False
         converged[stuck[tiny & ~again]] = True
         active[stuck[~again]] = False
@@ -1126,7 +1129,8 @@ def _starts(obj: _Objective, starts: int, seed: int,
     NEAR_SD prior SDs of the ETAs (a nearby mode); then the lowest-OFV points of a randomly
     shifted Halton screen of the ETAs within SCREEN_SD prior SDs, each at least one prior
     SD from the others, so that a second mode far out in the prior is still reached. The
-    KAPPAs start at 0 (a drawn KAPPA for every occasion put the starts of a Bayesian trial
+    KAPPAs start at 0 (in the first start: ``initial``'s, when given; a drawn KAPPA for
+    every occasion put the starts of a Bayesian trial
     arm's children thousands of OFV units away from a mode they reached anyway, for 3-10 %
     of the arm's time)."""
     problem = obj.p

@@ -481,20 +481,20 @@ def _history_records(cohort: pd.DataFrame, names: tuple[str, ...], dose_day: np.
 
 def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_seed: int,
              target: float, residual: bool, antibodies: AntibodyFormation | None,
-             lloq: float, rows: slice = slice(None)) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One arm of one replicate, for the children ``rows`` of its cohort: visits and
+             lloq: float, part: slice = slice(None)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One arm of one replicate, for the children ``part`` of its cohort: visits and
     per-patient outcomes. The arm's random draws are made for the whole cohort, so a
     child's numbers do not depend on which children share its job."""
     rng = np.random.default_rng(rng_seed)
     size = len(cohort)
     eta = rng.multivariate_normal(np.zeros(len(model.eta_names)), model.omega, size=size,
-                                  method="eigh")[rows]
+                                  method="eigh")[part]
     max_doses = len(INDUCTION_WEEKS) + int((END_WEEK - FIRST_MAINTENANCE_WEEK) / 4.0) + 2
     iov_sd = np.sqrt(np.array(list(model.iov.values()))) if model.iov else np.zeros(0)
-    kappa = (rng.standard_normal((size, max_doses, iov_sd.size)) * iov_sd)[rows]
-    eps = rng.standard_normal((size, max_doses + 1))[rows]
-    uniform = rng.uniform(size=(size, max_doses + 1))[rows]
-    cohort = cohort.iloc[rows]
+    kappa = (rng.standard_normal((size, max_doses, iov_sd.size)) * iov_sd)[part]
+    eps = rng.standard_normal((size, max_doses + 1))[part]
+    uniform = rng.uniform(size=(size, max_doses + 1))[part]
+    cohort = cohort.iloc[part]
     n = len(cohort)
     cov = {c: cohort[c].to_numpy(dtype=float) for c in model.covariate_names}
     weight = cohort["WT"].to_numpy(dtype=float)
@@ -594,14 +594,14 @@ CHILDREN_PER_JOB = 500
 
 
 def _job(args: tuple) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
-    """Every arm of one replicate for the children ``rows`` of its cohort (module level, so
+    """Every arm of one replicate for the children ``part`` of its cohort (module level, so
     process and Dask executors can run it): visits and patients per arm."""
-    model, strategies, cohort, seed, target, residual, replicate, antibodies, lloq, rows = args
+    model, strategies, cohort, seed, target, residual, replicate, antibodies, lloq, part = args
     out = []
     seeds = np.random.SeedSequence(seed).spawn(len(strategies))
     for (arm, policy), arm_seed in zip(strategies.items(), seeds):
         v, p = _run_arm(model, policy, cohort, int(arm_seed.generate_state(1)[0]), target,
-                        residual, antibodies, lloq, rows)
+                        residual, antibodies, lloq, part)
         out.append((v.assign(ARM=arm, REPLICATE=replicate),
                     p.assign(ARM=arm, REPLICATE=replicate)))
     return out
@@ -679,7 +679,7 @@ def run_trial(
         children = make(n, seed=cohort_seed)
         check_covariates(model, children)
         jobs += [(model, dict(strategies), children, arm_seed, target, residual, r,
-                  antibodies, lloq, rows) for rows in parts]
+                  antibodies, lloq, part) for part in parts]
     mapper = executor.map if executor is not None else map
     done: list[list[tuple[pd.DataFrame, pd.DataFrame]]] = []
     for result in mapper(_job, jobs):

@@ -1012,3 +1012,26 @@ def test_starts_draw_etas_and_leave_kappas_at_zero():
     assert (start[:, 0] == 0).all() and (start[:, :, n_eta:] == 0).all()
     assert (np.abs(start[:, 1, :n_eta]) <= est.NEAR_SD * sd).all()
     assert (start[:, 1, :n_eta] != 0).all() and (start[:, 2, :n_eta] != 0).any()
+
+
+@pytest.mark.parametrize("sd,times", [(0.05, [10.0]), (0.05, [10.0, 10.0]), (0.02, [10.0])])
+def test_a_step_landing_on_the_mode_from_afar_converges(sd, times):
+    """CL = 1 + ETA (L/day), V = 1 L, log-additive error, samples at day 10 of 100 e^-13
+    mg/L: ln C = ln 100 - 10 (1 + ETA) is linear in ETA, so the OFV is exactly quadratic and
+    the first (central) Newton step lands on the mode, where the derivatives are forward
+    (the step predicted a large decrease) and their error points the next step slightly
+    uphill. Judged again by central differences, the fit converges at the mode written
+    out: each residual is 10 ETA - 3 in log units, so ETA = (30 n / sd^2) / (100 n / sd^2
+    + 1 / omega) with omega 0.01 (found by a reviewer: this fit had stopped unconverged)."""
+    eta = sp.Symbol("ETA_CL")
+    model = PopulationModel(name="lin", structure=Structure(1), theta={},
+                            parameters={"CL": 1.0 + eta, "V1": sp.Integer(1)},
+                            omega=[[0.01]], eta_names=("ETA_CL",),
+                            residual=ResidualError(additive=sd, log_scale=True))
+    n = len(times)
+    fit = est.estimate_map(model, observed(times, [100 * np.exp(-13.0)] * n),
+                           records=False).individuals
+    assert fit["SUCCESS"].all()
+    # ln C(eta) = ln 100 - 10 - 10 eta; DV = ln 100 - 13: residual 3 - 10 eta per sample
+    mode = (n * 10 * 3 / sd**2) / (n * 100 / sd**2 + 1 / 0.01)
+    assert fit["ETA_CL"].iloc[0] == pytest.approx(mode, abs=1e-8)

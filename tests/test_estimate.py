@@ -1035,3 +1035,26 @@ def test_a_step_landing_on_the_mode_from_afar_converges(sd, times):
     # ln C(eta) = ln 100 - 10 - 10 eta; DV = ln 100 - 13: residual 3 - 10 eta per sample
     mode = (n * 10 * 3 / sd**2) / (n * 100 / sd**2 + 1 / 0.01)
     assert fit["ETA_CL"].iloc[0] == pytest.approx(mode, abs=1e-8)
+
+
+def test_mixed_forward_and_central_derivatives_with_the_newton_hessian():
+    """With a Hessian by differences (2 ETAs), a call mixing forward and central IDs gives
+    each ID what a call of one kind gives it: OFV, gradient, FOCE Hessian and, where
+    central, the Hessian by differences; where forward, the FOCE Hessian stands in."""
+    model = one_compartment(eta_v=True)
+    data = pd.concat([observed([1.0, 4.0], [20.0 + i, 9.0 - i]).assign(ID=i + 1)
+                      for i in range(4)], ignore_index=True)
+    problem, _ = est._build_problem(model, data, "nocb")
+    obj = est._Objective(problem)
+    ids = np.arange(4)
+    eta = np.full((4, 2), 0.2)
+    which = np.array([True, False, True, False])
+    mixed = est._derivatives(obj, eta, ids, newton=True, forward=which)
+    forward = est._derivatives(obj, eta, ids, newton=True, forward=True)
+    central = est._derivatives(obj, eta, ids, newton=True)
+    assert forward[3] is None and central[3] is not None
+    for got, one, other in zip(mixed[:3], forward[:3], central[:3]):
+        np.testing.assert_allclose(got[which], one[which], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[~which], other[~which], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mixed[3][~which], central[3][~which], rtol=1e-12)
+    np.testing.assert_array_equal(mixed[3][which], mixed[2][which])

@@ -857,6 +857,16 @@ def twelve_children() -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def assert_same_fits(one: pd.DataFrame, other: pd.DataFrame, model: PopulationModel) -> list:
+    """Both fits successful with the same ETAs and KAPPAs (1e-6) and OFV (1e-8); returns
+    the names compared."""
+    assert one["SUCCESS"].all() and other["SUCCESS"].all()
+    names = list(model.eta_names) + [c for c in one if c.startswith("KAPPA")]
+    np.testing.assert_allclose(one[names], other[names], atol=1e-6)
+    np.testing.assert_allclose(one["OFV"], other["OFV"], atol=1e-8)
+    return names
+
+
 def test_starts_heading_for_one_mode_merge_and_give_the_same_fit(monkeypatch):
     """Three starts per child that reach one mode (every child of a Bayesian trial arm) do
     the work once: a start whose step's target coincides with another's stops and takes
@@ -878,10 +888,7 @@ def test_starts_heading_for_one_mode_merge_and_give_the_same_fit(monkeypatch):
     with_merging, moving[0] = moving[0], 0
     monkeypatch.setattr(est, "_SAME_TARGET", -1.0)  # no two targets closer: no merging
     separate = est.estimate_map(model, data, records=False).individuals
-    assert merged["SUCCESS"].all() and separate["SUCCESS"].all()
-    names = list(model.eta_names) + [c for c in merged if c.startswith("KAPPA")]
-    np.testing.assert_allclose(merged[names], separate[names], atol=1e-6)
-    np.testing.assert_allclose(merged["OFV"], separate["OFV"], atol=1e-8)
+    assert_same_fits(merged, separate, model)
     assert with_merging < 0.75 * moving[0]
 
 
@@ -950,13 +957,9 @@ def test_forward_differences_far_from_the_mode_give_the_same_fit(monkeypatch):
     with_forward, sets[0] = sets[0], 0
     monkeypatch.setattr(est, "_FORWARD_DECREASE", math.inf)  # never forward
     central = est.estimate_map(model, data, records=False).individuals
-    assert forward["SUCCESS"].all() and central["SUCCESS"].all()
-    names = list(model.eta_names) + [c for c in forward if c.startswith("KAPPA")]
-    np.testing.assert_allclose(forward[names], central[names], atol=1e-6)
-    np.testing.assert_allclose(forward["OFV"], central["OFV"], atol=1e-8)
+    names = assert_same_fits(forward, central, model)
     assert with_forward < 0.95 * sets[0]
-    monkeypatch.setattr(est, "_FORWARD_DECREASE", 1.0)
-    monkeypatch.setattr(est, "_SPLIT_SETS", 1000)
+    monkeypatch.undo()  # the defaults again
     for i in (1, 7):
         alone = est.estimate_map(model, data[data["ID"] == i], records=False).individuals
         np.testing.assert_allclose(alone[names].to_numpy()[0],

@@ -607,7 +607,8 @@ def solve(
     arrays = {k: _full(v, full) for k, v in arrays.items()}
     n_states = structure.n_states
 
-    modes_at = _modes_per_record(structure, {name: arrays[name] for name in names})
+    modes_at = _modes_per_record(structure, {name: arrays[name] for name in names},
+                                 repeats)
 
     # Doses are set up once per event profile when the sets sharing a profile share
     # their dose modifiers too (the common case), else once per set.
@@ -679,21 +680,23 @@ def solve(
     return out
 
 
-def _modes_per_record(structure: Structure,
-                      params: dict[str, np.ndarray]) -> Callable[[int], _Modes]:
+def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
+                      repeats: int = 1) -> Callable[[int], _Modes]:
     """``modes_at(k)``: the decomposition of every set's parameters ``(S, R)`` at record
     ``k``. Each set is decomposed where its own parameters change (once per occasion with
     IOV), not at every record where another set's change: a batch of many IDs changes
-    somewhere at nearly every record."""
+    somewhere at nearly every record. Of ``repeats`` consecutive sets (those sharing an
+    event profile: the points of a finite-difference stencil), a set whose parameters at
+    a record equal the first set's there takes the first set's decomposition: a point
+    moving one occasion's KAPPA differs from the centre at that occasion only."""
     first = next(iter(params.values()))
     fresh = np.ones(first.shape, dtype=bool)
     fresh[:, 1:] = False
     for values in params.values():
         fresh[:, 1:] |= values[:, 1:] != values[:, :-1]
     if fresh[:, 1:].any():
-        # latest[s, k]: the entry, among the decomposed (row-major), in force at (s, k)
-        latest = np.cumsum(fresh.ravel()).reshape(fresh.shape) - 1
-        where = np.flatnonzero(fresh)  # (a take of these: 3x faster than a boolean mask)
+        latest, own = _latest_decomposition(fresh, params, repeats)
+        where = np.flatnonzero(own)  # (a take of these: 3x faster than a boolean mask)
         modes = _decompose(structure.n_compartments,
                            {k: np.ravel(v).take(where) for k, v in params.items()},
                            structure.depot)
@@ -715,6 +718,30 @@ def _modes_per_record(structure: Structure,
         return cache[k]
 
     return modes_at
+
+
+def _latest_decomposition(fresh: np.ndarray, params: dict[str, np.ndarray], repeats: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """For sets ``(S, R)`` whose parameters change where ``fresh``: which entries are
+    decomposed (``own``, row-major) and, per set and record, the index among those of the
+    decomposition in force (``latest``). A fresh entry of a set equal to the first set of
+    its group of ``repeats`` at that record is not decomposed: it takes the first set's."""
+    n_sets, n_rec = fresh.shape
+    own = fresh.copy()
+    if repeats > 1:
+        lead = np.repeat(np.arange(0, n_sets, repeats), repeats)
+        same = np.ones(fresh.shape, dtype=bool)
+        for values in params.values():
+            same &= values == values[lead]
+        own &= ~same
+        own[lead == np.arange(n_sets)] = fresh[lead == np.arange(n_sets)]
+    # where own, its index among the decomposed; elsewhere that of the set's last own
+    # entry before (the first set of a group owns its record 0: always one before)
+    index = np.cumsum(own.ravel()).reshape(own.shape) - 1
+    if repeats > 1:
+        index = np.where(own, index, index[lead])  # the first set's, in force there
+    position = np.maximum.accumulate(np.where(fresh, np.arange(n_rec), 0), axis=1)
+    return np.take_along_axis(index, position, axis=1), own
 
 
 #: Doses, steady states, resets and the schedule of event profiles without dose

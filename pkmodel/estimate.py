@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import JsonDocument, fail_where, plain_json, validate, with_columns
-from pkmodel.engine import Events, stack_events
+from pkmodel.engine import Events
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
     PopulationModel,
@@ -152,12 +152,23 @@ def _essential_rows(table: pd.DataFrame, names: tuple[str, ...], covariates: str
     return keep
 
 
+@dataclass
+class _Built:
+    """A cached problem: the data it was built from (a copy), the problem, the validated
+    table and, once asked for, that table's events."""
+
+    data: pd.DataFrame
+    problem: _Problem
+    full: pd.DataFrame
+    events: Events | None = None
+
+
 #: Problems built lately, by the content of their data and the model's equations: the
 #: steps of a population fit refit the same records under other THETA, OMEGA and SIGMA
 #: values, and building them (validation, events ID by ID) took two thirds of each refit.
 #: Least recently used first; a hit is confirmed against a copy of the data (a hash
 #: cannot tell 1 from "1" in an object column).
-_PROBLEMS: dict[tuple, tuple[pd.DataFrame, _Problem, pd.DataFrame, Events]] = {}
+_PROBLEMS: dict[tuple, _Built] = {}
 _PROBLEMS_LOCK = threading.Lock()
 _PROBLEMS_KEPT = 16
 
@@ -181,18 +192,16 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
         key = None
     with _PROBLEMS_LOCK:
         hit = _PROBLEMS.pop(key, None) if key is not None else None
-        if hit is not None and hit[0].equals(data):
+        if hit is not None and hit.data.equals(data):
             _PROBLEMS[key] = hit  # most recently used last
         else:
             hit = None
     if hit is not None:
-        _, problem, full, _ = hit
-        check_covariates(model, full)  # said at every call, as when built
-        return _with_values(problem, model), full
+        check_covariates(model, hit.full)  # said at every call, as when built
+        return _with_values(hit.problem, model), hit.full
     problem, full = _new_problem(model, data, covariates)
     if key is not None:
-        entry = (data.copy(deep=True), problem, full,
-                 to_events(full, model.structure, covariates=covariates))
+        entry = _Built(data.copy(deep=True), problem, full)
         with _PROBLEMS_LOCK:
             while len(_PROBLEMS) >= _PROBLEMS_KEPT:
                 _PROBLEMS.pop(next(iter(_PROBLEMS)))
@@ -201,13 +210,17 @@ def _build_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) 
 
 
 def _full_events(problem: _Problem, full: pd.DataFrame, covariates: str) -> Events:
-    """The events of the whole validated table (records of the result), cached with it."""
+    """The events of the whole validated table (records of the result), cached with it
+    once asked for (a fit without records never needs them)."""
     with _PROBLEMS_LOCK:
         entries = list(_PROBLEMS.values())
-    for _, _, cached_full, events in entries:
-        if cached_full is full:
-            return events
-    return to_events(full, problem.model.structure, covariates=covariates)
+    built = next((e for e in entries if e.full is full), None)
+    if built is not None and built.events is not None:
+        return built.events
+    events = to_events(full, problem.model.structure, covariates=covariates)
+    if built is not None:
+        built.events = events
+    return events
 
 
 def _with_values(problem: _Problem, model: PopulationModel) -> _Problem:
@@ -234,47 +247,34 @@ def _new_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) ->
                    f"DV > 0 (mg/L): {model.name}'s log-additive error takes its logarithm "
                    "(a value below the assay's limit needs its LLOQ)", dv)
     full = table
-    table = table.assign(_OCC=_occasions_by_id(table))
+    table = table.assign(_OCC=dosing_occasions(table))
     table = table[_essential_rows(table, model.covariate_names, covariates)]
     table = table.reset_index(drop=True)
     ids_col = table["ID"].to_numpy()
     starts = np.flatnonzero(np.r_[True, ids_col[1:] != ids_col[:-1]])
-    stops = np.r_[starts[1:], len(table)]
     unique_ids = ids_col[starts]
-    profiles = []
-    row_id = np.empty(len(table), dtype=int)
-    for b, (lo, hi) in enumerate(zip(starts, stops)):
-        part = table.iloc[lo:hi]
-        row_id[lo:hi] = b
-        profiles.append(to_events(part, model.structure, covariates=covariates))
-    # to_events numbers rows from 0 per part; shift them to the compressed table's rows.
-    shifted = []
-    for (lo, _), ev in zip(zip(starts, stops), profiles):
-        shifted.append(Events(**{**ev.__dict__, "param_row": ev.param_row + lo,
-                                 "source_row": np.where(ev.source_row >= 0,
-                                                        ev.source_row + lo, -1)}))
-    events = stack_events(shifted)
+    row_id = np.cumsum(np.r_[True, ids_col[1:] != ids_col[:-1]]) - 1
+    events = to_events(table, model.structure, covariates=covariates)  # every ID at once
 
+    # The measured observations of each ID, in file order: their record in its profile.
     obs_rows = np.flatnonzero((table["EVID"].to_numpy() == 0) & (table["MDV"].to_numpy() == 0))
     counts = np.bincount(row_id[obs_rows], minlength=len(unique_ids))
     width = max(int(counts.max()) if counts.size else 0, 1)
+    record = np.full(len(table), -1)
+    real = events.source_row >= 0
+    record[events.source_row[real]] = np.nonzero(real)[1]
+    owner = row_id[obs_rows]
+    slot = np.arange(obs_rows.size) - np.r_[0, np.cumsum(counts)][owner]
     obs_record = np.zeros((len(unique_ids), width), dtype=int)
     obs_mask = np.zeros((len(unique_ids), width), dtype=bool)
     y = np.ones((len(unique_ids), width))
     lloq = np.full((len(unique_ids), width), np.nan)
-    record_of_row = {int(r): (b, k) for b in range(events.shape[0])
-                     for k, r in enumerate(events.source_row[b]) if r >= 0}
-    fill = np.zeros(len(unique_ids), dtype=int)
-    dv = table["DV"].to_numpy(dtype=float)
     uloq = np.full((len(unique_ids), width), np.nan)
-    lloq_col, uloq_col = (table[c].to_numpy(dtype=float) if c in table
-                          else np.full(len(table), np.nan) for c in ("LLOQ", "ULOQ"))
-    for r in obs_rows:
-        b, k = record_of_row[int(r)]
-        j = fill[b]
-        obs_record[b, j], obs_mask[b, j], y[b, j] = k, True, dv[r]
-        lloq[b, j], uloq[b, j] = lloq_col[r], uloq_col[r]
-        fill[b] += 1
+    obs_record[owner, slot], obs_mask[owner, slot] = record[obs_rows], True
+    y[owner, slot] = table["DV"].to_numpy(dtype=float)[obs_rows]
+    for limits, column in ((lloq, "LLOQ"), (uloq, "ULOQ")):
+        if column in table:
+            limits[owner, slot] = table[column].to_numpy(dtype=float)[obs_rows]
     blq = obs_mask & np.isfinite(lloq) & (y < lloq)
     alq = obs_mask & np.isfinite(uloq) & (y > uloq)
 
@@ -293,15 +293,6 @@ def _new_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) ->
         omega_logdet=float(np.linalg.slogdet(prior)[1]),
     )
     return problem, full
-
-
-def _occasions_by_id(table: pd.DataFrame) -> np.ndarray:
-    out = np.empty(len(table), dtype=int)
-    ids = table["ID"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    for lo, hi in zip(starts, np.r_[starts[1:], len(table)]):
-        out[lo:hi] = dosing_occasions(table.iloc[lo:hi])
-    return out
 
 
 def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:

@@ -444,13 +444,36 @@ def make_cohort(
 
 
 def dosing_occasions(table: pd.DataFrame) -> np.ndarray:
-    """Occasion index (0-based) of each row: OCC if given, else the dosing interval."""
+    """Occasion index (0-based, counted within each ID) of each row: the rank of its OCC
+    among the ID's OCC values if given, else its dosing interval (rows before the first
+    dose belong to the first).
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"ID": [1, 1, 1, 2, 2], "EVID": [1, 0, 1, 1, 0]})
+    >>> dosing_occasions(table).tolist()
+    [0, 0, 1, 0, 0]
+    """
+    ids = table["ID"].to_numpy()
+    first = np.r_[True, ids[1:] != ids[:-1]]
     if "OCC" in table.columns:
-        _, index = np.unique(table["OCC"].to_numpy(), return_inverse=True)
-        return index
+        _, code = np.unique(table["OCC"].to_numpy(), return_inverse=True)
+        group = np.cumsum(first)
+        order = np.lexsort((code, group))
+        group, code = group[order], code[order]
+        new_group = np.r_[True, group[1:] != group[:-1]]
+        new_value = new_group | np.r_[True, code[1:] != code[:-1]]
+        dense = np.cumsum(new_value) - 1
+        rank = dense - np.maximum.accumulate(np.where(new_group, dense, 0))
+        out = np.empty(len(order), dtype=int)
+        out[order] = rank
+        return out
     evid = table["EVID"].to_numpy()
-    doses = np.cumsum((evid == 1) | (evid == 4))
-    return np.maximum(doses - 1, 0)
+    dose = (evid == 1) | (evid == 4)
+    doses = np.cumsum(dose)
+    before = (doses - dose)[first]  # doses of the IDs above
+    return np.maximum(doses - np.repeat(before, np.diff(np.r_[np.flatnonzero(first),
+                                                              len(ids)])) - 1, 0)
 
 
 def simulate(

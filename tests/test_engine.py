@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ode_reference import Dose, ode_amounts, ode_records
 from strategies import event_cases, log_uniform, pk_params, regimens
 
+from pkmodel import engine
 from pkmodel.data import validate
 from pkmodel.engine import Structure, at_rows, expand_records, solve, stack_events
 from pkmodel.predict import to_events
@@ -251,6 +252,37 @@ def test_many_parameter_sets_in_one_call_equal_one_at_a_time():
         one = solve(Structure(2), ev, {k: np.asarray(v)[i] if np.ndim(v) else v
                                        for k, v in params.items()})
         np.testing.assert_allclose(together[i], one[0], rtol=1e-14)
+
+
+def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide():
+    """Sets sharing an event profile (a finite-difference stencil around a centre) take
+    the first set's decomposition wherever their parameters equal its parameters there:
+    each set still equals its own solve (to rounding), whether it equals the first set
+    everywhere, from one record on, up to one record, or at one occasion only."""
+    rng = np.random.default_rng(5)
+    a = expand_records([0.0, 3.0, 7.0, 7.0, 10.0, 14.0, 20.0], [1, 0, 0, 1, 0, 1, 0],
+                       [100.0, 0, 0, 100.0, 0, 100.0, 0], rate=[50.0, 0, 0, 0, 0, 50.0, 0])
+    b = expand_records([0.0, 5.0, 5.0, 9.0], [1, 0, 1, 0], [80.0, 0, 80.0, 0], row_offset=7)
+    events = stack_events([a, b])
+    n_rec = events.shape[1]
+    occasion = np.array([0, 0, 1, 1, 1, 2, 2])
+    lead = {k: rng.uniform(0.5, 2.0, (2, 1, 3)) for k in ("CL", "V1", "Q", "V2")}
+    per_set = {k: np.repeat(v, 5, axis=1).copy() for k, v in lead.items()}  # 2 x 5 sets
+    per_set["CL"][:, 1, 1] *= 1.1  # one occasion differs
+    per_set["CL"][:, 2, 0] *= 0.9  # differs up to record 2, then equals the first set
+    per_set["V2"][:, 3, 1:] *= 1.2  # equals the first set up to record 2, then differs
+    per_set["Q"][:, 4] *= 1.3  # differs throughout
+    params = {k: v[..., occasion].reshape(10, n_rec) for k, v in per_set.items()}
+    together = solve(Structure(2), events, params)
+    fresh = np.zeros((10, n_rec), dtype=bool)
+    fresh[:, [0, 2, 5]] = True  # occasions start at records 0, 2 and 5
+    _, own = engine._latest_decomposition(fresh, params, 5)
+    assert own.sum() == 2 * (3 + 1 + 1 + 2 + 3)  # per profile: 10 of 15 decomposed
+    for s in range(10):
+        ev_s = (a, b)[s // 5]
+        alone = solve(Structure(2), ev_s, {k: v[s, :ev_s.shape[1]] for k, v in params.items()})
+        np.testing.assert_allclose(together[s, :ev_s.shape[1]], alone[0], rtol=1e-13,
+                                   atol=1e-15)
 
 
 def test_reset_ends_infusion_and_state():

@@ -1061,3 +1061,46 @@ def test_mixed_forward_and_central_derivatives_with_the_newton_hessian():
         np.testing.assert_allclose(got[~which], other[~which], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(mixed[3][~which], central[3][~which], rtol=1e-12)
     np.testing.assert_array_equal(mixed[3][which], mixed[2][which])
+
+
+def assert_fits_alone_equal_fits_together(model: PopulationModel, tables: list) -> list:
+    """Each table's fit alone equals its fit among the others (ETAs, OFV; KAPPAs of the
+    occasions it lacks at their prior mode, 0); returns the KAPPA count of each alone."""
+    together = est.estimate_map(model, pd.concat(
+        [t.assign(ID=i + 1) for i, t in enumerate(tables)], ignore_index=True)).individuals
+    kappas = [c for c in together if c.startswith("KAPPA")]
+    counts = []
+    for i, table in enumerate(tables):
+        alone = est.estimate_map(model, table.reset_index(drop=True)).individuals
+        own = [c for c in alone if c.startswith("KAPPA")]
+        names = assert_same_fits(alone, together.iloc[[i]].reset_index(drop=True), model)
+        assert set(own) <= set(names)
+        lacking = together.iloc[i][[c for c in kappas if c not in own]]
+        np.testing.assert_allclose(lacking.to_numpy(dtype=float), 0.0, atol=1e-6)
+        counts.append(len(own))
+    return counts
+
+
+def test_ids_fitted_together_equal_each_fitted_alone_with_addl_and_occ():
+    """The problem's events and occasions are built for every ID at once: children on
+    label dosing to week 22 or 14, and one whose maintenance doses are coded by ADDL,
+    fitted together give each child's fit alone; so do children whose occasions an OCC
+    column gives (numbered differently per child)."""
+    model = load("fasanmade2011")
+    covariates = {"ATI": 0, "IMM": 1}
+    label = infliximab_regimen(28.0, until_week=22, covariates={"ALB": 3.3, **covariates})
+    label.loc[(label.EVID == 0) & label.TIME.isin([98.0, 154.0]), ["MDV", "DV"]] = [0, 2.1]
+    short = infliximab_regimen(20.0, until_week=14, covariates={"ALB": 2.9, **covariates})
+    short.loc[(short.EVID == 0) & (short.TIME == 98.0), ["MDV", "DV"]] = [0, 0.9]
+    coded = infliximab_regimen(35.0, until_week=14, covariates={"ALB": 3.0, **covariates})
+    coded = coded[coded.TIME < 98.0].assign(II=0.0, ADDL=0)
+    more = coded.iloc[[0]].assign(TIME=98.0, II=56.0, ADDL=1)  # weeks 14 and 22
+    samples = coded.iloc[[0, 0]].assign(TIME=[97.5, 153.5], EVID=0, AMT=0.0, RATE=0.0,
+                                        MDV=0, DV=[1.2, 0.8])
+    coded = pd.concat([coded, samples.iloc[[0]], more, samples.iloc[[1]]])
+    # occasions: 4 and 3 dosing intervals; 4 dose records (weeks 14 and 22 are one record)
+    assert assert_fits_alone_equal_fits_together(model, [label, short, coded]) == [4, 3, 4]
+    by_occ = [label.assign(OCC=np.where(label.TIME < 42.0, 7, 3)),
+              short.assign(OCC=np.where(short.TIME < 14.0, 1, np.where(short.TIME < 98, 2, 9))),
+              label.assign(ALB=3.8, OCC=5.0)]
+    assert assert_fits_alone_equal_fits_together(model, by_occ) == [2, 3, 1]

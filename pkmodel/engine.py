@@ -695,8 +695,8 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
     for values in params.values():
         fresh[:, 1:] |= values[:, 1:] != values[:, :-1]
     if fresh[:, 1:].any():
-        latest, own = _latest_decomposition(fresh, params, repeats)
-        where = np.flatnonzero(own)  # (a take of these: 3x faster than a boolean mask)
+        # (a take of the entries: 3x faster than a boolean mask)
+        latest, where = _latest_decomposition(fresh, params, repeats)
         modes = _decompose(structure.n_compartments,
                            {k: np.ravel(v).take(where) for k, v in params.items()},
                            structure.depot)
@@ -722,33 +722,36 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
 
 def _latest_decomposition(fresh: np.ndarray, params: dict[str, np.ndarray], repeats: int
                           ) -> tuple[np.ndarray, np.ndarray]:
-    """For sets ``(S, R)`` whose parameters change where ``fresh``: which entries are
-    decomposed (``own``, row-major) and, per set and record, the index among those of the
-    decomposition in force (``latest``). A fresh entry of a set equal to the first set of
-    its group of ``repeats`` at that record is not decomposed: it takes the first set's."""
-    n_sets, n_rec = fresh.shape
-    own = fresh.copy()
+    """For sets ``(S, R)`` whose parameters change where ``fresh``: the entries to
+    decompose (flat, row-major positions) and, per set and record, the index among those
+    of the decomposition in force (``latest``). A fresh entry of a set equal to the first
+    set of its group of ``repeats`` at that record is not decomposed: it takes the first
+    set's in force there."""
+    n_rec = fresh.shape[1]
+    at = np.flatnonzero(fresh)
+    counter = np.cumsum(fresh.ravel()) - 1  # per entry: its set's last fresh entry
+    own = np.ones(at.size, dtype=bool)
     if repeats > 1:
-        lead = np.repeat(np.arange(0, n_sets, repeats), repeats)
-        same = np.ones(fresh.shape, dtype=bool)
+        row = at // n_rec
+        lead = at - (row % repeats) * n_rec  # the same record of the group's first set
+        same = lead != at
         for values in params.values():
-            same &= values == values[lead]
-        own &= ~same
-        own[lead == np.arange(n_sets)] = fresh[lead == np.arange(n_sets)]
-    # where own, its index among the decomposed; elsewhere that of the set's last own
-    # entry before (the first set of a group owns its record 0: always one before)
-    index = np.cumsum(own.ravel()).reshape(own.shape) - 1
-    if repeats > 1:
-        index = np.where(own, index, index[lead])  # the first set's, in force there
-    position = np.maximum.accumulate(np.where(fresh, np.arange(n_rec), 0), axis=1)
-    return np.take_along_axis(index, position, axis=1), own
+            flat = values.ravel()
+            same &= flat.take(at) == flat.take(lead)
+        own = ~same
+    ref = np.empty(at.size, dtype=int)
+    ref[own] = np.arange(np.count_nonzero(own))
+    if not own.all():  # the first set's entry in force there (its own: never shared)
+        ref[~own] = ref[counter.take(lead[~own])]
+    return ref.take(counter).reshape(fresh.shape), at[own]
 
 
 #: Doses, steady states, resets and the schedule of event profiles without dose
-#: modifiers, which do not depend on the parameters: built once per Events object (then
-#: repeated for the number of sets per profile of each call), as a fit solves the same
-#: records many times.
-_PLAIN_INPUTS: dict[tuple[int, Structure], tuple[weakref.ref, tuple]] = {}
+#: modifiers, which do not depend on the parameters: built once per Events object, and
+#: repeated for the number of sets per profile of each call (kept per number when small:
+#: a fit solves the same records many times, with two or three stencils).
+_PLAIN_INPUTS: dict[tuple[int, Structure], tuple[weakref.ref, tuple, dict[int, tuple]]] = {}
+_REPEATED_KEPT_SETS = 4096  # repeated inputs are kept for calls of at most this many sets
 
 
 def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray],
@@ -757,18 +760,23 @@ def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray
     ``events`` (confirmed by a weak reference, never by a reused id)."""
     key = (id(events), structure)
     hit = _PLAIN_INPUTS.get(key)
-    if hit is not None and hit[0]() is events:
-        inputs, ss_specs, reset, schedule = hit[1]
-    else:
+    if hit is None or hit[0]() is not events:
         b_events, n_rec = events.shape
         inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
         schedule = _schedule(inputs, ev["time"], n_rec)
         if len(_PLAIN_INPUTS) >= 64:
             _PLAIN_INPUTS.clear()
-        _PLAIN_INPUTS[key] = (weakref.ref(events), (inputs, ss_specs, reset, schedule))
-    if repeats > 1:
-        inputs, ss_specs, reset = _repeat_inputs(inputs, ss_specs, reset, repeats)
-    return inputs, ss_specs, reset, schedule
+        hit = (weakref.ref(events), (inputs, ss_specs, reset, schedule), {})
+        _PLAIN_INPUTS[key] = hit
+    inputs, ss_specs, reset, schedule = hit[1]
+    if repeats == 1:
+        return inputs, ss_specs, reset, schedule
+    repeated = hit[2].get(repeats)
+    if repeated is None:
+        repeated = _repeat_inputs(inputs, ss_specs, reset, repeats)
+        if events.shape[0] * repeats <= _REPEATED_KEPT_SETS:
+            hit[2][repeats] = repeated
+    return (*repeated, schedule)
 
 
 def central_amounts(

@@ -276,8 +276,8 @@ def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide
     together = solve(Structure(2), events, params)
     fresh = np.zeros((10, n_rec), dtype=bool)
     fresh[:, [0, 2, 5]] = True  # occasions start at records 0, 2 and 5
-    _, own = engine._latest_decomposition(fresh, params, 5)
-    assert own.sum() == 2 * (3 + 1 + 1 + 2 + 3)  # per profile: 10 of 15 decomposed
+    _, decomposed = engine._latest_decomposition(fresh, params, 5)
+    assert decomposed.size == 2 * (3 + 1 + 1 + 2 + 3)  # per profile: 10 of 15 decomposed
     for s in range(10):
         ev_s = (a, b)[s // 5]
         alone = solve(Structure(2), ev_s, {k: v[s, :ev_s.shape[1]] for k, v in params.items()})

@@ -629,7 +629,7 @@ def _merge_starts(at: np.ndarray, near: np.ndarray, target: np.ndarray, ofv: np.
 @dataclass
 class _Fit:
     eta: np.ndarray  # (B, S, p)
-    ofv: np.ndarray  # (B, S)
+    ofv: np.ndarray  # (B, S), at eta (where converged, before the last step: within tol)
     converged: np.ndarray  # (B, S)
     iterations: np.ndarray  # (B, S)
 
@@ -730,6 +730,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         moved = armijo.any(axis=1)
         choice = np.argmax(armijo, axis=1)
         eta[at[moved]] = trial[moved, choice[moved]]
+        ofv[at[moved]] = trial_ofv[moved, choice[moved]]
         known[at[moved]] = False
         # No decrease along the step: at the optimum to the accuracy of the derivatives if
         # the step is tiny or the decrease it predicts is below _STUCK_DECREASE (relative):
@@ -750,12 +751,14 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         root = pair
         while twin[root] >= 0:
             root = twin[root]
-        eta[pair], converged[pair] = eta[root], converged[root]
+        eta[pair], converged[pair], ofv[pair] = eta[root], converged[root], ofv[root]
         iterations[pair] = iterations[root]
-    final = obj.ofv(eta[:, None, :], ids)[:, 0]
+    # OFV at each start's end, known without another call: where a start converged, at
+    # the point before its last step (which changes it by less than ``tol``); the chosen
+    # start's is evaluated again with its derivatives there.
     shape = (b_count, s_count)
-    return _Fit(eta.reshape(b_count, s_count, n), final.reshape(shape),
-                (converged & np.isfinite(final)).reshape(shape), iterations.reshape(shape))
+    return _Fit(eta.reshape(b_count, s_count, n), ofv.reshape(shape),
+                (converged & np.isfinite(ofv)).reshape(shape), iterations.reshape(shape))
 
 
 # --------------------------------------------------------------------------- public API

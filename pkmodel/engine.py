@@ -791,10 +791,12 @@ def central_amounts(
     ``at`` (``(B, K)`` indices into each profile's records) only, ``(S, K)``: the central
     column of :func:`solve`, by superposition when it applies.
 
-    When every parameter set's parameters are the same at all its records, no record is
-    at steady state or resets, and no dose modifier (F, ALAG, R, D) is given, the amount is
-    a sum over doses of closed-form responses (bolus, zero-order infusion, first-order
-    absorption; the same modal algebra as :func:`solve`), vectorised over sets, records and
+    When every parameter set's parameters are the same at all its records, no record
+    resets, no dose modifier (F, ALAG, R, D) is given and every steady-state dose is a
+    profile's first dose (SS=1, into a disposition compartment, its infusion no longer than
+    its II), the amount is a sum over doses of closed-form responses (bolus, zero-order
+    infusion, first-order absorption, and a steady state's earlier doses as a geometric
+    series; the same modal algebra as :func:`solve`), vectorised over sets, records and
     doses, with no loop over records, provided that is cheaper: few dose-record pairs
     against the records (a likelihood at a few samples), or a small problem. Otherwise
     :func:`solve` runs (thousands of sets over a year of doses and samples).
@@ -810,7 +812,7 @@ def central_amounts(
     b_events, n_rec = events.shape
     arrays = {k: np.asarray(v, dtype=float) for k, v in params.items()}
     evid = np.asarray(events.evid)
-    simple = (not any(_is_modifier(k) for k in arrays) and not np.any(events.ss)
+    simple = (not any(_is_modifier(k) for k in arrays) and _superposable_ss(structure, events)
               and not np.any(evid >= 3) and not np.any(np.asarray(events.rate) < 0)
               and all(k in arrays for k in names))
     if simple:
@@ -899,8 +901,50 @@ def _superpose_profiles(structure: Structure, events: Events, modes: _Modes, row
     image = np.swapaxes(image, 2, 3)  # (b, M, D, n)
     z = _response(modes, dt[:, None, :, :, None], amt, r, length, image,
                   structure.depot & (cmt == 1))
+    steady = given & (events.ss[rows][:, columns] > 0)
+    if steady.any():
+        tau = np.where(steady, events.ii[rows][:, columns], np.inf)
+        z = z + _steady_tail(modes, dt[:, None, :, :, None], amt, r, length, image, tau)
     central = np.einsum("bmdkn,bmn->bmdk", z, modes.p[..., 0, :])
     return np.where(active[:, None], central, 0.0).sum(axis=2)
+
+
+def _superposable_ss(structure: Structure, events: Events) -> bool:
+    """Whether every steady-state dose of ``events`` can be superposed: SS=1 with AMT > 0
+    and II > 0, the first dose of its profile (the reset SS=1 implies removes nothing),
+    into a disposition compartment, its infusion (if any) over within II (the earlier
+    doses it stands for have all ended)."""
+    ss = np.asarray(events.ss)
+    if not ss.any():
+        return True
+    dose = _is_dose(np.asarray(events.evid))
+    steady = dose & (ss > 0)
+    amt, rate, dur, ii = (np.asarray(getattr(events, k)) for k in ("amt", "rate", "dur", "ii"))
+    cmt = np.where(np.asarray(events.cmt) == 0, 1, np.asarray(events.cmt))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        length = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), dur)
+    first = np.cumsum(dose, axis=1) == 1
+    fits = (ss == 1) & (amt > 0) & (ii > 0) & first & (length <= ii) & (rate >= 0)
+    if structure.depot:
+        fits &= cmt != 1
+    return bool(np.all(fits | ~steady))
+
+
+def _steady_tail(modes: _Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarray,
+                 length: np.ndarray, image: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """What the doses before a steady-state dose (every ``tau (b, D)`` days; inf where
+    not at steady state: nothing) add ``dt`` after it, in modal coordinates
+    ``(b, M, D, K, n)``. Each has ended (a bolus, or an infusion at ``rate`` for
+    ``length`` <= tau), so the sum over m >= 1 of its response m tau earlier is a geometric
+    series per mode: ``c exp(lam (dt + tau - length)) / (1 - exp(lam tau))``, ``c`` the
+    amount (bolus) or what the infusion left, ``rate * phi(lam, length)``."""
+    lam = modes.lam[:, :, None, None, :]
+    tau, amount, rate, length = (a[:, None, :, None, None] for a in (tau, amount, rate,
+                                                                     length))
+    infused = rate > 0
+    left = np.where(infused, rate * _phi(lam, length), amount)
+    since = dt + tau - np.where(infused, length, 0.0)  # >= 0: length <= tau
+    return image[:, :, :, None, :] * left * np.exp(lam * since) / -np.expm1(lam * tau)
 
 
 def _response(modes: _Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarray,

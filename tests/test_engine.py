@@ -703,6 +703,30 @@ def superposable(case):
                                f={}, lag={})
 
 
+def assert_superposed_as_solved(structure: Structure, ev, data, total_amount: float
+                                ) -> tuple[dict, dict]:
+    """One to three parameter sets (drawn) sharing ``ev``: central_amounts, without
+    calling solve, equals solve's central amounts after and just before each record's
+    events, to 1e-10 of the largest amount; returns the sets and those amounts by
+    ``before_events``."""
+    from unittest import mock
+
+    n_cmt, depot = structure.n_compartments, structure.depot
+    sets = [data.draw(pk_params(n_cmt, depot)) for _ in range(data.draw(st.integers(1, 3)))]
+    many = {n: np.array([[p[n]] for p in sets]) * np.ones((1, ev.shape[1]))
+            for n in structure.parameter_names}
+    central = structure.central_cmt - 1
+    got = {}
+    for before_events in (False, True):
+        expected = solve(structure, ev, many, before_events=before_events)[..., central]
+        with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")):
+            got[before_events] = engine.central_amounts(structure, ev, many,
+                                                        before_events=before_events)
+        scale = max(np.abs(expected).max(), total_amount)
+        np.testing.assert_allclose(got[before_events], expected, rtol=0, atol=1e-10 * scale)
+    return many, got
+
+
 @pytest.mark.parametrize("n_cmt,depot", STRUCTURES)
 @given(data=st.data())
 def test_superposition_equals_the_record_by_record_solver(n_cmt, depot, data):
@@ -713,31 +737,56 @@ def test_superposition_equals_the_record_by_record_solver(n_cmt, depot, data):
     records asked for; with a modifier it is solve's."""
     from unittest import mock
 
-    from pkmodel import engine
     case = superposable(data.draw(event_cases(n_cmt, depot)))
     structure = Structure(n_cmt, depot)
     ev, _ = case_events(structure, case)
-    sets = [data.draw(pk_params(n_cmt, depot)) for _ in range(data.draw(st.integers(1, 3)))]
-    many = {n: np.array([[p[n]] for p in sets]) * np.ones((1, ev.shape[1]))
-            for n in structure.parameter_names}
+    many, got = assert_superposed_as_solved(structure, ev, data, case.total_amount)
     central = structure.central_cmt - 1
     for before_events in (False, True):
-        expected = solve(structure, ev, many, before_events=before_events)[..., central]
-        with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")):
-            got = engine.central_amounts(structure, ev, many, before_events=before_events)
-        scale = max(np.abs(expected).max(), case.total_amount)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * scale)
         at = np.array([data.draw(st.lists(st.integers(0, ev.shape[1] - 1), min_size=1,
                                           max_size=4))])
         with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")):
             some = engine.central_amounts(structure, ev, many, before_events=before_events,
                                           at=at)
-        np.testing.assert_allclose(some, got[:, at[0]], rtol=1e-13, atol=1e-300)
+        np.testing.assert_allclose(some, got[before_events][:, at[0]], rtol=1e-13,
+                                   atol=1e-300)
     with_f = {**many, "F1": np.full(ev.shape, 0.5)}
     full = solve(structure, ev, with_f)[..., central]
     np.testing.assert_allclose(engine.central_amounts(structure, ev, with_f), full, rtol=1e-15)
     np.testing.assert_allclose(engine.central_amounts(structure, ev, with_f, at=np.array([[0]])),
                                full[:, [0]], rtol=1e-15)
+
+
+@pytest.mark.parametrize("n_cmt,depot", STRUCTURES)
+@given(data=st.data())
+def test_a_steady_state_first_dose_is_superposed_as_the_solver_gives_it(n_cmt, depot, data):
+    """A profile opening with a steady-state dose (SS=1, a bolus or an infusion no longer
+    than its II, into a disposition compartment) is still superposed: its earlier doses
+    summed per mode as a geometric series. Equal to solve's central amounts after and just
+    before each record's events (1e-10 of the largest amount), without calling solve; a
+    steady state the series does not cover (an infusion longer than II, SS=2, into the
+    depot, or after another dose) is solve's."""
+    case = superposable(data.draw(event_cases(n_cmt, depot)))
+    structure = Structure(n_cmt, depot)
+    first = min((r for r in case.records if r.evid == 1), key=lambda r: r.time)
+    length = data.draw(st.sampled_from([0.0, 0.5, 2.0]))
+    ii = data.draw(st.sampled_from([1.0, 3.5, 7.0])) + length
+    opening = dataclasses.replace(first, time=first.time - 1.0, ss=1, ii=ii, addl=0,
+                                  rate=first.amt / length if length else 0.0, dur=0.0,
+                                  cmt=data.draw(st.integers(int(depot) + 1,
+                                                            structure.n_states)))
+    steady = dataclasses.replace(case, records=[opening, *case.records],
+                                 params=[case.params[0], *case.params])
+    ev, _ = case_events(structure, steady)
+    assert_superposed_as_solved(structure, ev, data, steady.total_amount)
+    later = case.records[-1].time + 1.0
+    for records in ([dataclasses.replace(opening, ss=2), *case.records],
+                    [dataclasses.replace(opening, rate=opening.amt / (ii + 1.0)), *case.records],
+                    [*case.records, dataclasses.replace(opening, time=later)],
+                    [dataclasses.replace(opening, cmt=1), *case.records] if depot else None):
+        if records is not None:
+            ev, _ = case_events(structure, dataclasses.replace(steady, records=records))
+            assert not engine._superposable_ss(structure, ev)
 
 
 @pytest.mark.parametrize("n_cmt,depot", STRUCTURES)

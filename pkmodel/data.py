@@ -641,13 +641,14 @@ def dose_times(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     >>> dose_times(table)
     (array([0., 4., 8.]), array([0, 0, 0]))
     """
-    dose = table[(table["EVID"] == 1) | (table["EVID"] == 4)]
-    times, rows = [np.zeros(0)], [np.zeros(0, dtype=int)]
-    for row, (t, ii, addl) in zip(dose.index, dose[["TIME", "II", "ADDL"]].to_numpy()):
-        k = np.arange(int(addl) + 1)
-        times.append(t + k * ii)
-        rows.append(np.full(k.size, row))
-    return np.concatenate(times), np.concatenate(rows)
+    evid = table["EVID"].to_numpy()
+    dose = (evid == 1) | (evid == 4)
+    count = table["ADDL"].to_numpy()[dose].astype(int) + 1  # doses per record
+    first = np.repeat(np.cumsum(count) - count, count)
+    k = np.arange(int(count.sum())) - first  # 0 for the record's own dose, then its ADDL
+    times = (np.repeat(table["TIME"].to_numpy(dtype=float)[dose], count)
+             + k * np.repeat(table["II"].to_numpy(dtype=float)[dose], count))
+    return times, np.repeat(np.asarray(table.index)[dose], count)
 
 
 def check_concentrations(table: pd.DataFrame) -> None:

@@ -295,7 +295,7 @@ def draw_concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta:
     >>> conc.shape, round(float(conc[0, -1]), 3)
     ((2, 6), 1.557)
     """
-    frame = pd.concat(tables, ignore_index=True)
+    frame = tables[0] if len(tables) == 1 else pd.concat(tables, ignore_index=True)
     events = to_events(frame, model.structure)
     cov = {c: frame[c].to_numpy(dtype=float) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])

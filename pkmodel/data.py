@@ -318,9 +318,6 @@ def validate(
     for column in _INTEGER:
         v = values[column]
         fail_where(out, column, ~np.isfinite(v) | (v != np.round(v)), "a whole number", v)
-    if "OCC" in values:  # a row without one would join whichever occasion NaN makes
-        fail_where(out, "OCC", ~np.isfinite(values["OCC"]),
-                   "an occasion number on every row (or no OCC column)", values["OCC"])
 
     evid, amt, rate, dur = values["EVID"], values["AMT"], values["RATE"], values["DUR"]
     ii, addl, ss, cmt, mdv = (values[c] for c in ("II", "ADDL", "SS", "CMT", "MDV"))

@@ -92,6 +92,7 @@ _STUCK_DECREASE = 1e-9
 #: ended at one mode; their work is then done once.
 _NEAR_DECREASE = 1.0
 _SAME_TARGET = 0.25
+_SAME_OFV = 1e-9  # starts whose OFVs differ by less reached one mode (ties: the first)
 
 
 # --------------------------------------------------------------------------- the problem
@@ -247,7 +248,7 @@ def _new_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) ->
                    f"DV > 0 (mg/L): {model.name}'s log-additive error takes its logarithm "
                    "(a value below the assay's limit needs its LLOQ)", dv)
     full = table
-    table = table.assign(_OCC=dosing_occasions(table))
+    table = table.assign(_OCC=dosing_occasions(table) if model.iov else 0)
     table = table[_essential_rows(table, model.covariate_names, covariates)]
     table = table.reset_index(drop=True)
     ids_col = table["ID"].to_numpy()
@@ -629,7 +630,7 @@ def _merge_starts(at: np.ndarray, near: np.ndarray, target: np.ndarray, ofv: np.
 @dataclass
 class _Fit:
     eta: np.ndarray  # (B, S, p)
-    ofv: np.ndarray  # (B, S), at eta (where converged, before the last step: within tol)
+    ofv: np.ndarray  # (B, S), at eta (where converged, predicted for the last step)
     converged: np.ndarray  # (B, S)
     iterations: np.ndarray  # (B, S)
 
@@ -702,6 +703,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
         done = usable & (decrease < tol) & central[at]  # converged by central differences
         converged[at[done]] = True
         eta[at[done]] += step[done]  # the last (tiny) step too: quadratic convergence
+        ofv[at[done]] -= 0.5 * decrease[done]  # the change the step's model predicts
         active[at[~usable | done]] = False  # not finite: reported as not converged
         go = ~done & usable  # a converged start is neither merged nor merged into
         go &= ~_merge_starts(at, go & (decrease < _NEAR_DECREASE), eta[at] + step, ofv,
@@ -753,12 +755,22 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
             root = twin[root]
         eta[pair], converged[pair], ofv[pair] = eta[root], converged[root], ofv[root]
         iterations[pair] = iterations[root]
-    # OFV at each start's end, known without another call: where a start converged, at
-    # the point before its last step (which changes it by less than ``tol``); the chosen
-    # start's is evaluated again with its derivatives there.
+    # OFV at each start's end, known without another call: where a start converged, that
+    # before its last step plus the change the step's quadratic model predicts (the step
+    # changes it by less than ``tol``); the chosen start's is evaluated again there.
     shape = (b_count, s_count)
     return _Fit(eta.reshape(b_count, s_count, n), ofv.reshape(shape),
                 (converged & np.isfinite(ofv)).reshape(shape), iterations.reshape(shape))
+
+
+def _best_start(fit: _Fit) -> np.ndarray:
+    """Per ID, the converged start with the lowest OFV (else the lowest OFV): among those
+    within _SAME_OFV of the lowest, the first, so that starts ending at one mode give the
+    first start's result whatever rounding separates them."""
+    ofv = np.where(fit.converged, fit.ofv, np.inf)
+    ofv = np.where(np.isfinite(ofv).any(axis=1, keepdims=True), ofv, fit.ofv)
+    with np.errstate(invalid="ignore"):  # every start's OFV inf: the first
+        return np.argmax(ofv <= np.min(ofv, axis=1, keepdims=True) + _SAME_OFV, axis=1)
 
 
 # --------------------------------------------------------------------------- public API
@@ -1193,8 +1205,9 @@ def estimate_map(
     starts : int
         Starting points per ID: zero, then the lowest-OFV points of a screen of
         SCREEN_POINTS quasi-random points within SCREEN_SD prior SDs (``seed``). Every start
-        is optimised (two heading for the same optimum merge into one); the best is kept,
-        and another optimum is reported in MESSAGE.
+        is optimised (two heading for the same optimum merge into one); the best is kept
+        (of starts within 1e-9 of it, the first), and another optimum is reported in
+        MESSAGE.
     seed : int
         Seed of the screen (same seed, same result).
     max_iter : int
@@ -1247,9 +1260,7 @@ def estimate_map(
     b_count, n = len(problem.ids), problem.n_params
     start = _starts(obj, starts, seed, _initial(problem, initial))
     fit = _optimise(obj, start, max_iter=max_iter, tol=tol)
-    ofv = np.where(fit.converged, fit.ofv, np.inf)
-    best = np.where(np.isfinite(ofv).any(axis=1), np.argmin(ofv, axis=1),
-                    np.argmin(fit.ofv, axis=1))
+    best = _best_start(fit)
     take = np.arange(b_count)
     eta = fit.eta[take, best]
     final_ofv, _, fisher, hess = _with_hessian(
@@ -1257,7 +1268,7 @@ def estimate_map(
     etc, pd_ok = _etc(fisher, hess)
 
     individuals = _individuals(problem, fit, best, eta, final_ofv, etc, pd_ok,
-                               starts=starts, max_iter=max_iter)
+                               starts=starts, max_iter=max_iter, tol=tol)
     names = problem.names
     if not records:
         return MAPEstimate(individuals=individuals, records=pd.DataFrame(), model=model,
@@ -1295,8 +1306,10 @@ def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
 
 def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,
                  final_ofv: np.ndarray, etc: np.ndarray, pd_ok: np.ndarray, *, starts: int,
-                 max_iter: int) -> pd.DataFrame:
-    """One row per ID: the ETAs, OFV, OBJ, N_OBS, SUCCESS, ITERATIONS, MESSAGE and ETC."""
+                 max_iter: int, tol: float) -> pd.DataFrame:
+    """One row per ID: the ETAs, OFV, OBJ, N_OBS, SUCCESS, ITERATIONS, MESSAGE and ETC.
+    Converged starts whose OFVs differ by more than 1e-4 (or ``tol``, where larger: a start
+    converged to ``tol`` stops up to about that far above its mode) are named in MESSAGE."""
     b_count, n = len(problem.ids), problem.n_params
     chosen = (np.arange(b_count), best)
     finite = np.isfinite(final_ofv)
@@ -1315,7 +1328,7 @@ def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray
         elif not pd_ok[b]:
             message = "Hessian not positive definite at the optimum"
         others = fit.ofv[b][fit.converged[b]]
-        if success[b] and others.size > 1 and np.ptp(others) > 1e-4:
+        if success[b] and others.size > 1 and np.ptp(others) > max(1e-4, tol):
             message += (f"; {starts} starts reached objectives {np.round(np.sort(others), 4)}"
                         " (best kept)")
         messages.append(message)

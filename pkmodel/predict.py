@@ -445,8 +445,8 @@ def make_cohort(
 
 def dosing_occasions(table: pd.DataFrame) -> np.ndarray:
     """Occasion index (0-based, counted within each ID) of each row: the rank of its OCC
-    among the ID's OCC values if given, else its dosing interval (rows before the first
-    dose belong to the first).
+    among the ID's OCC values (in increasing order) if given, else its dosing interval
+    (rows before the first dose belong to the first). An OCC missing on a row is an error.
 
     Examples
     --------
@@ -457,7 +457,11 @@ def dosing_occasions(table: pd.DataFrame) -> np.ndarray:
     ids = table["ID"].to_numpy()
     first = np.r_[True, ids[1:] != ids[:-1]]
     if "OCC" in table.columns:
-        _, code = np.unique(table["OCC"].to_numpy(), return_inverse=True)
+        occ = table["OCC"].to_numpy()
+        # a row without one would join whichever occasion a missing value sorts into
+        fail_where(table, "OCC", pd.isna(occ), "an occasion number on every row (OCC sets "
+                   "the occasions of IOV; give it everywhere or drop the column)", occ)
+        _, code = np.unique(occ, return_inverse=True)
         group = np.cumsum(first)
         order = np.lexsort((code, group))
         group, code = group[order], code[order]

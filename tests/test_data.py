@@ -133,15 +133,6 @@ def test_inconsistent_nonmem_items_are_named(changes, column, words):
         validate(base_table().assign(**changes))
 
 
-def test_an_occasion_missing_on_a_row_is_named():
-    """OCC given but blank on a row: which occasion (and KAPPA) the row belongs to is
-    unknown, so it is an error, not an occasion of its own."""
-    table = base_table().assign(OCC=[1.0, 1.0, 2.0, 2.0, np.nan, 2.0])
-    with pytest.raises(DatasetError, match=r"column 'OCC', row 4 \(ID .*\).*occasion number"):
-        validate(table)
-    assert validate(table.assign(OCC=2.0))["OCC"].eq(2.0).all()
-
-
 def test_lowercase_and_missing_columns():
     with pytest.raises(DatasetError, match="'TIME' is missing.*'time'.*uppercase"):
         validate(base_table().rename(columns={"TIME": "time"}))

@@ -258,7 +258,8 @@ def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide
     """Sets sharing an event profile (a finite-difference stencil around a centre) take
     the first set's decomposition wherever their parameters equal its parameters there:
     each set still equals its own solve (to rounding), whether it equals the first set
-    everywhere, from one record on, up to one record, or at one occasion only."""
+    everywhere, from one record on, up to one record, or at one occasion only, also where
+    the first set's own parameters do not change there."""
     rng = np.random.default_rng(5)
     a = expand_records([0.0, 3.0, 7.0, 7.0, 10.0, 14.0, 20.0], [1, 0, 0, 1, 0, 1, 0],
                        [100.0, 0, 0, 100.0, 0, 100.0, 0], rate=[50.0, 0, 0, 0, 0, 50.0, 0])
@@ -267,6 +268,8 @@ def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide
     n_rec = events.shape[1]
     occasion = np.array([0, 0, 1, 1, 1, 2, 2])
     lead = {k: rng.uniform(0.5, 2.0, (2, 1, 3)) for k in ("CL", "V1", "Q", "V2")}
+    for v in lead.values():  # the second profile's first set constant: fresh at record 0
+        v[1] = v[1, :, :1]
     per_set = {k: np.repeat(v, 5, axis=1).copy() for k, v in lead.items()}  # 2 x 5 sets
     per_set["CL"][:, 1, 1] *= 1.1  # one occasion differs
     per_set["CL"][:, 2, 0] *= 0.9  # differs up to record 2, then equals the first set
@@ -274,10 +277,13 @@ def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide
     per_set["Q"][:, 4] *= 1.3  # differs throughout
     params = {k: v[..., occasion].reshape(10, n_rec) for k, v in per_set.items()}
     together = solve(Structure(2), events, params)
-    fresh = np.zeros((10, n_rec), dtype=bool)
-    fresh[:, [0, 2, 5]] = True  # occasions start at records 0, 2 and 5
+    fresh = np.ones((10, n_rec), dtype=bool)  # where a set's parameters change
+    fresh[:, 1:] = np.any([v[:, 1:] != v[:, :-1] for v in params.values()], axis=0)
     _, decomposed = engine._latest_decomposition(fresh, params, 5)
-    assert decomposed.size == 2 * (3 + 1 + 1 + 2 + 3)  # per profile: 10 of 15 decomposed
+    # occasions start at records 0, 2 and 5: the first profile's sets change at all three
+    # (10 of 15 entries decomposed); the second's first set at record 0 only, the others
+    # where they differ from it (set 1 at 2, set 2 at 0, set 3 at 2, set 4 at 0)
+    assert fresh[:5].sum() == 15 and decomposed.size == (3 + 1 + 1 + 2 + 3) + 5
     for s in range(10):
         ev_s = (a, b)[s // 5]
         alone = solve(Structure(2), ev_s, {k: v[s, :ev_s.shape[1]] for k, v in params.items()})

@@ -455,7 +455,7 @@ def dosing_occasions(table: pd.DataFrame) -> np.ndarray:
     [0, 0, 1, 0, 0]
     """
     ids = table["ID"].to_numpy()
-    first = np.r_[True, ids[1:] != ids[:-1]]
+    first = np.r_[True, ids[1:] != ids[:-1]][:ids.size]  # the first row of each ID
     if "OCC" in table.columns:
         occ = table["OCC"].to_numpy()
         # a row without one would join whichever occasion a missing value sorts into

@@ -166,7 +166,7 @@ class _Built:
 
 #: Problems built lately, by the content of their data and the model's equations: the
 #: steps of a population fit refit the same records under other THETA, OMEGA and SIGMA
-#: values, and building them (validation, events ID by ID) took two thirds of each refit.
+#: values, and building them (validation, events) took two thirds of each refit.
 #: Least recently used first; a hit is confirmed against a copy of the data (a hash
 #: cannot tell 1 from "1" in an object column).
 _PROBLEMS: dict[tuple, _Built] = {}
@@ -252,9 +252,9 @@ def _new_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) ->
     table = table[_essential_rows(table, model.covariate_names, covariates)]
     table = table.reset_index(drop=True)
     ids_col = table["ID"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids_col[1:] != ids_col[:-1]])
-    unique_ids = ids_col[starts]
-    row_id = np.cumsum(np.r_[True, ids_col[1:] != ids_col[:-1]]) - 1
+    first = np.r_[True, ids_col[1:] != ids_col[:-1]]  # each ID's first row
+    unique_ids = ids_col[first]
+    row_id = np.cumsum(first) - 1
     events = to_events(table, model.structure, covariates=covariates)  # every ID at once
 
     # The measured observations of each ID, in file order: their record in its profile.

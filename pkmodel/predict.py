@@ -475,9 +475,8 @@ def dosing_occasions(table: pd.DataFrame) -> np.ndarray:
     evid = table["EVID"].to_numpy()
     dose = (evid == 1) | (evid == 4)
     doses = np.cumsum(dose)
-    before = (doses - dose)[first]  # doses of the IDs above
-    return np.maximum(doses - np.repeat(before, np.diff(np.r_[np.flatnonzero(first),
-                                                              len(ids)])) - 1, 0)
+    before = np.maximum.accumulate(np.where(first, doses - dose, 0))  # of the IDs above
+    return np.maximum(doses - before - 1, 0)
 
 
 def simulate(

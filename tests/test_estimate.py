@@ -1108,8 +1108,9 @@ def test_ids_fitted_together_equal_each_fitted_alone_with_addl_and_occ():
 
 def test_the_objective_reported_for_every_start_is_the_objective_at_its_end():
     """_optimise reports each start's OFV without evaluating it again: where the start
-    stopped (converged: before its last step, within the tolerance), also when the
-    iteration limit stops it after a line search, and for a start merged into another.
+    stopped (converged: before its last step plus the change that step's model predicts),
+    also when the iteration limit stops it after a line search, and for a start merged
+    into another.
     Against the objective evaluated at each start's reported ETAs, for twelve children,
     three starts each, stopped after 1 to 12 iterations."""
     model = load("fasanmade2011")

@@ -381,11 +381,13 @@ class _Objective:
             g = (residual.sd(f) if p.residual_sd is None
                  else np.broadcast_to(p.residual_sd[ids][:, None, :], f.shape))
             value = np.log(g**2) + ((y_fit - f_fit) / g) ** 2
-            if p.blq[ids].any() or p.alq[ids].any():
-                below = -2.0 * _log_ndtr((l_fit - f_fit) / g)
-                above = -2.0 * _log_ndtr((f_fit - u_fit) / g)
-                value = np.where(p.blq[ids][:, None, :], below,
-                                 np.where(p.alq[ids][:, None, :], above, value))
+            blq, alq = p.blq[ids], p.alq[ids]
+            if blq.any() or alq.any():  # censored (ID, observation): -2 ln Phi, there only
+                a, k = np.nonzero(blq | alq)
+                below = blq[a, k][:, None]
+                z = np.where(below, l_fit[a, 0, k][:, None] - f_fit[a, :, k],
+                             f_fit[a, :, k] - u_fit[a, 0, k][:, None]) / g[a, :, k]
+                value[a, :, k] = -2.0 * _log_ndtr(z)
         value = np.where(p.obs_mask[ids][:, None, :], value, 0.0)
         value = np.where(np.isnan(value), np.inf, value)
         return value, f_fit, g

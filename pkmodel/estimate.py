@@ -280,20 +280,14 @@ def _new_problem(model: PopulationModel, data: pd.DataFrame, covariates: str) ->
     alq = obs_mask & np.isfinite(uloq) & (y > uloq)
 
     n_occ = int(table["_OCC"].max()) + 1 if model.iov else 0
-    omega = model.omega
-    if np.linalg.eigvalsh(omega).min() <= 0:
-        raise ValueError(f"{model.name}: OMEGA must be positive definite to estimate ETAs")
-    blocks = [omega] + [np.diag(list(model.iov.values()))] * n_occ
-    prior = _block_diag(blocks)
-    precision = np.linalg.inv(prior)
     problem = _Problem(
         model=model, ids=unique_ids, events=events, row_id=row_id,
         covariates={c: table[c].to_numpy(dtype=float) for c in model.covariate_names},
         row_occasion=table["_OCC"].to_numpy(), n_occasions=n_occ, obs_record=obs_record,
-        obs_mask=obs_mask, y=y, lloq=lloq, blq=blq, uloq=uloq, alq=alq, precision=precision,
-        omega_logdet=float(np.linalg.slogdet(prior)[1]),
+        obs_mask=obs_mask, y=y, lloq=lloq, blq=blq, uloq=uloq, alq=alq,
+        precision=np.zeros((0, 0)), omega_logdet=np.nan,  # the prior: set just below
     )
-    return problem, full
+    return _with_values(problem, model), full
 
 
 def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:

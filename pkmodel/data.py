@@ -159,6 +159,25 @@ def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
     return f"row {first} (ID {ident}){more}"
 
 
+def float_columns(table: pd.DataFrame, names: Iterable[str]) -> np.ndarray:
+    """The columns ``names`` of ``table`` as one float array ``(rows, len(names))``, taken
+    column by column: selecting several columns of a frame of mixed types first copies
+    them into a new frame (0.3-0.4 ms, where a MAP fit takes 16).
+
+    Examples
+    --------
+    >>> frame = pd.DataFrame({"ID": ["a", "b"], "ETA_CL": [0.1, -0.2], "ETA_V": [0, 1]})
+    >>> float_columns(frame, ["ETA_V", "ETA_CL"]).tolist()
+    [[0.0, 0.1], [1.0, -0.2]]
+    >>> float_columns(frame, []).shape
+    (2, 0)
+    """
+    names = list(names)
+    if not names:
+        return np.empty((len(table), 0))
+    return np.column_stack([table[name].to_numpy(dtype=float) for name in names])
+
+
 def with_columns(table: pd.DataFrame, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """A copy of ``table`` with ``columns`` set: those it has replaced in place, the others
     appended in order; built in one step (setting columns one by one copies per column).

@@ -41,7 +41,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pkmodel.data import JsonDocument, check_concentrations, dose_times, plain_json, validate
+from pkmodel.data import (
+    JsonDocument,
+    check_concentrations,
+    dose_times,
+    float_columns,
+    plain_json,
+    validate,
+)
 from pkmodel.errors import CovariateWarning, DatasetError, PKModelError, PlausibilityWarning
 from pkmodel.estimate import (
     PLAUSIBLE_SD,
@@ -546,12 +553,12 @@ def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int,
                                         method="eigh") if n_draws else np.zeros((0, len(names)))
         return np.vstack([np.zeros((1, len(names))), draws]), None, None
     fit = estimate_map(model, table)
-    mode = fit.individuals[names].to_numpy(dtype=float)
+    mode = float_columns(fit.individuals, names)
     if not n_draws or not fit.success or not np.all(np.isfinite(mode)):
         return np.nan_to_num(mode), fit, None
     sample = sample_posterior(model, table, n=n_draws, seed=seed, estimate=fit,
                               min_ess=min_ess)
-    return np.vstack([mode, sample.draws[names].to_numpy(dtype=float)]), fit, sample
+    return np.vstack([mode, float_columns(sample.draws, names)]), fit, sample
 
 
 @dataclass

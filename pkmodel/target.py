@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from pkmodel.data import check_concentrations, dose_times, plain_json, validate
+from pkmodel.data import check_concentrations, dose_times, float_columns, plain_json, validate
 from pkmodel.errors import DatasetError
 from pkmodel.estimate import estimate_map, sample_posterior
 from pkmodel.model import PopulationModel, disposition, evaluate_parameters
@@ -289,14 +289,14 @@ def _etas(model: PopulationModel, table: pd.DataFrame, eta: Any, probability: fl
         raise DatasetError(f"the fit to the measured concentrations failed "
                            f"({fit.individuals['MESSAGE'].iloc[0]}): no dose can be based "
                            "on it")
-    mode = fit.individuals[names].to_numpy(dtype=float)
+    mode = float_columns(fit.individuals, names)
     if not n_draws:
         return mode, "map", notes
     sample = sample_posterior(model, table, n=n_draws, seed=seed, estimate=fit)
     if not bool(sample.diagnostics["SUCCESS"].iloc[0]):
         notes.append(f"few effective posterior draws (ESS "
                      f"{sample.diagnostics['ESS'].iloc[0]:.0f}): the share is uncertain")
-    return np.vstack([mode, sample.draws[names].to_numpy(dtype=float)]), "map", notes
+    return np.vstack([mode, float_columns(sample.draws, names)]), "map", notes
 
 
 # --------------------------------------------------------------------------- the measures

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pkmodel.data import JsonDocument, plain_json
+from pkmodel.data import JsonDocument, float_columns, plain_json
 from pkmodel.dosing import recommend_regimen
 from pkmodel.engine import Events, central_amounts
 from pkmodel.estimate import estimate_map
@@ -215,7 +215,7 @@ def _bayesian_all_at_once(model: PopulationModel, visit: Visit, target: float, *
     # The modes and SUCCESS only: no per-record table, no plausibility flags (virtual
     # troughs come from the model itself; its tails are expected).
     fit = estimate_map(model, visit.records, records=False)
-    eta = fit.individuals[list(model.eta_names)].to_numpy(dtype=float)
+    eta = float_columns(fit.individuals, model.eta_names)
     n = eta.shape[0]
     cov = {k: np.asarray(v, dtype=float) for k, v in (visit.covariates or {}).items()}
     no_kappa = np.zeros((n, 1, len(model.iov)))

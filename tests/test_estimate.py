@@ -804,6 +804,26 @@ def test_records_equal_by_hash_but_not_in_value_are_not_confused():
     assert est.estimate_map(model, as_text).individuals["ID"].iloc[0] == "1"
 
 
+def test_numeric_records_equal_in_value_but_not_in_type_are_not_confused():
+    """An all-numeric table is keyed by its values' bytes: integer IDs 1 and float IDs
+    1.0 give the same bytes once read as floats, yet each fit keeps its own ID type, and
+    a second table with the same values under another index is not taken for the
+    first's either."""
+    model = load("fasanmade2011")
+    table = infliximab_regimen(28.0, until_week=22, covariates={"ALB": 3.3, "ATI": 0,
+                                                                "IMM": 1})
+    table.loc[(table.EVID == 0) & (table.TIME == 98.0), ["MDV", "DV"]] = [0, 3.2]
+    table["DV"] = table["DV"].astype(float)
+    as_int = table.assign(ID=np.ones(len(table), dtype=np.int64))
+    as_float = table.assign(ID=np.ones(len(table)))
+    assert as_int["ID"].dtype.kind == "i" and as_float["ID"].dtype.kind == "f"
+    assert est.estimate_map(model, as_int).individuals["ID"].dtype.kind == "i"
+    assert est.estimate_map(model, as_float).individuals["ID"].dtype.kind == "f"
+    shifted = as_int.set_axis(as_int.index + 100)
+    fit = est.estimate_map(model, shifted)
+    assert list(fit.records.index) == list(shifted.index)
+
+
 def test_a_child_the_model_fits_badly_converges_in_few_iterations():
     """A child of a Bayesian trial arm (Fasanmade 2011, IOV: 3 ETAs and 4 KAPPAs; troughs
     0.49, 13.9 and 37.7 mg/L after the dose was raised): FOCE-Hessian steps alone took 317

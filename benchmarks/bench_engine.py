@@ -127,3 +127,38 @@ class EngineInfliximabYear:
                               self.obs, rtol=1e-12, method="LSODA")
             worst = max(worst, float(np.max(np.abs(amounts[i] / ref - 1))))
         return worst
+
+
+class EngineDenseCurve:
+    """One child's year of label dosing sampled every 2 hours (4,380 samples): the curve a
+    plot draws. Most samples fall between the end of an infusion and the next dose, where
+    the state decays freely; baseline: the same records solved for the weekly samples
+    only (52), in the same run."""
+
+    def setup(self) -> None:
+        weekly, _, _ = infliximab_year()
+        dose = weekly.evid[0] == 1
+        dose_time, amount, rate = (np.asarray(a)[0, dose] for a in (weekly.time, weekly.amt,
+                                                                      weekly.rate))
+        samples = np.arange(1, 365 * 12 + 1) / 12.0
+        time = np.concatenate([dose_time, samples])
+        evid = np.concatenate([np.ones(dose_time.size), np.zeros(samples.size)])
+        order = np.lexsort((evid == 0, time))
+        self.dense = expand_records(
+            time[order], evid[order], np.concatenate([amount, 0 * samples])[order],
+            rate=np.concatenate([rate, 0 * samples])[order], cmt=np.where(evid[order] == 1, 1, 0))
+        self.weekly = weekly
+        self.params = {k: v[0, 0] for k, v in population(1).items()}
+
+    def time_dense_curve_1_set(self) -> None:
+        solve(Structure(2), self.dense, self.params)
+
+    def time_weekly_samples_1_set(self) -> None:
+        solve(Structure(2), self.weekly, self.params)
+
+    def report(self, seconds: dict[str, float]) -> list[str]:
+        dense, weekly = seconds["time_dense_curve_1_set"], seconds["time_weekly_samples_1_set"]
+        return [f"a year sampled every 2 h (4,388 records), one set: {dense * 1e3:.2f} ms; "
+                f"the same doses with weekly samples (60 records): {weekly * 1e3:.2f} ms "
+                f"({dense / weekly:.1f}x for 73x the records)"]
+

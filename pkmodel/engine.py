@@ -607,8 +607,8 @@ def solve(
     arrays = {k: _full(v, full) for k, v in arrays.items()}
     n_states = structure.n_states
 
-    modes_at = _modes_per_record(structure, {name: arrays[name] for name in names},
-                                 repeats)
+    modes_at, changes = _modes_per_record(structure, {name: arrays[name] for name in names},
+                                          repeats)
 
     # Doses are set up once per event profile when the sets sharing a profile share
     # their dose modifiers too (the common case), else once per set.
@@ -639,7 +639,16 @@ def solve(
     resets = reset.any(axis=0)
     has_bolus = [bool(inp.bolus.any()) for inp in inputs]
     has_rate = [bool(inp.rate.any()) for inp in inputs]
-    for k in range(n_rec):
+    run_end = _free_runs(schedule, resets, ss_specs, changes, locf)
+    k = 0
+    while k < n_rec:
+        if run_end[k] - k >= 2:  # records without input or event: one free decay
+            stop = run_end[k]
+            block = _decay(modes_at(k - 1 if locf else k), times[:, k:stop] - t_prev[:, None],
+                           x)
+            out[:, k:stop] = block
+            x, t_prev, k = block[:, -1], times[:, stop - 1], stop
+            continue
         tk = times[:, k]
         modes = modes_at(max(k - 1, 0) if locf else k)
         dt = tk - t_prev
@@ -677,13 +686,59 @@ def solve(
         if not before_events:
             out[:, k] = x
         t_prev = tk
+        k += 1
     return out
 
 
+def _free_runs(schedule: dict, resets: np.ndarray, ss_specs: dict, changes: np.ndarray,
+               locf: bool) -> np.ndarray:
+    """Per record ``k``, the end (exclusive) of the run of records from ``k`` on that no
+    input reaches in any set (no dose acting in the interval before them, none given at
+    them, no reset or steady state) and whose intervals share ``k``'s decomposition; ``k``
+    itself where ``k`` is not such a record (record 0 never is: its interval is empty).
+    Over a run the state decays freely."""
+    n_rec = resets.size
+    quiet = np.array([k > 0 and not schedule[k] and not resets[k] and k not in ss_specs
+                      and not schedule.get(("now", k)) for k in range(n_rec)], dtype=bool)
+    # The interval before record k uses k's parameters (NOCB) or k - 1's (LOCF): record k
+    # continues a run if they are those of the interval before k - 1.
+    same = np.zeros(n_rec, dtype=bool)
+    if locf:
+        same[2:] = ~changes[1:-1]
+    else:
+        same[1:] = ~changes[1:]
+    joins = quiet & same
+    end = np.arange(n_rec)
+    first_not_joining = n_rec  # from k + 1 on
+    for k in range(n_rec - 1, 0, -1):
+        if quiet[k]:
+            end[k] = first_not_joining
+        if not joins[k]:
+            first_not_joining = k
+    return end
+
+
+def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The state ``x (S, m)`` after ``dt (S, L)`` days without input: ``(S, L, m)``,
+    :func:`_propagate` for ``L`` times at once."""
+    depot, z = _modal(modes, x)
+    # (S, modes, L): the times innermost (numpy is slow over an innermost axis of 2)
+    lam, dt = modes.lam[:, :, None], dt[:, None, :]
+    z = z[:, :, None] * np.exp(lam * dt)
+    if depot is not None and modes.ka is not None:
+        ka = modes.ka[:, None, None]
+        z = z + (ka * depot[:, None, None]) * modes.b[:, :, None] * _divdiff(lam, -ka, dt)
+    disposition = np.swapaxes(modes.p @ z, 1, 2)  # (a matmul: einsum is 10x slower)
+    if depot is None or modes.ka is None:
+        return disposition
+    return np.concatenate([(depot[:, None] * np.exp(-ka[:, 0] * dt[:, 0]))[..., None],
+                           disposition], axis=2)
+
+
 def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
-                      repeats: int = 1) -> Callable[[int], _Modes]:
+                      repeats: int = 1) -> tuple[Callable[[int], _Modes], np.ndarray]:
     """``modes_at(k)``: the decomposition of every set's parameters ``(S, R)`` at record
-    ``k``. Each set is decomposed where its own parameters change (once per occasion with
+    ``k``, and ``(R,)`` whether some set's parameters change at each record. Each set is decomposed where its own parameters change (once per occasion with
     IOV), not at every record where another set's change: a batch of many IDs changes
     somewhere at nearly every record. Of ``repeats`` consecutive sets (those sharing an
     event profile: the points of a finite-difference stencil), a set whose parameters at
@@ -717,7 +772,7 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
             cache[k] = previous[1]
         return cache[k]
 
-    return modes_at
+    return modes_at, fresh.any(axis=0)
 
 
 def _latest_decomposition(fresh: np.ndarray, params: dict[str, np.ndarray], repeats: int

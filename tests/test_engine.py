@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ode_reference import Dose, ode_amounts, ode_records
-from strategies import event_cases, log_uniform, pk_params, regimens
+from ode_reference import Dose, Record, ode_amounts, ode_records
+from strategies import EventCase, event_cases, log_uniform, pk_params, regimens
 
 from pkmodel import engine
 from pkmodel.data import validate
@@ -530,6 +530,48 @@ def test_event_records_match_an_ode_interpreter_of_nonmem_rules(n_cmt, depot, da
         scale = max(np.abs(ref).max(), case.total_amount)
         assert_close_where_relevant(got, ref, scale)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("n_cmt,depot", STRUCTURES)
+@given(data=st.data())
+def test_dense_samples_between_doses_match_an_ode_interpreter(n_cmt, depot, data):
+    """A dense grid of samples after the doses (runs of records no input reaches, each
+    run decayed freely in one step), the parameters changing at one sample within the
+    grid (which ends a run), NOCB or LOCF: the engine equals ode_reference.ode_records
+    after and just before each record's events, as above; the runs are found."""
+    structure = Structure(n_cmt, depot)
+    cmt = data.draw(st.sampled_from([1, 2])) if depot else 1  # the depot or the central
+    amount, hours = data.draw(log_uniform(10.0, 1000.0)), data.draw(st.sampled_from([0, 2]))
+    rate = amount / (hours / 24) if hours and not (depot and cmt == 1) else 0.0
+    drawn = data.draw(st.lists(st.floats(0.01, 24.0).map(lambda t: round(t, 3)),
+                               max_size=30))
+    times = sorted(set(drawn) | set(np.linspace(25.0, 30.0, 10)))  # after both doses
+    second = data.draw(st.floats(2.0, 20.0).map(lambda t: round(t, 2)))
+    records = sorted([Record(0.0, 1, amount, rate, cmt=cmt), Record(second, 1, amount, rate,
+                                                                    cmt=cmt)]
+                     + [Record(t, 0) for t in times], key=lambda r: (r.time, r.evid == 0))
+    change = data.draw(st.integers(0, len(records) - 1))
+    first, later = data.draw(pk_params(n_cmt, depot)), data.draw(pk_params(n_cmt, depot))
+    params = [first if i < change else later for i in range(len(records))]
+    case = EventCase(records, params, {}, {})
+    covariates = data.draw(st.sampled_from(["nocb", "locf"]))
+    ev, per_record = case_events(structure, case, covariates=covariates)
+    ref_before, ref_after = ode_records(records, params, n_cmt=n_cmt, depot=depot,
+                                        covariates=covariates)
+    for before_events, ref in ((False, ref_after), (True, ref_before)):
+        got = engine_records(structure, case, covariates=covariates, before_events=before_events)
+        scale = max(np.abs(ref).max(), case.total_amount)
+        assert_close_where_relevant(got, ref, scale)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * scale)
+    _, changes = engine._modes_per_record(
+        structure, {k: per_record[k] for k in structure.parameter_names})
+    inputs, ss_specs, reset = engine._build_inputs(
+        structure, {k: np.asarray(getattr(ev, k)) for k in engine._RECORD_FIELDS}, {}, 1,
+        ev.shape[1])
+    schedule = engine._schedule(inputs, ev.time, ev.shape[1])
+    runs = engine._free_runs(schedule, reset.any(axis=0), ss_specs, changes,
+                             covariates == "locf") - np.arange(ev.shape[1])
+    assert runs.max() >= 5  # the ten samples after both doses: one or two runs
 
 
 @pytest.mark.parametrize("n_cmt,depot", STRUCTURES)

@@ -698,8 +698,9 @@ def _free_runs(schedule: dict, resets: np.ndarray, ss_specs: dict, changes: np.n
     itself where ``k`` is not such a record (record 0 never is: its interval is empty).
     Over a run the state decays freely."""
     n_rec = resets.size
-    quiet = np.array([k > 0 and not schedule[k] and not resets[k] and k not in ss_specs
-                      and not schedule.get(("now", k)) for k in range(n_rec)], dtype=bool)
+    quiet = ~schedule["reached"] & ~resets
+    quiet[0] = False
+    quiet[[k for k in ss_specs if k < n_rec]] = False
     # The interval before record k uses k's parameters (NOCB) or k - 1's (LOCF): record k
     # continues a run if they are those of the interval before k - 1.
     same = np.zeros(n_rec, dtype=bool)
@@ -707,15 +708,10 @@ def _free_runs(schedule: dict, resets: np.ndarray, ss_specs: dict, changes: np.n
         same[2:] = ~changes[1:-1]
     else:
         same[1:] = ~changes[1:]
-    joins = quiet & same
-    end = np.arange(n_rec)
-    first_not_joining = n_rec  # from k + 1 on
-    for k in range(n_rec - 1, 0, -1):
-        if quiet[k]:
-            end[k] = first_not_joining
-        if not joins[k]:
-            first_not_joining = k
-    return end
+    breaks = np.append(np.flatnonzero(~(quiet & same)), n_rec)  # records a run cannot join
+    records = np.arange(n_rec)
+    following = breaks[np.searchsorted(breaks, records, side="right")]
+    return np.where(quiet, following, records)
 
 
 def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -1158,9 +1154,11 @@ def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
     """For each record, the inputs that act in the interval ending there (in some set).
 
     Keys ``k`` list (by index) inputs acting within ``(t[k-1], t[k]]`` (given at an
-    earlier record); keys ``("now", k)`` list doses given at record ``k`` itself.
+    earlier record); keys ``("now", k)`` list doses given at record ``k`` itself; key
+    ``"reached"`` is ``(R,)``, whether any input acts before or at each record.
     """
     schedule: dict = {k: [] for k in range(n_rec)}
+    reached = np.zeros(n_rec, dtype=bool)
     prev = np.concatenate([times[:, :1], times[:, :-1]], axis=1)
     records = np.arange(n_rec)
     for j, inp in enumerate(inputs):
@@ -1173,8 +1171,11 @@ def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
                 ((start < t) & (end > tp)) | ((start > tp) & (start <= t)))
             for k in cols[acts.any(axis=0)]:
                 schedule[k].append(j)
+            reached[cols[acts.any(axis=0)]] = True
         if not inp.ghost and inp.bolus.any():
             schedule.setdefault(("now", inp.record), []).append(j)
+            reached[inp.record] = True
+    schedule["reached"] = reached
     return schedule
 
 

@@ -158,7 +158,7 @@ class EngineDenseCurve:
 
     def report(self, seconds: dict[str, float]) -> list[str]:
         dense, weekly = seconds["time_dense_curve_1_set"], seconds["time_weekly_samples_1_set"]
-        return [f"a year sampled every 2 h (4,388 records), one set: {dense * 1e3:.2f} ms; "
-                f"the same doses with weekly samples (60 records): {weekly * 1e3:.2f} ms "
-                f"({dense / weekly:.1f}x for 73x the records)"]
+        return [(f"a year sampled every 2 h (4,388 records), one set: {dense * 1e3:.2f} ms; "
+                 f"the same doses with weekly samples (60 records): {weekly * 1e3:.2f} ms "
+                 f"({dense / weekly:.1f}x for 73x the records)")]
 

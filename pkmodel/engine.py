@@ -731,21 +731,34 @@ def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
                            disposition], axis=2)
 
 
+#: Parameter entries (sets x records) up to which every entry is decomposed.
+_DECOMPOSE_ALL = 2048
+
+
 def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
                       repeats: int = 1) -> tuple[Callable[[int], _Modes], np.ndarray]:
     """``modes_at(k)``: the decomposition of every set's parameters ``(S, R)`` at record
-    ``k``, and ``(R,)`` whether some set's parameters change at each record. Each set is decomposed where its own parameters change (once per occasion with
-    IOV), not at every record where another set's change: a batch of many IDs changes
-    somewhere at nearly every record. Of ``repeats`` consecutive sets (those sharing an
-    event profile: the points of a finite-difference stencil), a set whose parameters at
-    a record equal the first set's there takes the first set's decomposition: a point
-    moving one occasion's KAPPA differs from the centre at that occasion only."""
+    ``k``, and ``(R,)`` whether some set's parameters change at each record.
+
+    Each set is decomposed where its own parameters change (once per occasion with IOV),
+    not at every record where another set's change: a batch of many IDs changes somewhere
+    at nearly every record. Of ``repeats`` consecutive sets (those sharing an event
+    profile: the points of a finite-difference stencil), a set whose parameters at a
+    record equal the first set's there takes the first set's decomposition: a point
+    moving one occasion's KAPPA differs from the centre at that occasion only. A small
+    batch (at most _DECOMPOSE_ALL entries) is decomposed at every entry instead: the
+    bookkeeping would cost more than the decompositions it saves."""
     first = next(iter(params.values()))
     fresh = np.ones(first.shape, dtype=bool)
     fresh[:, 1:] = False
     for values in params.values():
         fresh[:, 1:] |= values[:, 1:] != values[:, :-1]
-    if fresh[:, 1:].any():
+    changes = fresh.any(axis=0)
+    if changes[1:].any() and first.size <= _DECOMPOSE_ALL:
+        every = _decompose(structure.n_compartments, params, structure.depot)
+        columns = [every.take(k) for k in range(first.shape[1])]
+        return columns.__getitem__, changes
+    if changes[1:].any():
         # (a take of the entries: 3x faster than a boolean mask)
         latest, where = _latest_decomposition(fresh, params, repeats)
         modes = _decompose(structure.n_compartments,
@@ -768,7 +781,7 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
             cache[k] = previous[1]
         return cache[k]
 
-    return modes_at, fresh.any(axis=0)
+    return modes_at, changes
 
 
 def _latest_decomposition(fresh: np.ndarray, params: dict[str, np.ndarray], repeats: int

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -70,7 +72,8 @@ def test_matches_ode_for_any_regimen(n_cmt, depot, data):
 @pytest.mark.parametrize("n_cmt,depot", [(2, False), (3, True)])
 @given(data=st.data())
 def test_parameters_changing_between_records_match_ode(n_cmt, depot, data):
-    """Parameters change at records (NOCB): each interval uses the next record's values."""
+    """Parameters change at records (NOCB): each interval uses the next record's values,
+    with each set's decompositions taken where its parameters change or at every entry."""
     structure = Structure(n_cmt, depot)
     doses = data.draw(regimens(n_cmt, depot))
     changes = sorted(data.draw(st.lists(st.floats(1.0, 50.0).map(lambda t: round(t, 2)),
@@ -82,9 +85,12 @@ def test_parameters_changing_between_records_match_ode(n_cmt, depot, data):
     seg = np.maximum(np.searchsorted([s for s, _ in segments], time, side="left") - 1, 0)
     params = {name: np.array([segments[i][1][name] for i in seg])
               for name in structure.parameter_names}
-    got = solve(structure, expand_records(time, evid, amt, rate=rate, cmt=cmt), params)[0]
     ref = ode_amounts(segments, doses, obs, n_cmt=n_cmt, depot=depot)
-    assert_close_where_relevant(got[evid == 0], ref, total(doses))
+    for decompose_all in (0, engine._DECOMPOSE_ALL):  # decompositions shared, or all
+        with mock.patch.object(engine, "_DECOMPOSE_ALL", decompose_all):
+            got = solve(structure, expand_records(time, evid, amt, rate=rate, cmt=cmt),
+                        params)[0]
+        assert_close_where_relevant(got[evid == 0], ref, total(doses))
 
 
 @given(params=pk_params(2, True), lag=st.floats(0.0, 5.0), f=st.floats(0.05, 1.0),
@@ -254,12 +260,16 @@ def test_many_parameter_sets_in_one_call_equal_one_at_a_time():
         np.testing.assert_allclose(together[i], one[0], rtol=1e-14)
 
 
-def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide():
+@pytest.mark.parametrize("decompose_all", [0, 2048])
+def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide(
+        decompose_all, monkeypatch):
     """Sets sharing an event profile (a finite-difference stencil around a centre) take
     the first set's decomposition wherever their parameters equal its parameters there:
     each set still equals its own solve (to rounding), whether it equals the first set
     everywhere, from one record on, up to one record, or at one occasion only, also where
-    the first set's own parameters do not change there."""
+    the first set's own parameters do not change there. The same when the batch is small
+    enough for every entry to be decomposed (_DECOMPOSE_ALL)."""
+    monkeypatch.setattr(engine, "_DECOMPOSE_ALL", decompose_all)
     rng = np.random.default_rng(5)
     a = expand_records([0.0, 3.0, 7.0, 7.0, 10.0, 14.0, 20.0], [1, 0, 0, 1, 0, 1, 0],
                        [100.0, 0, 0, 100.0, 0, 100.0, 0], rate=[50.0, 0, 0, 0, 0, 50.0, 0])
@@ -519,14 +529,18 @@ def test_event_records_match_an_ode_interpreter_of_nonmem_rules(n_cmt, depot, da
     file order: the engine equals ode_reference.ode_records (an event-by-event interpreter
     of docs/data.md integrating the ODEs with solve_ivp, steady states as the fixed point
     of the one-interval map) after and just before each record's events, to 1e-8 relative
-    wherever an amount exceeds 1e-6 of the largest; smaller ones agree absolutely."""
+    wherever an amount exceeds 1e-6 of the largest; smaller ones agree absolutely. Both
+    ways of decomposing (where each set's parameters change, or at every entry)."""
     case = data.draw(event_cases(n_cmt, depot))
     covariates = data.draw(st.sampled_from(["nocb", "locf"]))
     structure = Structure(n_cmt, depot)
     ref_before, ref_after = ode_records(case.records, case.params, n_cmt=n_cmt, depot=depot,
                                         f=case.f, lag=case.lag, covariates=covariates)
-    for before_events, ref in ((False, ref_after), (True, ref_before)):
-        got = engine_records(structure, case, covariates=covariates, before_events=before_events)
+    for (before_events, ref), decompose_all in itertools.product(
+            ((False, ref_after), (True, ref_before)), (0, engine._DECOMPOSE_ALL)):
+        with mock.patch.object(engine, "_DECOMPOSE_ALL", decompose_all):
+            got = engine_records(structure, case, covariates=covariates,
+                                 before_events=before_events)
         scale = max(np.abs(ref).max(), case.total_amount)
         assert_close_where_relevant(got, ref, scale)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * scale)

@@ -756,8 +756,14 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
     changes = fresh.any(axis=0)
     if changes[1:].any() and first.size <= _DECOMPOSE_ALL:
         every = _decompose(structure.n_compartments, params, structure.depot)
-        columns = [every.take(k) for k in range(first.shape[1])]
-        return columns.__getitem__, changes
+        columns: dict[int, _Modes] = {}
+
+        def column(k: int) -> _Modes:
+            if k not in columns:
+                columns[k] = every.take(k)
+            return columns[k]
+
+        return column, changes
     if changes[1:].any():
         # (a take of the entries: 3x faster than a boolean mask)
         latest, where = _latest_decomposition(fresh, params, repeats)

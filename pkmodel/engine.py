@@ -640,10 +640,11 @@ def solve(
     has_bolus = [bool(inp.bolus.any()) for inp in inputs]
     has_rate = [bool(inp.rate.any()) for inp in inputs]
     run_end = _free_runs(schedule, resets, ss_specs, changes, locf)
+    longest = max(2, _DECAY_CHUNK // (n_sets * n_states))  # records decayed in one step
     k = 0
     while k < n_rec:
         if run_end[k] - k >= 2:  # records without input or event: one free decay
-            stop = run_end[k]
+            stop = min(run_end[k], k + longest)
             block = _decay(modes_at(k - 1 if locf else k), times[:, k:stop] - t_prev[:, None],
                            x)
             out[:, k:stop] = block
@@ -731,6 +732,9 @@ def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
                            disposition], axis=2)
 
 
+#: Elements (sets x records x states) of a run of free records decayed in one step: a
+#: longer run is decayed in steps of this size (its temporaries stay small).
+_DECAY_CHUNK = 2_000_000
 #: Parameter entries (sets x records) up to which every entry is decomposed.
 _DECOMPOSE_ALL = 2048
 

@@ -552,7 +552,8 @@ def test_dense_samples_between_doses_match_an_ode_interpreter(n_cmt, depot, data
     """A dense grid of samples after the doses (runs of records no input reaches, each
     run decayed freely in one step), the parameters changing at one sample within the
     grid (which ends a run), NOCB or LOCF: the engine equals ode_reference.ode_records
-    after and just before each record's events, as above; the runs are found."""
+    after and just before each record's events, as above, also with a long run decayed
+    in steps of two records (_DECAY_CHUNK); the runs are found."""
     structure = Structure(n_cmt, depot)
     cmt = data.draw(st.sampled_from([1, 2])) if depot else 1  # the depot or the central
     amount, hours = data.draw(log_uniform(10.0, 1000.0)), data.draw(st.sampled_from([0, 2]))
@@ -572,8 +573,11 @@ def test_dense_samples_between_doses_match_an_ode_interpreter(n_cmt, depot, data
     ev, per_record = case_events(structure, case, covariates=covariates)
     ref_before, ref_after = ode_records(records, params, n_cmt=n_cmt, depot=depot,
                                         covariates=covariates)
-    for before_events, ref in ((False, ref_after), (True, ref_before)):
-        got = engine_records(structure, case, covariates=covariates, before_events=before_events)
+    for (before_events, ref), chunk in itertools.product(
+            ((False, ref_after), (True, ref_before)), (engine._DECAY_CHUNK, 1)):
+        with mock.patch.object(engine, "_DECAY_CHUNK", chunk):  # 1: two records a step
+            got = engine_records(structure, case, covariates=covariates,
+                                 before_events=before_events)
         scale = max(np.abs(ref).max(), case.total_amount)
         assert_close_where_relevant(got, ref, scale)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * scale)

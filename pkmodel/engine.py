@@ -694,14 +694,12 @@ def solve(
 def _free_runs(schedule: dict, resets: np.ndarray, ss_specs: dict, changes: np.ndarray,
                locf: bool) -> np.ndarray:
     """Per record ``k``, the end (exclusive) of the run of records from ``k`` on that no
-    input reaches in any set (no dose acting in the interval before them, none given at
-    them, no reset or steady state) and whose intervals share ``k``'s decomposition; ``k``
+    input reaches in any set (:func:`_quiet`) and whose intervals share the decomposition
+    of ``k``'s interval (``k``'s parameters under NOCB, ``k - 1``'s under LOCF); ``k``
     itself where ``k`` is not such a record (record 0 never is: its interval is empty).
     Over a run the state decays freely."""
     n_rec = resets.size
-    quiet = ~schedule["reached"] & ~resets
-    quiet[0] = False
-    quiet[[k for k in ss_specs if k < n_rec]] = False
+    quiet = _quiet(schedule, resets, ss_specs)
     # The interval before record k uses k's parameters (NOCB) or k - 1's (LOCF): record k
     # continues a run if they are those of the interval before k - 1.
     same = np.zeros(n_rec, dtype=bool)
@@ -713,6 +711,15 @@ def _free_runs(schedule: dict, resets: np.ndarray, ss_specs: dict, changes: np.n
     records = np.arange(n_rec)
     following = breaks[np.searchsorted(breaks, records, side="right")]
     return np.where(quiet, following, records)
+
+
+def _quiet(schedule: dict, resets: np.ndarray, ss_specs: dict) -> np.ndarray:
+    """``(R,)`` the records no input reaches in any set: no dose acting in the interval
+    before them, none given at them, no reset or steady state; never record 0."""
+    quiet = ~schedule["reached"] & ~resets
+    quiet[0] = False
+    quiet[list(ss_specs)] = False
+    return quiet
 
 
 def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -897,8 +904,8 @@ def central_amounts(
                                                 for v in full.values())
         doses = int(_is_dose(evid).any(axis=0).sum())
         outputs = n_rec if at is None else np.shape(at)[1]
-        size = n_sets * doses * outputs * structure.n_states
-        simple = simple and (doses * outputs <= 2 * n_rec or size <= _SUPERPOSE_SMALL)
+        simple = simple and _superposition_cheaper(structure, events, n_sets,
+                                                   n_sets * doses * outputs)
     if not simple:
         central = structure.central_cmt - 1
         out = solve(structure, events, params, before_events=before_events)[..., central]
@@ -915,11 +922,28 @@ def central_amounts(
 
 #: Elements (sets x doses x records x modes) superposed in one vectorised step.
 _SUPERPOSE_CHUNK = 2_000_000
-#: Superposition costs about 30 ns per element (set x dose x output record x mode), the
-#: record-by-record solve about 20 us per record plus 45 ns per set and mode (measured,
-#: benchmarks/bench_engine.py): superposition is used when the dose-record pairs are few
-#: against the records (at most twice as many), or the whole problem is this small.
-_SUPERPOSE_SMALL = 200_000
+
+
+def _superposition_cheaper(structure: Structure, events: Events, n_sets: int,
+                           pairs: int) -> bool:
+    """Whether superposing ``pairs`` (set, dose, output record) triples costs less than the
+    record-by-record solve of ``n_sets`` sets, by costs measured on the calls of fits,
+    forecasts and population steps (benchmarks/README.md): superposition about 0.1 ms plus
+    20 ns per pair and mode (three times that with a steady-state dose); the solve about
+    0.05 ms plus 15 us per step of its loop (a record, or a run of free records) and, per
+    set and mode, 25 ns per record it steps through and 12 ns per record of a free run
+    (four times that with a steady-state dose)."""
+    n_rec, modes = events.shape[1], structure.n_states
+    ev = {name: np.asarray(getattr(events, name)) for name in _RECORD_FIELDS}
+    _, ss_specs, reset, schedule = _plain_inputs(structure, events, ev, 1)
+    quiet = _quiet(schedule, reset.any(axis=0), ss_specs)
+    free = int(np.count_nonzero(quiet[1:] & quiet[:-1]))  # inside a run: no step
+    steady = 3.0 if ss_specs else 1.0
+    superpose = 1e-4 + 20e-9 * pairs * modes * steady
+    solve_cost = (5e-5 + 15e-6 * (n_rec - free)
+                  + n_sets * modes * (25e-9 * (n_rec - free) + 12e-9 * free)
+                  * (4.0 if ss_specs else 1.0))
+    return superpose < solve_cost
 
 
 def _superpose(structure: Structure, events: Events, modes: _Modes, n_sets: int,
@@ -1178,7 +1202,8 @@ def _schedule(inputs: list[_Input], times: np.ndarray, n_rec: int) -> dict:
 
     Keys ``k`` list (by index) inputs acting within ``(t[k-1], t[k]]`` (given at an
     earlier record); keys ``("now", k)`` list doses given at record ``k`` itself; key
-    ``"reached"`` is ``(R,)``, whether any input acts before or at each record.
+    ``"reached"`` is ``(R,)``, whether an input acts in the interval ending at each
+    record or is given at it.
     """
     schedule: dict = {k: [] for k in range(n_rec)}
     reached = np.zeros(n_rec, dtype=bool)

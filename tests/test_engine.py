@@ -760,6 +760,26 @@ def test_parameter_sets_solved_together_equal_one_at_a_time(n_cmt, depot, data):
                                    atol=1e-14 * scale)
 
 
+def test_central_amounts_takes_the_cheaper_of_superposition_and_solve():
+    """Twenty daily boluses sampled twice: superposed (40 dose-sample pairs against a
+    20-step loop); one infusion sampled 300 times after it: solved (the samples are one
+    free decay, where superposing would pair the dose with each sample). Either way the
+    amounts are solve's."""
+    params = {"CL": np.array([[0.5]]), "V1": np.array([[5.0]]), "Q": np.array([[0.3]]),
+              "V2": np.array([[8.0]])}
+    boluses = expand_records(np.r_[np.arange(20.0), 20.5, 21.0], np.r_[np.ones(20), 0, 0],
+                             np.r_[np.full(20, 100.0), 0, 0])
+    samples = np.linspace(1.0, 60.0, 300)
+    infusion = expand_records(np.r_[0.0, samples], np.r_[1, np.zeros(300)],
+                              np.r_[500.0, np.zeros(300)], rate=np.r_[1000.0, np.zeros(300)])
+    refuse = {"side_effect": AssertionError("not the cheaper path")}
+    for events, avoided in ((boluses, "solve"), (infusion, "_superpose")):
+        expected = solve(Structure(2), events, params)[..., 0]
+        with mock.patch.object(engine, avoided, **refuse):
+            got = engine.central_amounts(Structure(2), events, params)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
 def superposable(case):
     """The case without what superposition cannot do: SS records become plain doses,
     EVID 4 EVID 1, EVID 3 resets are dropped, no F or ALAG, one parameter set throughout."""
@@ -771,12 +791,10 @@ def superposable(case):
 
 def assert_superposed_as_solved(structure: Structure, ev, data, total_amount: float
                                 ) -> tuple[dict, dict]:
-    """One to three parameter sets (drawn) sharing ``ev``: central_amounts, without
-    calling solve, equals solve's central amounts after and just before each record's
-    events, to 1e-10 of the largest amount; returns the sets and those amounts by
-    ``before_events``."""
-    from unittest import mock
-
+    """One to three parameter sets (drawn) sharing ``ev``: central_amounts made to
+    superpose, without calling solve, equals solve's central amounts after and just
+    before each record's events, to 1e-10 of the largest amount; returns the sets and
+    those amounts by ``before_events``."""
     n_cmt, depot = structure.n_compartments, structure.depot
     sets = [data.draw(pk_params(n_cmt, depot)) for _ in range(data.draw(st.integers(1, 3)))]
     many = {n: np.array([[p[n]] for p in sets]) * np.ones((1, ev.shape[1]))
@@ -785,7 +803,8 @@ def assert_superposed_as_solved(structure: Structure, ev, data, total_amount: fl
     got = {}
     for before_events in (False, True):
         expected = solve(structure, ev, many, before_events=before_events)[..., central]
-        with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")):
+        with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")), \
+                mock.patch.object(engine, "_superposition_cheaper", return_value=True):
             got[before_events] = engine.central_amounts(structure, ev, many,
                                                         before_events=before_events)
         scale = max(np.abs(expected).max(), total_amount)
@@ -799,10 +818,8 @@ def test_superposition_equals_the_record_by_record_solver(n_cmt, depot, data):
     """central_amounts sums each dose's closed-form response when parameters are constant
     and there is no SS, reset or modifier: it equals solve's central amounts (after and
     just before each record's events) to 1e-10 of the largest amount, for several
-    parameter sets sharing one profile, without calling solve, at every record or at the
-    records asked for; with a modifier it is solve's."""
-    from unittest import mock
-
+    parameter sets sharing one profile, without calling solve (made to superpose), at
+    every record or at the records asked for; with a modifier it is solve's."""
     case = superposable(data.draw(event_cases(n_cmt, depot)))
     structure = Structure(n_cmt, depot)
     ev, _ = case_events(structure, case)
@@ -811,7 +828,8 @@ def test_superposition_equals_the_record_by_record_solver(n_cmt, depot, data):
     for before_events in (False, True):
         at = np.array([data.draw(st.lists(st.integers(0, ev.shape[1] - 1), min_size=1,
                                           max_size=4))])
-        with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")):
+        with mock.patch.object(engine, "solve", side_effect=AssertionError("solve called")), \
+                mock.patch.object(engine, "_superposition_cheaper", return_value=True):
             some = engine.central_amounts(structure, ev, many, before_events=before_events,
                                           at=at)
         np.testing.assert_allclose(some, got[before_events][:, at[0]], rtol=1e-13,

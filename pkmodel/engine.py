@@ -878,9 +878,10 @@ def central_amounts(
     its II), the amount is a sum over doses of closed-form responses (bolus, zero-order
     infusion, first-order absorption, and a steady state's earlier doses as a geometric
     series; the same modal algebra as :func:`solve`), vectorised over sets, records and
-    doses, with no loop over records, provided that is cheaper: few dose-record pairs
-    against the records (a likelihood at a few samples), or a small problem. Otherwise
-    :func:`solve` runs (thousands of sets over a year of doses and samples).
+    doses, with no loop over records, provided that is cheaper by a measured cost model
+    (few dose-record pairs: a likelihood at a few samples). Otherwise :func:`solve` runs
+    (thousands of sets over a year of doses and samples, or samples that a free decay
+    covers).
 
     Examples
     --------

@@ -761,10 +761,10 @@ def test_parameter_sets_solved_together_equal_one_at_a_time(n_cmt, depot, data):
 
 
 def test_central_amounts_takes_the_cheaper_of_superposition_and_solve():
-    """Twenty daily boluses sampled twice: superposed (40 dose-sample pairs against a
-    20-step loop); one infusion sampled 300 times after it: solved (the samples are one
-    free decay, where superposing would pair the dose with each sample). Either way the
-    amounts are solve's."""
+    """Twenty daily boluses, then two samples: superposed (20 doses x 22 records of one
+    set, against a loop of 21 steps); one infusion, then 300 samples: solved (the samples
+    are one free decay, where superposing pairs the dose with each of them). Either way
+    the amounts are solve's."""
     params = {"CL": np.array([[0.5]]), "V1": np.array([[5.0]]), "Q": np.array([[0.3]]),
               "V2": np.array([[8.0]])}
     boluses = expand_records(np.r_[np.arange(20.0), 20.5, 21.0], np.r_[np.ones(20), 0, 0],

@@ -208,6 +208,26 @@ def test_trial_command_json_and_errors(capsys, tmp_path):
         assert stop.value.code == 2
 
 
+def test_trial_command_warm_start_reaches_the_bayesian_arm(capsys, monkeypatch):
+    """--warm-start builds the Bayesian arm with warm_start=True (off without it) and the
+    JSON says which."""
+    from pkmodel import trial
+
+    made, real = [], trial.BayesianDosing
+
+    def bayesian(model, **options):
+        made.append(options["warm_start"])
+        return real(model, **options)
+
+    monkeypatch.setattr(trial, "BayesianDosing", bayesian)
+    args = ["trial", "--n", "3", "--replicates", "1", "--seed", "21", "--arms", "bayesian",
+            "--json"]
+    for flags, expected in (([], False), (["--warm-start"], True)):
+        assert main(args + flags) == 0
+        assert json.loads(capsys.readouterr().out)["warm_start"] is expected
+        assert made.pop() is expected
+
+
 def test_trial_command_on_worker_processes_gives_the_same_numbers(capsys):
     """--workers 2 runs the trial's jobs (here two replicates) in two processes: the same
     summary as in this one."""

@@ -173,6 +173,84 @@ def test_bayesian_all_at_once_equals_recommend_regimen_child_by_child():
     pd.testing.assert_frame_equal(fast.visits, slow.visits)
 
 
+@dataclasses.dataclass
+class Recording:
+    """A policy that records the visits it is shown and the decisions it returns."""
+
+    policy: BayesianDosing
+    needs_records = True
+
+    def __post_init__(self):
+        self.seen = []
+
+    def __call__(self, visit):
+        decision = self.policy(visit)
+        self.seen.append((visit, decision))
+        return decision
+
+
+def test_warm_start_threads_each_visits_fits_and_decides_as_three_starts():
+    """Each visit hands the policy the fits its decision returned at the previous one (None
+    at the first); warm-started children (one start from their last modes) get the
+    decisions of three starts at every visit here (with fasanmade2011 they did for 2,800
+    children; not always: see BayesianDosing), and the warm fits start where they are
+    told: from the modes of a converged fit of the same records they take no step."""
+    spy = Recording(BayesianDosing(MODEL, warm_start=True))
+    warm = run_trial(MODEL, {"bayes": spy}, n=8, seed=21)
+    cold = run_trial(MODEL, {"bayes": BayesianDosing(MODEL)}, n=8, seed=21)
+    pd.testing.assert_frame_equal(warm.visits, cold.visits)
+    assert spy.seen[0][0].memo is None
+    for (_, before), (after, _) in zip(spy.seen, spy.seen[1:]):
+        assert after.memo is before.memo
+    visit, decision = spy.seen[3]
+    fits = decision.memo
+    assert fits["SUCCESS"].all() and fits["ID"].tolist() == list(pd.unique(visit.records["ID"]))
+    assert (fits["ITERATIONS"] > 3).all()  # the previous visit's modes are some way off
+    again = BayesianDosing(MODEL, warm_start=True)(dataclasses.replace(visit, memo=fits)).memo
+    assert (again["ITERATIONS"] <= 1).all()
+    names = [c for c in fits.columns if c.startswith(("ETA_", "KAPPA_"))]
+    np.testing.assert_allclose(again[names], fits[names], atol=1e-5)
+
+
+def test_warm_start_falls_back_to_three_starts_where_the_last_fit_is_unusable(monkeypatch):
+    """A child whose last fit failed, or who has none, is fitted from the three starts
+    (whatever its last modes say), and so is one whose warm fit fails; the others start
+    from theirs (far-off modes of a converged fit still lead back to the mode), with the
+    same decisions and modes as three starts give."""
+    from pkmodel import trial
+
+    spy = Recording(BayesianDosing(MODEL))
+    run_trial(MODEL, {"bayes": spy}, n=6, seed=21)
+    visit, decision = spy.seen[2]
+    fits = decision.memo.reset_index(drop=True)
+    names = [c for c in fits.columns if c.startswith(("ETA_", "KAPPA_"))]
+    ids = fits["ID"].tolist()
+    previous = fits.copy()
+    previous.loc[0, names] = 40.0  # absurd, and marked failed: not used
+    previous.loc[0, "SUCCESS"] = False
+    previous.loc[1, names] = 1.5  # far off, but converged: the warm start goes from there
+    previous.loc[4, names] = 1e3  # converged, they say: the warm fit fails (overflow)
+    previous = previous.drop(index=2)  # no last fit
+    calls = []
+
+    def estimate_map(model, data, **options):
+        calls.append((options.get("starts", 3), pd.unique(data["ID"]).tolist()))
+        return original(model, data, **options)
+
+    original = trial.estimate_map
+    monkeypatch.setattr(trial, "estimate_map", estimate_map)
+    with np.errstate(over="ignore", invalid="ignore"):  # the fit from 1e3 overflows
+        warm = BayesianDosing(MODEL, warm_start=True)(dataclasses.replace(visit, memo=previous))
+    assert calls == [(1, [ids[1], ids[3], ids[4], ids[5]]), (3, [ids[0], ids[2], ids[4]])]
+    np.testing.assert_allclose(warm.memo[names].to_numpy(), fits[names].to_numpy(),
+                               atol=1e-5)
+    assert warm.memo["ID"].tolist() == fits["ID"].tolist()
+    np.testing.assert_array_equal(warm.dose_mg, decision.dose_mg)
+    np.testing.assert_array_equal(warm.interval_weeks, decision.interval_weeks)
+    assert warm.memo["ITERATIONS"].iloc[1] > 3  # started far off
+    assert (warm.memo["ITERATIONS"].iloc[[3, 5]] <= 1).all()  # started at their modes
+
+
 def test_trial_result_serialises_and_runs_on_a_process_pool():
     """A trial on a process pool (the model pickles after use) gives the same summary as
     here, and its result is plain JSON."""

@@ -49,6 +49,7 @@ from pkmodel.data import (
     plain_json,
     validate,
 )
+from pkmodel.engine import Events
 from pkmodel.errors import CovariateWarning, DatasetError, PKModelError, PlausibilityWarning
 from pkmodel.estimate import (
     PLAUSIBLE_SD,
@@ -62,8 +63,9 @@ from pkmodel.model import (
     check_covariates,
     covariates_outside_range,
     eta_of,
+    evaluate_parameters,
 )
-from pkmodel.predict import draw_concentrations
+from pkmodel.predict import draw_concentrations, profile_concentrations
 
 __all__ = [
     "OBJECTIVES",
@@ -502,42 +504,22 @@ def _drop_implied_after(table: pd.DataFrame, times: np.ndarray, rows: np.ndarray
 # --------------------------------------------------------------------------- forecasts
 
 
-def _future_rows(history: _History, times: Any, pid: Any, *, doses: np.ndarray | None,
-                 interval: float | None = None, ss: bool = False) -> pd.DataFrame:
-    """Records after the history: samples at ``times`` (before any dose at the same time)
-    and unit doses given like the last dose; covariates carried forward from the visit."""
-    sample_t = np.asarray(times, dtype=float)
-    dose_t = np.asarray([] if doses is None else doses, dtype=float)
-    time = np.concatenate([sample_t, dose_t])
-    is_dose = np.concatenate([np.zeros(sample_t.size, bool), np.ones(dose_t.size, bool)])
-    order = np.lexsort((is_dose, time))
-    time, is_dose = time[order], is_dose[order]
+def _future_rows(history: _History, times: Any, pid: Any) -> pd.DataFrame:
+    """Sample records (EVID 0, MDV 1) after the history at ``times``, covariates carried
+    forward from the visit."""
+    time = np.asarray(times, dtype=float)
     n = time.size
-    rate = is_dose / history.dose_days if history.dose_days > 0 else np.zeros(n)
+    zeros = np.zeros(n)
     columns: dict[str, Any] = {
-        "ID": np.full(n, pid, dtype=object), "TIME": time, "EVID": is_dose.astype(float),
-        "AMT": is_dose * 1.0, "RATE": rate, "DUR": np.zeros(n),
-        "II": is_dose * (interval if ss and interval else 0.0), "ADDL": np.zeros(n),
-        "SS": is_dose * float(ss), "MDV": np.ones(n), "CMT": is_dose * history.dose_cmt,
-        "DV": np.full(n, np.nan),
+        "ID": np.full(n, pid, dtype=object), "TIME": time, "EVID": zeros, "AMT": zeros,
+        "RATE": zeros, "DUR": zeros, "II": zeros, "ADDL": zeros, "SS": zeros,
+        "MDV": np.ones(n), "CMT": zeros, "DV": np.full(n, np.nan),
     }
     last = history.table.iloc[-1]
     for name in history.table.columns:
         if name not in columns:
             columns[name] = np.repeat(last[name], n)
     return pd.DataFrame(columns)
-
-
-def _steady_rows(history: _History, intervals_days: np.ndarray) -> pd.DataFrame:
-    """One ID per interval: a unit SS dose at the next dose day, then its trough."""
-    n = intervals_days.size
-    frame = _future_rows(history, [history.next_dose_day + 1.0], "s", doses=np.array(
-        [history.next_dose_day]), interval=1.0, ss=True)  # one dose row, one sample row
-    frame = frame.loc[np.tile([0, 1], n)].reset_index(drop=True)
-    frame["ID"] = np.repeat([f"s{i}" for i in range(n)], 2)
-    frame["TIME"] = history.next_dose_day + np.c_[np.zeros(n), intervals_days].ravel()
-    frame["II"] = np.c_[intervals_days, np.zeros(n)].ravel()
-    return frame
 
 
 def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int,
@@ -590,19 +572,13 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
                                       for tau, k in zip(intervals_days, counts)]))
     all_days = np.unique(np.concatenate(trough_days))
     pid = history.table["ID"].iloc[0]
-    base = pd.concat([history.table, _future_rows(history, all_days, pid, doses=None)],
+    base = pd.concat([history.table, _future_rows(history, all_days, pid)],
                      ignore_index=True)
-    unit = _future_rows(history, t0 + after, "unit", doses=np.array([t0]))
-    steady = _steady_rows(history, intervals_days)
     # The long history profile is solved apart from the short unit ones (less padding).
     (base_conc,) = draw_concentrations(model, [base], eta)
-    (unit_conc,) = draw_concentrations(model, [unit], eta)
-    (steady_conc,) = draw_concentrations(model, [steady], eta)
-    steady_conc = steady_conc[:, 1::2]  # (M, I): the sample one interval after the SS dose
+    response, steady_conc = _unit_responses(model, history, eta, after, intervals_days)
     n_hist = len(history.table)
     base_conc, base_days = base_conc[:, n_hist:], base["TIME"].to_numpy()[n_hist:]
-    samples = unit["EVID"].to_numpy() == 0
-    response = unit_conc[:, samples]  # u at ``after``, per draw
     hist_parts, unit_parts, day_parts = [], [], []
     for i, tau in enumerate(intervals_days):
         days = trough_days[i]
@@ -613,6 +589,39 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
                                           steady_conc[:, i:i + 1]], axis=1))
         day_parts.append(np.concatenate([days, [np.inf]]))
     return _Forecast(intervals_days, day_parts, hist_parts, unit_parts)
+
+
+def _unit_responses(model: PopulationModel, history: _History, eta: np.ndarray,
+                    after: np.ndarray, intervals_days: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Concentrations (mg/L) per mg of a new dose given like the last one, for every draw
+    ``eta (M, n_eta)``: ``after`` days after one dose, ``(M, A)``, and one interval after
+    a dose at steady state, per interval, ``(M, I)``. The last record's covariates and
+    KAPPAs 0 hold throughout, so the engine's events are built here, not from records."""
+    last = history.table.iloc[-1]
+    cov = {c: np.array([float(last[c])]) for c in model.covariate_names}
+    params = evaluate_parameters(model, cov, eta[:, None, :])  # (M, 1) each
+    rate = 1.0 / history.dose_days if history.dose_days > 0 else 0.0
+
+    def dose_then_samples(times: np.ndarray, ii: np.ndarray) -> Events:
+        """A unit dose at 0 (every ``ii (B,)`` days at steady state where > 0), then
+        samples at ``times (B, K)``."""
+        b_count, k_count = times.shape
+        dose = np.zeros((b_count, k_count + 1))
+        dose[:, 0] = 1.0
+        rows = np.zeros((b_count, k_count + 1), dtype=int)
+        return Events(time=np.concatenate([np.zeros((b_count, 1)), times], axis=1),
+                      evid=dose, amt=dose, rate=dose * rate, dur=np.zeros_like(dose),
+                      ii=dose * ii[:, None], ss=dose * (ii[:, None] > 0),
+                      cmt=dose * history.dose_cmt, param_row=rows, source_row=rows)
+
+    samples = np.arange(1, after.size + 1)[None, :]
+    unit = profile_concentrations(model, dose_then_samples(after[None, :], np.zeros(1)),
+                                  params, at=samples)[0]
+    steady = profile_concentrations(
+        model, dose_then_samples(intervals_days[:, None], intervals_days), params,
+        at=np.ones((intervals_days.size, 1), dtype=int))
+    return unit, steady[:, :, 0].T
 
 
 def _same_history(lead_model: PopulationModel, lead: _History, model: PopulationModel,
@@ -1506,7 +1515,7 @@ def time_to_trough(
     start = float(history.table["TIME"].max())
     grid = start + np.arange(0.0, max_days + 0.01, 0.01)
     pid = history.table["ID"].iloc[0]
-    base = pd.concat([history.table, _future_rows(history, grid, pid, doses=None)],
+    base = pd.concat([history.table, _future_rows(history, grid, pid)],
                      ignore_index=True)
     conc = draw_concentrations(model, [base], eta[:1])[0][0, len(history.table):]
     if conc[0] < target:

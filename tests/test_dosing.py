@@ -309,10 +309,14 @@ def test_criterion_uses_the_share_of_draws_at_every_trough():
     assert chosen.mg_per_kg_per_week > median.mg_per_kg_per_week
 
 
-def test_every_option_and_steady_state_match_the_oracle():
+@pytest.mark.parametrize("late", [{}, {"ALB": 2.9, "WT": 31.0}])
+def test_every_option_and_steady_state_match_the_oracle(late):
     """Each interval's forecast (troughs over the horizon and at steady state) at the MAP
-    equals predict() on explicit doses, for every candidate interval and the current one."""
+    equals predict() on explicit doses, for every candidate interval and the current one;
+    also when albumin and weight changed at the last visit (they hold from there on)."""
     history = child()
+    for name, value in late.items():
+        history.loc[history["TIME"] >= 150.0, name] = value
     rec = recommend_regimen(MODEL, history, 6.0, n_draws=0)
     eta = rec.estimate.individuals[list(MODEL.eta_names)].to_numpy()
     table = rec.options[rec.options["DOSE_MG"] == 300.0]
@@ -322,6 +326,38 @@ def test_every_option_and_steady_state_match_the_oracle():
                                     rel=1e-6)
     expected = oracle_troughs(history, eta, 140.0, 8.0, 154.0)[0]
     assert rec.current_troughs["MAP"].to_numpy() == pytest.approx(expected, rel=1e-6)
+
+
+def test_new_doses_go_where_the_history_s_doses_went():
+    """A model with a depot whose doses enter the central compartment (CMT 2) forecasts as
+    the same model without one: every option and trough equal, new doses included."""
+    import sympy as sp
+
+    from pkmodel.engine import Structure
+    from pkmodel.model import PopulationModel, ResidualError
+
+    eta = sp.symbols("ETA_CL ETA_V")
+
+    def model(depot: bool) -> PopulationModel:
+        parameters = {"CL": 0.3 * sp.exp(eta[0]), "V1": 4.0 * sp.exp(eta[1])}  # L/day, L
+        if depot:
+            parameters["KA"] = sp.Float(0.5)
+        return PopulationModel("onecpt", Structure(1, depot=depot), {}, parameters,
+                               [[0.09, 0.0], [0.0, 0.04]], ("ETA_CL", "ETA_V"),
+                               ResidualError(proportional=0.2))
+
+    def history(cmt: int) -> pd.DataFrame:  # 300 mg over 2 h every 8 weeks, a trough
+        return pd.DataFrame({"ID": 1, "TIME": [0.0, 56.0, 112.0, 112.0],
+                             "AMT": [300.0, 300.0, 0.0, 300.0],
+                             "RATE": [3600.0, 3600.0, 0.0, 3600.0], "EVID": [1, 1, 0, 1],
+                             "CMT": [cmt, cmt, 0, cmt], "MDV": [1, 1, 0, 1],
+                             "DV": [np.nan, np.nan, 4.0, np.nan], "WT": 30.0})
+
+    central = recommend_regimen(model(True), history(2), 6.0, n_draws=0)
+    alone = recommend_regimen(model(False), history(1), 6.0, n_draws=0)
+    pd.testing.assert_frame_equal(central.options, alone.options, rtol=1e-9)
+    pd.testing.assert_frame_equal(central.troughs, alone.troughs, rtol=1e-9)
+    assert central.recommended == alone.recommended is not None
 
 
 def test_dose_only_and_interval_only_are_changes_never_the_current_regimen():

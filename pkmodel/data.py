@@ -409,7 +409,10 @@ def validate(
         if name not in out.columns:
             raise CovariateError(f"column '{name}' is missing: the model needs covariate "
                                  f"{name}")
-        cov = pd.to_numeric(out[name], errors="coerce").to_numpy(dtype=float)
+        raw = out[name]
+        cov = (raw.to_numpy(dtype=float) if isinstance(raw.dtype, np.dtype)
+               and raw.dtype.kind in "iuf" else  # numbers already: no conversion
+               pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float))
         bad = ~np.isfinite(cov)
         if bad.any():
             raise CovariateError(

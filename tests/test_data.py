@@ -154,6 +154,12 @@ def test_covariates_must_be_present_and_finite():
     table.loc[2, "ALB"] = np.nan
     with pytest.raises(CovariateError, match=r"column 'ALB', row 2 \(ID 1\)"):
         validate(table, covariates=["ALB"])
+    # Read as text (a CSV with a '.'): numbers are converted, the rest named
+    text = base_table().astype({"ALB": str})
+    assert validate(text, covariates=["ALB"])["ALB"].tolist() == base_table()["ALB"].tolist()
+    text.loc[3, "ALB"] = "."
+    with pytest.raises(CovariateError, match=r"column 'ALB', row 3 \(ID 2\).*got '\.'"):
+        validate(text, covariates=["ALB"])
 
 
 def test_non_dataframe_is_a_type_error():

@@ -336,7 +336,8 @@ class _History:
     weight: float
     current_dose_mg: float
     current_interval_days: float
-    dose_days: float  # infusion length of new doses (day); 0 for a bolus
+    dose_days: float  # infusion length of new doses (day); 0 for a bolus or a modelled one
+    modelled: float  # RATE of new doses when their length is the model's (-2), else 0
     dose_cmt: float
     next_dose_day: float
     origin: pd.Timestamp | None
@@ -435,11 +436,17 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
     last = table.loc[rows[times <= past[-1]].max()]  # the record of the last dose given
     dose_days = (float(last["AMT"] / last["RATE"]) if last["RATE"] > 0
                  else float(last["DUR"]) if last["DUR"] > 0 else 0.0)
+    if last["RATE"] == -1:
+        said.caution.append("the last dose's rate is modelled (RATE -1): new doses are "
+                            "forecast as boluses, since the length of an infusion at a "
+                            "modelled rate depends on its dose (give RATE or DUR for an "
+                            "exact forecast)")
     for note in table["ASSUMPTION"].dropna().unique() if "ASSUMPTION" in table else ():
         if str(note).strip():
             said.notes.append(str(note))
     at_visit = table[table["TIME"] <= due + _TOL].iloc[-1]
     return _History(table, float(at_visit["WT"]), float(last["AMT"]), interval, dose_days,
+                    -2.0 if last["RATE"] == -2 else 0.0,
                     float(last["CMT"]), due, origin, said)
 
 
@@ -601,7 +608,8 @@ def _unit_responses(model: PopulationModel, history: _History, eta: np.ndarray,
     last = history.table.iloc[-1]
     cov = {c: np.array([float(last[c])]) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])  # (M, 1) each
-    rate = 1.0 / history.dose_days if history.dose_days > 0 else 0.0
+    # a modelled duration (RATE -2) stays the model's: new doses are linear in their amount
+    rate = history.modelled or (1.0 / history.dose_days if history.dose_days > 0 else 0.0)
 
     def dose_then_samples(times: np.ndarray, ii: np.ndarray) -> Events:
         """A unit dose at 0 (every ``ii (B,)`` days at steady state where > 0), then
@@ -1195,7 +1203,11 @@ def recommend_regimen(
       fewer than ``min_ess`` effective posterior draws;
     * caution: no measured concentration (prior only); covariates outside the model's data
       range; ETA shrinkage of clearance over 50 %; a sample inside an infusion or within
-      1 h after it; individual clearance more than 3 SD from typical.
+      1 h after it; individual clearance more than 3 SD from typical; the last dose's
+      rate modelled (RATE -1: new doses forecast as boluses).
+
+    New doses are given like the last one: into its compartment, over its length (RATE
+    or DUR), or over the model's duration where that was modelled (RATE -2).
 
     Parameters
     ----------

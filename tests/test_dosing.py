@@ -360,6 +360,29 @@ def test_new_doses_go_where_the_history_s_doses_went():
     assert central.recommended == alone.recommended is not None
 
 
+def test_a_modelled_infusion_length_is_kept_for_new_doses():
+    """Doses given with RATE -2 under a model whose D1 is 2 h forecast exactly as 2-h
+    infusions given by RATE: new doses keep the modelled length (they were boluses). A
+    modelled rate (RATE -1: the length depends on the dose) is forecast as boluses, with
+    a caution saying so."""
+    import sympy as sp
+
+    model = dataclasses.replace(MODEL, parameters={**MODEL.parameters,
+                                                   "D1": sp.Float(2) / 24,
+                                                   "R1": sp.Float(1680.0)})
+    history = child()
+    given = recommend_regimen(model, history, 6.0, n_draws=0)
+    modelled = recommend_regimen(model, history.assign(
+        RATE=np.where(history["EVID"] == 1, -2.0, 0.0)), 6.0, n_draws=0)
+    pd.testing.assert_frame_equal(modelled.options, given.options, rtol=1e-12)
+    pd.testing.assert_frame_equal(modelled.troughs, given.troughs, rtol=1e-12)
+    assert modelled.status == given.status
+    by_rate = recommend_regimen(model, history.assign(
+        RATE=np.where(history["EVID"] == 1, -1.0, 0.0)), 6.0, n_draws=0)
+    assert by_rate.status == "caution"
+    assert any("modelled (RATE -1)" in r for r in by_rate.reasons)
+
+
 def test_dose_only_and_interval_only_are_changes_never_the_current_regimen():
     rec = recommend_regimen(MODEL, child((3.5, 3.0), weight=40.0), 6.0, n_draws=0)
     for option in (rec.dose_only, rec.interval_only):

@@ -506,6 +506,8 @@ def _trial(args: argparse.Namespace) -> int:
     unknown = [a for a in arms if a not in known]
     if unknown or not arms:
         raise ValueError(f"--arms: unknown {unknown or arms}; choose from {sorted(known)}")
+    if args.warm_start and "bayesian" not in arms:
+        raise ValueError("--warm-start applies to the bayesian arm: add it to --arms")
     pool = ProcessPoolExecutor(max_workers=args.workers) if args.workers > 1 else None
     with pool or contextlib.nullcontext():
         result = run_trial(model, {a: known[a] for a in arms}, n=args.n,

@@ -943,13 +943,32 @@ def _far_etas(model: PopulationModel, fit: MAPEstimate) -> list[str]:
     return out
 
 
-def _sample_timing(history: _History) -> list[str]:
+def _dose_lengths(model: PopulationModel, table: pd.DataFrame, at: np.ndarray
+                  ) -> np.ndarray:
+    """Infusion length (day) of the doses on rows ``at`` (positions): AMT / RATE, DUR, or,
+    where modelled (RATE -1, -2), AMT over the model's typical rate ``R<cmt>`` or its
+    typical duration ``D<cmt>`` (ETAs 0); 0 for a bolus."""
+    amt, rate, dur = (table[c].to_numpy()[at] for c in ("AMT", "RATE", "DUR"))
+    length = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), dur)
+    modelled = np.flatnonzero((rate == -1) | (rate == -2))
+    if modelled.size:
+        cov = {c: table[c].to_numpy(dtype=float)[at] for c in model.covariate_names}
+        typical = evaluate_parameters(model, cov)
+        cmt = np.maximum(table["CMT"].to_numpy()[at], 1).astype(int)
+        for k in modelled:
+            name = f"{'D' if rate[k] == -2 else 'R'}{cmt[k]}"
+            if name in typical:
+                value = float(np.broadcast_to(typical[name], at.shape)[k])
+                length[k] = value if rate[k] == -2 else amt[k] / value
+    return length
+
+
+def _sample_timing(model: PopulationModel, history: _History) -> list[str]:
     """Samples inside an infusion or within POST_INFUSION_HOURS after a dose ends."""
     table = history.table
     times, rows = dose_times(table)
     at = table.index.get_indexer(rows)  # rows are index labels
-    amt, rate, dur = (table[c].to_numpy()[at] for c in ("AMT", "RATE", "DUR"))
-    length = np.where(rate > 0, amt / np.where(rate > 0, rate, 1.0), dur)
+    length = _dose_lengths(model, table, at)
     ends = times + length + POST_INFUSION_HOURS / HOURS_PER_DAY
     out = []
     measured = np.flatnonzero((table["EVID"].to_numpy() == 0) & (table["MDV"].to_numpy() == 0))
@@ -1032,7 +1051,7 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
     refuse += history.said.refuse
     caution += history.said.caution
     caution += covariates_outside_range(model, history.table)
-    caution += _sample_timing(history)
+    caution += _sample_timing(model, history)
     caution += _dose_per_kg(model, history)
     status = "refused" if refuse else "caution" if caution else "ok"
     return status, refuse + caution, Checks(worst, eta_sd, shrinkage, ess)

@@ -177,9 +177,10 @@ class BayesianDosing:
     mode away from the one it was in keeps to the first. Measured 2026-11-28
     (benchmarks/README.md): with ``fasanmade2011`` the decisions were the same at all
     25,607 visits of 2,800 Kang children (with and without antibody formation); with
-    ``xu2012`` (four ETAs, children below its weight range) one child of 200 stayed in a
-    shallower mode from its third visit on (500 mg every 4 weeks where three starts gave
-    600 mg), 9 of 1,867 visits.
+    ``xu2012`` (four ETAs, children below its weight range) two children of 200 stayed in
+    a shallower mode, one from its third visit on, one at one visit (500 mg every 4 weeks
+    where three starts gave 600 mg), 9 of 1,867 visits. The option applies where every
+    child of a visit is handled at once (no ``n_draws``, no ``options``).
     """
 
     model: PopulationModel
@@ -188,6 +189,12 @@ class BayesianDosing:
     options: Mapping[str, Any] = field(default_factory=dict)
     warm_start: bool = False
     needs_records: ClassVar[bool] = True  # the trial builds Visit.records for this policy
+
+    def __post_init__(self) -> None:
+        if self.warm_start and (self.n_draws or self.options):
+            raise ValueError("`warm_start` applies where every child is fitted at once: "
+                             "not with `n_draws` or `options` (each child then goes "
+                             "through recommend_regimen)")
 
     def __call__(self, visit: Visit) -> Decision:
         if self.n_draws == 0 and not self.options and visit.doses is not None \
@@ -597,7 +604,7 @@ def _run_arm(model: PopulationModel, policy: Policy, cohort: pd.DataFrame, rng_s
         new_interval = interval.copy()
         new_interval[act] = decision.interval_weeks
         for j, i in enumerate(act):
-            rows.append((int(cohort["ID"].iloc[i]), visit, next_day[i], next_day[i] / WEEK,
+            rows.append((cohort["ID"].iloc[i], visit, next_day[i], next_day[i] / WEEK,
                          true[i], noisy[i], given[i], new_interval[i]))
         dose_day = np.concatenate([dose_day, next_day[:, None]], axis=1)
         dose_mg = np.concatenate([dose_mg, given[:, None]], axis=1)

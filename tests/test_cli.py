@@ -226,6 +226,8 @@ def test_trial_command_warm_start_reaches_the_bayesian_arm(capsys, monkeypatch):
         assert main(args + flags) == 0
         assert json.loads(capsys.readouterr().out)["warm_start"] is expected
         assert made.pop() is expected
+    assert main(["trial", "--n", "3", "--arms", "label", "--warm-start"]) == 2
+    assert "applies to the bayesian arm" in capsys.readouterr().err
 
 
 def test_trial_command_on_worker_processes_gives_the_same_numbers(capsys):

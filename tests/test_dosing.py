@@ -506,6 +506,28 @@ def test_sample_during_an_infusion_is_a_caution():
     assert rec.status in ("caution", "refused")
 
 
+@pytest.mark.parametrize("rate, hours, inside", [(-2.0, 2.0, True), (-2.0, 0.5, False),
+                                                  (-1.0, 2.0, True), (-1.0, 0.5, False)])
+def test_a_modelled_infusion_s_length_times_the_samples(rate, hours, inside):
+    """A sample 2.5 h after a dose starts is inside (or within 1 h of the end of) an
+    infusion whose length the model gives (RATE -2: D1; RATE -1: AMT / R1) when that
+    lasts 2 h, not when it lasts half an hour."""
+    import sympy as sp
+
+    history = child((1.1, 0.8))
+    dose_row = history.index[(history["EVID"] == 1) & (history["TIME"] == 98.0)][0]
+    after = history.loc[[dose_row]].assign(TIME=98.0 + 2.5 / 24, EVID=0, AMT=0.0,
+                                           RATE=0.0, MDV=0, DV=40.0)
+    history = pd.concat([history.loc[:dose_row], after, history.loc[dose_row + 1:]],
+                        ignore_index=True)
+    history["RATE"] = np.where(history["EVID"] == 1, rate, 0.0)
+    days = sp.Float(hours) / 24
+    model = dataclasses.replace(MODEL, parameters={**MODEL.parameters, "D1": days,
+                                                   "R1": sp.Float(140.0) / days})
+    rec = recommend_regimen(model, history, 6.0, n_draws=0, accept_outliers=True)
+    assert any("day 98.1042 lies inside an infusion" in r for r in rec.reasons) is inside
+
+
 def test_uninformative_data_and_extrapolation_are_cautions():
     """A single very early sample says little about clearance (shrinkage) and a weight
     outside xu2012's 35-110 kg is an extrapolation."""

@@ -219,8 +219,12 @@ def test_warm_start_falls_back_to_three_starts_where_the_last_fit_is_unusable(mo
     same decisions and modes as three starts give."""
     from pkmodel import trial
 
+    def cohort(n, seed):  # IDs as text, in no sorted order
+        return kang_cohort(n, seed=seed).assign(ID=["k", "b", "x", "a", "m", "c"][:n])
+
     spy = Recording(BayesianDosing(MODEL))
-    run_trial(MODEL, {"bayes": spy}, n=6, seed=21)
+    result = run_trial(MODEL, {"bayes": spy}, n=6, seed=21, cohort=cohort)
+    assert set(result.visits["ID"]) == set(result.patients["ID"]) == set("kbxamc")
     visit, decision = spy.seen[2]
     fits = decision.memo.reset_index(drop=True)
     names = [c for c in fits.columns if c.startswith(("ETA_", "KAPPA_"))]
@@ -244,11 +248,18 @@ def test_warm_start_falls_back_to_three_starts_where_the_last_fit_is_unusable(mo
     assert calls == [(1, [ids[1], ids[3], ids[4], ids[5]]), (3, [ids[0], ids[2], ids[4]])]
     np.testing.assert_allclose(warm.memo[names].to_numpy(), fits[names].to_numpy(),
                                atol=1e-5)
-    assert warm.memo["ID"].tolist() == fits["ID"].tolist()
+    assert warm.memo["ID"].tolist() == fits["ID"].tolist() == list("kbxamc")
     np.testing.assert_array_equal(warm.dose_mg, decision.dose_mg)
     np.testing.assert_array_equal(warm.interval_weeks, decision.interval_weeks)
     assert warm.memo["ITERATIONS"].iloc[1] > 3  # started far off
     assert (warm.memo["ITERATIONS"].iloc[[3, 5]] <= 1).all()  # started at their modes
+
+
+def test_warm_start_is_refused_where_children_are_fitted_one_by_one():
+    with pytest.raises(ValueError, match="warm_start"):
+        BayesianDosing(MODEL, n_draws=100, warm_start=True)
+    with pytest.raises(ValueError, match="warm_start"):
+        BayesianDosing(MODEL, options={"vial_mg": 50.0}, warm_start=True)
 
 
 def test_trial_result_serialises_and_runs_on_a_process_pool():

@@ -91,6 +91,11 @@ class Target:
             raise ValueError("a trough is taken just before the next dose: give no `time`")
 
 
+_MODELLED_RATE = (": a new dose's length would depend on its amount, which answers built "
+                  "from a 1-unit dose scaled by linearity cannot follow; give the new "
+                  "doses' length, NewDoses(duration=...), or a modelled duration (RATE -2)")
+
+
 @dataclass(frozen=True)
 class NewDoses:
     """The regimen to start: every ``interval`` from ``start``.
@@ -109,9 +114,11 @@ class NewDoses:
     count : int, optional
         Number of new doses. Default: as many as start within the horizon (and, for a
         concentration or an AUC, enough to cover its time).
-    rate : {-1, -2}, optional
-        A modelled rate (-1) or duration (-2, the model's D parameter), as NONMEM's RATE.
-        Default: as the last dose into the same compartment, when that was modelled.
+    rate : {-2}, optional
+        A modelled duration (-2, the model's D parameter), as NONMEM's RATE. Default: as
+        the last dose into the same compartment, when that was modelled. A modelled rate
+        (-1) is refused: a dose's length would then depend on its amount, which answers
+        built from a 1-unit dose scaled by linearity cannot follow (give ``duration``).
     """
 
     interval: float
@@ -124,9 +131,9 @@ class NewDoses:
     def __post_init__(self) -> None:
         if self.count is not None and (int(self.count) != self.count):
             raise ValueError(f"`count` must be a whole number; got {self.count!r}")
-        if self.rate is not None and self.rate not in (-1, -2):
-            raise ValueError(f"`rate` must be -1 (modelled rate) or -2 (modelled duration); "
-                             f"got {self.rate!r}")
+        if self.rate is not None and self.rate != -2:
+            raise ValueError(f"`rate` must be -2 (modelled duration); got {self.rate!r}"
+                             + (_MODELLED_RATE if self.rate == -1 else ""))
         if not (np.isfinite(self.interval) and self.interval > 0):
             raise ValueError(f"`interval` must be a positive time; got {self.interval!r}")
         if self.duration is not None and not (np.isfinite(self.duration)
@@ -243,8 +250,10 @@ def _resolve(model: PopulationModel, patient: _Patient, doses: NewDoses,
         cmt = int(same["CMT"].iloc[-1]) or 1
     same = same[same["CMT"].replace(0, 1) == cmt]
     last = same.iloc[-1] if not same.empty else None
-    if rate is None and duration is None and last is not None and last["RATE"] < 0:
-        rate = float(last["RATE"])  # modelled rate or duration, as before
+    if rate is None and duration is None and last is not None and last["RATE"] == -1:
+        raise ValueError("the last dose's rate is modelled (RATE -1)" + _MODELLED_RATE)
+    if rate is None and duration is None and last is not None and last["RATE"] == -2:
+        rate = -2.0  # modelled duration, as before
     if duration is None:
         duration = 0.0 if last is None or rate is not None else (
             float(last["AMT"] / last["RATE"]) if last["RATE"] > 0 else float(last["DUR"]))
@@ -379,7 +388,7 @@ def _plan(target: Target, patient: _Patient, doses: NewDoses) -> _Plan:
     after = target.time
     if after is None:  # peak: the end of the infusion
         if doses.rate is not None:
-            raise ValueError("the infusion's length is modelled (RATE -1 or -2): give the "
+            raise ValueError("the infusion's length is modelled (RATE -2): give the "
                              "peak's time, Target('peak', value, time=...)")
         if not doses.duration:
             raise ValueError("a peak after a bolus or an absorbed dose needs Target(time=...)")

@@ -296,6 +296,25 @@ def test_modelled_duration_history_gives_modelled_new_doses():
                         eta=TYPICAL)
 
 
+def test_a_modelled_rate_is_refused_unless_the_length_is_given():
+    """RATE -1 makes a dose's length its amount over R1: not linear in the dose, so the
+    answers (a 1-unit dose scaled) would be wrong; refused, and an explicit length gives
+    the answer of the same doses given by RATE."""
+    model = one_compartment(R1=sp.Float(500.0))  # mg/h: 1000 mg over 2 h
+    history = pd.DataFrame({"ID": 1, "TIME": [0.0, 24.0], "AMT": [1000.0, 0.0],
+                            "RATE": [-1.0, 0.0], "EVID": [1, 2]})
+    target = Target("trough", 5.0, steady_state=True)
+    with pytest.raises(ValueError, match=r"RATE -1.*depend on its amount"):
+        dose_for_target(model, history, target, NewDoses(24.0, start=24.0), eta=TYPICAL)
+    with pytest.raises(ValueError, match="depend on its amount"):
+        NewDoses(24.0, rate=-1)
+    given = dose_for_target(model, history, target, NewDoses(24.0, start=24.0, duration=2.0),
+                            eta=TYPICAL)
+    by_rate = dose_for_target(model, history.assign(RATE=[500.0, 0.0]), target,
+                              NewDoses(24.0, start=24.0), eta=TYPICAL)
+    assert given.dose == pytest.approx(by_rate.dose, rel=1e-12)
+
+
 def test_an_explicit_count_is_kept():
     """One new dose only (count=1): the concentration 30 h after it owes nothing to later
     doses; D = (5 - C_history(54)) / C_unit(30) for 0.5-h infusions."""

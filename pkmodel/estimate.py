@@ -350,7 +350,10 @@ class _Objective:
         """Central concentrations (mg/L) at the observations: ``(A, M, K)`` for ``eta``
         ``(A, M, p)`` of IDs ``ids (A,)``."""
         p, model = self.p, self.p.model
-        a_count, m_count, _ = eta.shape
+        a_count, m_count, n_par = eta.shape
+        if a_count > 1 and (ids == ids[0]).all():  # one ID's starts: one profile for all
+            return self.predictions(eta.reshape(1, a_count * m_count, n_par),
+                                    ids[:1]).reshape(a_count, m_count, -1)
         rows, position, events = self._select(ids)
         n_eta = len(model.eta_names)
         eta_rows = np.swapaxes(eta[position, :, :n_eta], 0, 1)  # (M, n, n_eta)

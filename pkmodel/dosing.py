@@ -337,7 +337,7 @@ class _History:
     current_dose_mg: float
     current_interval_days: float
     dose_days: float  # infusion length of new doses (day); 0 for a bolus or a modelled one
-    modelled: float  # RATE of new doses when their length is the model's (-2), else 0
+    modelled: float  # the last dose's RATE where its length is the model's (-1, -2), else 0
     dose_cmt: float
     next_dose_day: float
     origin: pd.Timestamp | None
@@ -446,7 +446,7 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
             said.notes.append(str(note))
     at_visit = table[table["TIME"] <= due + _TOL].iloc[-1]
     return _History(table, float(at_visit["WT"]), float(last["AMT"]), interval, dose_days,
-                    -2.0 if last["RATE"] == -2 else 0.0,
+                    float(last["RATE"]) if last["RATE"] in (-1, -2) else 0.0,
                     float(last["CMT"]), due, origin, said)
 
 
@@ -608,8 +608,10 @@ def _unit_responses(model: PopulationModel, history: _History, eta: np.ndarray,
     last = history.table.iloc[-1]
     cov = {c: np.array([float(last[c])]) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])  # (M, 1) each
-    # a modelled duration (RATE -2) stays the model's: new doses are linear in their amount
-    rate = history.modelled or (1.0 / history.dose_days if history.dose_days > 0 else 0.0)
+    # A modelled duration (RATE -2) stays the model's: new doses are linear in their amount.
+    # A modelled rate (RATE -1) is not (its length grows with the dose): boluses, cautioned.
+    rate = (-2.0 if history.modelled == -2
+            else 1.0 / history.dose_days if history.dose_days > 0 else 0.0)
 
     def dose_then_samples(times: np.ndarray, ii: np.ndarray) -> Events:
         """A unit dose at 0 (every ``ii (B,)`` days at steady state where > 0), then
@@ -630,6 +632,15 @@ def _unit_responses(model: PopulationModel, history: _History, eta: np.ndarray,
         model, dose_then_samples(intervals_days[:, None], intervals_days), params,
         at=np.ones((intervals_days.size, 1), dtype=int))
     return unit, steady[:, :, 0].T
+
+
+def _linear_in_dose(history: _History) -> None:
+    """Raise where the exact answers' linearity in the dose fails: the last dose's rate is
+    modelled (RATE -1), so a dose's length would grow with it."""
+    if history.modelled == -1:
+        raise ValueError("the last dose's rate is modelled (RATE -1): a new dose's length "
+                         "would depend on its amount, which this answer, a 1-mg dose "
+                         "scaled by linearity, cannot follow; give the doses' RATE or DUR")
 
 
 def _same_history(lead_model: PopulationModel, lead: _History, model: PopulationModel,
@@ -1459,7 +1470,9 @@ def dose_for_target_trough(
     By linearity, each trough is ``C_history + D * C_unit``: a draw reaches the target at
     every trough when ``D`` is at least the largest ``(target - C_history) / C_unit`` over
     its troughs; the dose is that value at the MAP, or, with ``probability``, the smallest
-    dose that a share ``probability`` of the draws reach at every trough.
+    dose that a share ``probability`` of the draws reach at every trough. New doses are
+    given like the last one; a ValueError where its rate is modelled (RATE -1: the
+    length would grow with the dose, and linearity fail).
 
     Examples
     --------
@@ -1474,6 +1487,7 @@ def dose_for_target_trough(
     _check(target, probability)
     history = _history(model, data, next_dose_day=next_dose_day,
                        current_interval_weeks=current_interval_weeks)
+    _linear_in_dose(history)
     eta, _, _ = _draws(model, history, n_draws if probability is not None else 0, seed, 0.0)
     forecast = _forecast(model, history, eta, np.array([interval_weeks * DAYS_PER_WEEK]),
                          horizon_weeks * DAYS_PER_WEEK)
@@ -1500,13 +1514,16 @@ def interval_for_target_trough(
 ) -> float | None:
     """The longest interval (whole days, 7 to 84) keeping every trough at the target.
 
-    Returns None when even every 7 days is not enough.
+    Returns None when even every 7 days is not enough. New doses of ``dose_mg`` are given
+    like the last one; a ValueError where its rate is modelled (RATE -1), as for
+    :func:`dose_for_target_trough`.
     """
     _check(target, probability)
     if not dose_mg > 0:
         raise ValueError(f"`dose_mg` must be positive; got {dose_mg!r}")
     history = _history(model, data, next_dose_day=next_dose_day,
                        current_interval_weeks=current_interval_weeks)
+    _linear_in_dose(history)
     eta, _, _ = _draws(model, history, n_draws if probability is not None else 0, seed, 0.0)
     days = np.arange(7.0, 85.0)
     forecast = _forecast(model, history, eta, days, horizon_weeks * DAYS_PER_WEEK)

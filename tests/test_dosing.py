@@ -377,10 +377,15 @@ def test_a_modelled_infusion_length_is_kept_for_new_doses():
     pd.testing.assert_frame_equal(modelled.options, given.options, rtol=1e-12)
     pd.testing.assert_frame_equal(modelled.troughs, given.troughs, rtol=1e-12)
     assert modelled.status == given.status
-    by_rate = recommend_regimen(model, history.assign(
-        RATE=np.where(history["EVID"] == 1, -1.0, 0.0)), 6.0, n_draws=0)
-    assert by_rate.status == "caution"
-    assert any("modelled (RATE -1)" in r for r in by_rate.reasons)
+    by_rate = history.assign(RATE=np.where(history["EVID"] == 1, -1.0, 0.0))
+    rec = recommend_regimen(model, by_rate, 6.0, n_draws=0)
+    assert rec.status == "caution"
+    assert any("modelled (RATE -1)" in r for r in rec.reasons)
+    # the exact answers rest on linearity in the dose: refused, with the reason
+    with pytest.raises(ValueError, match=r"RATE -1.*depend on its amount"):
+        dose_for_target_trough(model, by_rate, 6.0)
+    with pytest.raises(ValueError, match=r"RATE -1.*depend on its amount"):
+        interval_for_target_trough(model, by_rate, 6.0, dose_mg=300.0)
 
 
 def test_dose_only_and_interval_only_are_changes_never_the_current_regimen():

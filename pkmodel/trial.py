@@ -9,10 +9,10 @@ trough is measured.
 
 A policy is any callable taking a :class:`Visit` (arrays over the arm's patients) and
 returning a :class:`Decision` (with, if it likes, a memo it gets back at the next visit);
-three are provided: :class:`LabelDosing`,
-:class:`KangProactive` and :class:`BayesianDosing`. Replicate trials can run on any
-``concurrent.futures``-style executor (for example a Dask ``Client.get_executor()``); the
-numbers do not depend on where they run.
+three are provided: :class:`LabelDosing`, :class:`KangProactive` and
+:class:`BayesianDosing`. Replicate trials can run on any ``concurrent.futures``-style
+executor (for example a Dask ``Client.get_executor()``); the numbers do not depend on
+where they run.
 """
 
 from __future__ import annotations

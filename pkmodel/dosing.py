@@ -49,7 +49,7 @@ from pkmodel.data import (
     plain_json,
     validate,
 )
-from pkmodel.engine import Events
+from pkmodel.engine import Events, dose_response, is_dose_modifier
 from pkmodel.errors import CovariateWarning, DatasetError, PKModelError, PlausibilityWarning
 from pkmodel.estimate import (
     PLAUSIBLE_SD,
@@ -608,6 +608,14 @@ def _unit_responses(model: PopulationModel, history: _History, eta: np.ndarray,
     last = history.table.iloc[-1]
     cov = {c: np.array([float(last[c])]) for c in model.covariate_names}
     params = evaluate_parameters(model, cov, eta[:, None, :])  # (M, 1) each
+    if (not any(is_dose_modifier(k) for k in params) and history.modelled == 0
+            and history.dose_days <= intervals_days.min()):
+        # Closed forms, without records: no F, lag or modelled length to apply.
+        single, steady = dose_response(model.structure, params, cmt=int(history.dose_cmt),
+                                       duration=history.dose_days, times=after,
+                                       intervals=intervals_days)
+        volume = params["V1"].reshape(-1, 1)
+        return single / volume, steady / volume
     # A modelled duration (RATE -2) stays the model's: new doses are linear in their amount.
     # A modelled rate (RATE -1) is not (its length grows with the dose): boluses, cautioned.
     rate = (-2.0 if history.modelled == -2

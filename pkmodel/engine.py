@@ -67,7 +67,9 @@ __all__ = [
     "Structure",
     "at_rows",
     "central_amounts",
+    "dose_response",
     "expand_records",
+    "is_dose_modifier",
     "solve",
     "stack_events",
 ]
@@ -520,8 +522,14 @@ class _Input:
     ghost: bool = False  # a past steady-state dose, already counted up to its record
 
 
-def _is_modifier(name: str) -> bool:
-    """Whether ``name`` is a per-compartment dose modifier such as F1 or ALAG2."""
+def is_dose_modifier(name: str) -> bool:
+    """Whether ``name`` is a per-compartment dose modifier such as F1 or ALAG2.
+
+    Examples
+    --------
+    >>> is_dose_modifier("ALAG2"), is_dose_modifier("F1"), is_dose_modifier("FAST")
+    (True, True, False)
+    """
     return any(name.startswith(m) and name[len(m):].isdigit() for m in DOSE_MODIFIERS)
 
 
@@ -613,7 +621,7 @@ def solve(
     # Doses are set up once per event profile when the sets sharing a profile share
     # their dose modifiers too (the common case), else once per set.
     ev = {name: np.asarray(getattr(events, name)) for name in _RECORD_FIELDS}
-    modifiers = {k: v for k, v in arrays.items() if _is_modifier(k)}
+    modifiers = {k: v for k, v in arrays.items() if is_dose_modifier(k)}
     grouped = {k: v.reshape(b_events, repeats, n_rec) for k, v in modifiers.items()}
     if not modifiers:
         inputs, ss_specs, reset, schedule = _plain_inputs(structure, events, ev, repeats)
@@ -894,7 +902,7 @@ def central_amounts(
     b_events, n_rec = events.shape
     arrays = {k: np.asarray(v, dtype=float) for k, v in params.items()}
     evid = np.asarray(events.evid)
-    simple = (not any(_is_modifier(k) for k in arrays) and _superposable_ss(structure, events)
+    simple = (not any(is_dose_modifier(k) for k in arrays) and _superposable_ss(structure, events)
               and not np.any(evid >= 3) and not np.any(np.asarray(events.rate) < 0)
               and all(k in arrays for k in names))
     if simple:
@@ -919,6 +927,88 @@ def central_amounts(
     every = np.broadcast_to(np.arange(n_rec), (b_events, n_rec))
     return _superpose(structure, events, modes, n_sets, before_events,
                       every if at is None else np.asarray(at))
+
+
+def dose_response(
+    structure: Structure,
+    params: Mapping[str, np.ndarray],
+    *,
+    cmt: int,
+    duration: float,
+    times: np.ndarray,
+    intervals: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The central amount (mg) per mg of one dose, for ``S`` sets of constant parameters:
+    ``times`` after a single dose, ``(S, T)``, and one interval after a dose at steady
+    state of doses every interval, ``(S, I)``: the trough of that regimen.
+
+    The dose is a bolus (``duration`` 0) or a zero-order infusion over ``duration`` days
+    into compartment ``cmt`` (NONMEM numbering), without dose modifiers (F, ALAG, R, D:
+    give the amount and duration they imply). Closed forms: the state when the dose ends,
+    ``Phi(d) r``, decays as ``E(t - d)``; the steady-state trough is
+    ``E(tau - d) (I - E(tau))^-1`` of it (each ``tau >= duration``). One
+    decomposition per set, no records: the questions of a forecast (what a new dose adds,
+    what its steady state gives) for thousands of posterior draws at once.
+
+    Parameters
+    ----------
+    structure : Structure
+    params : mapping of str to array_like
+        The structural parameters of ``structure.parameter_names``, one value per set
+        (shape ``(S,)`` or ``(S, 1)``).
+    cmt : int
+        Dose compartment (1-based; the depot is 1 in a model with one; 0 means 1, as in
+        records).
+    duration : float
+        Infusion length (days), 0 for a bolus.
+    times : array_like
+        Days after the dose (>= 0), ``(T,)``.
+    intervals : array_like
+        Dosing intervals (days, each >= ``duration`` and > 0), ``(I,)``.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(S, T)`` and ``(S, I)`` central amounts per mg of dose.
+
+    Examples
+    --------
+    A 1-mg bolus into 10 L cleared at 1 L/day, once and every 7 days:
+
+    >>> single, steady = dose_response(Structure(1), {"CL": [1.0], "V1": [10.0]}, cmt=1,
+    ...                                duration=0.0, times=[7.0], intervals=[7.0])
+    >>> round(float(single[0, 0]), 6), round(float(steady[0, 0]), 6)
+    (0.496585, 0.986434)
+    """
+    names = structure.parameter_names
+    arrays = {k: np.asarray(params[k], dtype=float).reshape(-1) for k in names}
+    n_sets = max(a.size for a in arrays.values())
+    arrays = {k: np.broadcast_to(a, (n_sets,)) for k, a in arrays.items()}
+    t = np.asarray(times, dtype=float).reshape(-1)
+    tau = np.asarray(intervals, dtype=float).reshape(-1)
+    cmt = cmt or 1
+    if not 1 <= cmt <= structure.n_states:
+        raise ValueError(f"`cmt` must be 1 to {structure.n_states}; got {cmt}")
+    if duration < 0 or np.any(t < 0) or np.any(tau <= 0) or np.any(tau < duration):
+        raise ValueError("need duration >= 0, times >= 0 and intervals > 0, >= duration")
+    modes = _decompose(structure.n_compartments, arrays, structure.depot)
+    unit = np.zeros((n_sets, structure.n_states))
+    unit[:, cmt - 1] = 1.0
+    span = np.full(n_sets, float(duration))
+    end = _infuse(modes, span, unit / duration) if duration > 0 else unit
+    central = structure.central_cmt - 1
+    single = np.empty((n_sets, t.size))
+    ended = t >= duration
+    single[:, ended] = _decay(modes, np.broadcast_to(t[ended] - duration,
+                                                     (n_sets, int(ended.sum()))),
+                              end)[..., central]
+    for k in np.flatnonzero(~ended):  # during the infusion
+        single[:, k] = _infuse(modes, np.full(n_sets, t[k]), unit / duration)[:, central]
+    each = np.repeat(np.arange(n_sets), tau.size)
+    every = modes.gather(each)
+    tau_each = np.tile(tau, n_sets)
+    steady = _propagate(every, tau_each - duration, _geometric(every, tau_each, end[each]))
+    return single, steady[:, central].reshape(n_sets, tau.size)
 
 
 #: Elements (sets x doses x records x modes) superposed in one vectorised step.
@@ -1136,7 +1226,7 @@ def _build_inputs(
     cmt = np.where(ev["cmt"][:, columns] == 0, 1, ev["cmt"][:, columns]).astype(int)
     amt, ss, ii = ev["amt"][:, columns], ev["ss"][:, columns], ev["ii"][:, columns]
     rate_col, dur_col = ev["rate"][:, columns], ev["dur"][:, columns]
-    modifiers = {k: v[:, columns] for k, v in params.items() if _is_modifier(k)}
+    modifiers = {k: v[:, columns] for k, v in params.items() if is_dose_modifier(k)}
     constant = dose & (ss == 1) & (amt == 0) & (rate_col > 0)
 
     f = _modifier(modifiers, "F", cmt, 1.0)

@@ -831,12 +831,21 @@ class MAPEstimate(JsonDocument):
 
     def etc(self, id: Any) -> np.ndarray:
         """ETC of one ID: the posterior covariance of its ETAs (Laplace), ``(p, p)``."""
-        row = self.individuals.loc[id]
+        position = self.individuals.index.get_loc(id)
+        return self._etc_rows(self.individuals.iloc[position:position + 1])[0]
+
+    def etcs(self) -> np.ndarray:
+        """ETC of every ID, in the order of ``individuals``: ``(IDs, p, p)``."""
+        return self._etc_rows(self.individuals)
+
+    def _etc_rows(self, rows: pd.DataFrame) -> np.ndarray:
         n = len(self.names)
-        out = np.empty((n, n))
-        for i in range(n):
-            for j in range(i + 1):
-                out[i, j] = out[j, i] = row[f"ETC_{i + 1}_{j + 1}"]
+        lower = np.tril_indices(n)
+        names = [f"ETC_{i + 1}_{j + 1}" for i, j in zip(*lower)]
+        out = np.empty((len(rows), n, n))
+        values = float_columns(rows, names)
+        out[:, lower[0], lower[1]] = values
+        out[:, lower[1], lower[0]] = values
         return out
 
     def summary(self, posterior: PosteriorSample | None = None,
@@ -1541,7 +1550,7 @@ def sample_posterior(
     all_ids = np.arange(b_count)
     names = problem.names
     mode = float_columns(fit.individuals, names)
-    etcs = np.stack([fit.etc(i) for i in fit.individuals.index])
+    etcs = fit.etcs()
     # An ID without a usable mode or ETC gets NaN draws and SUCCESS False; the others run.
     usable = np.isfinite(etcs).all(axis=(1, 2)) & np.isfinite(mode).all(axis=1)
     mode = np.where(usable[:, None], mode, 0.0)

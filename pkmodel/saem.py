@@ -660,7 +660,7 @@ def importance_sampling(model: PopulationModel, data: pd.DataFrame, *, samples: 
     if mean is None or covariance is None:
         fit = estimate_map(model, table, covariates=covariates, starts=1)
         mean = fit.individuals[list(model.eta_names)].to_numpy(dtype=float)
-        covariance = np.stack([fit.etc(i) for i in fit.individuals.index])
+        covariance = fit.etcs()
     mean, covariance = np.asarray(mean, dtype=float), np.asarray(covariance, dtype=float)
     if mean.shape != (n_ids, n_eta) or covariance.shape != (n_ids, n_eta, n_eta):
         raise ValueError(f"`mean` must be ({n_ids}, {n_eta}) and `covariance` ({n_ids}, "

@@ -360,6 +360,23 @@ def test_new_doses_go_where_the_history_s_doses_went():
     assert central.recommended == alone.recommended is not None
 
 
+def test_closed_form_forecast_equals_the_records_forecast():
+    """New doses' responses come from closed forms (engine.dose_response) where no dose
+    modifier applies, else from solved records: the same model with F1 = 1 (records) gives
+    the same options and troughs, draws included, to 1e-10; for a bolus history too."""
+    import sympy as sp
+
+    with_f = dataclasses.replace(MODEL, parameters={**MODEL.parameters, "F1": sp.Float(1)})
+    for history in (child(), child().assign(RATE=0.0)):
+        closed = recommend_regimen(MODEL, history, 6.0, n_draws=200)
+        records = recommend_regimen(with_f, history, 6.0, n_draws=200)
+        pd.testing.assert_frame_equal(closed.options, records.options, rtol=1e-10)
+        pd.testing.assert_frame_equal(closed.troughs, records.troughs, rtol=1e-10)
+        assert closed.recommended is not None
+        assert dataclasses.asdict(closed.recommended) == pytest.approx(
+            dataclasses.asdict(records.recommended), rel=1e-10)
+
+
 def test_a_modelled_infusion_length_is_kept_for_new_doses():
     """Doses given with RATE -2 under a model whose D1 is 2 h forecast exactly as 2-h
     infusions given by RATE: new doses keep the modelled length (they were boluses). A

@@ -165,6 +165,51 @@ def test_steady_state_is_the_limit_of_repeated_doses(n_cmt, depot, data):
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("n_cmt,depot", STRUCTURES)
+@given(data=st.data())
+def test_dose_response_matches_ode_and_steady_state_records(n_cmt, depot, data):
+    """engine.dose_response (no records): one dose's central amount at times during and
+    after it == solve_ivp (rtol 1e-12) to 1e-8; its steady-state troughs == an SS=1 dose
+    record solved one interval on, to 1e-10; for two parameter sets at once."""
+    structure = Structure(n_cmt, depot)
+    sets = [data.draw(pk_params(n_cmt, depot)) for _ in range(2)]
+    cmt = data.draw(st.integers(1, structure.n_states))
+    duration = data.draw(st.one_of(st.just(0.0), st.floats(0.05, 3.0)))
+    times = np.array([0.0, 0.5 * duration, duration, 1.3, 4.0, 17.5, 60.0])
+    intervals = np.array([max(duration, 0.5), 3.0, 14.0]) + 0.25
+    params = {k: np.array([p[k] for p in sets]) for k in sets[0]}
+    single, steady = engine.dose_response(structure, params, cmt=cmt, duration=duration,
+                                          times=times, intervals=intervals)
+    central = structure.central_cmt - 1
+    for s, p in enumerate(sets):
+        ref = ode_amounts([(0.0, p)], [Dose(0.0, cmt, 1.0, duration)], times,
+                          n_cmt=n_cmt, depot=depot)[:, central]
+        assert_close_where_relevant(single[s], ref, 1.0)
+        for i, tau in enumerate(intervals):
+            ev = expand_records([0.0, tau], [1, 0], [1.0, 0.0],
+                                rate=[1.0 / duration if duration else 0.0, 0.0],
+                                ii=[tau, 0.0], ss=[1, 0], cmt=[cmt, 0])
+            want = solve(structure, ev, p)[0, 1, central]
+            assert steady[s, i] == pytest.approx(want, rel=1e-10, abs=1e-14)
+
+
+def test_dose_response_refuses_what_it_cannot_answer():
+    """Intervals shorter than the infusion and compartments the model lacks are refused;
+    CMT 0 is the first compartment, as in records."""
+    params = {"CL": [1.0], "V1": [10.0]}
+    default = engine.dose_response(Structure(1), params, cmt=0, duration=0.5, times=[1.0],
+                                   intervals=[1.0])
+    first = engine.dose_response(Structure(1), params, cmt=1, duration=0.5, times=[1.0],
+                                 intervals=[1.0])
+    np.testing.assert_array_equal(np.concatenate(default), np.concatenate(first))
+    with pytest.raises(ValueError, match="intervals"):
+        engine.dose_response(Structure(1), params, cmt=1, duration=2.0, times=[1.0],
+                             intervals=[1.0])
+    with pytest.raises(ValueError, match="cmt"):
+        engine.dose_response(Structure(1), params, cmt=2, duration=0.0, times=[1.0],
+                             intervals=[1.0])
+
+
 def structure_rates(params, n_cmt, depot):
     from ode_reference import rate_matrix
 

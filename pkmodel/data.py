@@ -160,9 +160,9 @@ def _where(data: pd.DataFrame, bad: np.ndarray) -> str:
 
 
 def float_columns(table: pd.DataFrame, names: Iterable[str]) -> np.ndarray:
-    """The columns ``names`` of ``table`` as one float array ``(rows, len(names))``, taken
-    column by column: selecting several columns of a frame of mixed types first copies
-    them into a new frame (0.3-0.4 ms, where a MAP fit takes 16).
+    """The columns ``names`` of ``table`` as one float array ``(rows, len(names))``: a few
+    taken column by column (about 9 us each; selecting columns of a frame of mixed types
+    first copies them into a new frame, about 90 us), many in one selection.
 
     Examples
     --------
@@ -175,6 +175,10 @@ def float_columns(table: pd.DataFrame, names: Iterable[str]) -> np.ndarray:
     names = list(names)
     if not names:
         return np.empty((len(table), 0))
+    if len(names) > 10 and table.columns.is_unique:
+        where = table.columns.get_indexer(names)
+        if (where >= 0).all():  # a missing name raises below, as a column of its own
+            return table.iloc[:, where].to_numpy(dtype=float)
     return np.column_stack([table[name].to_numpy(dtype=float) for name in names])
 
 

@@ -1547,7 +1547,6 @@ def sample_posterior(
         problem, _ = _build_problem(model, data, covariates)
     obj = _Objective(problem)
     b_count, p = len(problem.ids), problem.n_params
-    all_ids = np.arange(b_count)
     names = problem.names
     mode = float_columns(fit.individuals, names)
     etcs = fit.etcs()
@@ -1556,67 +1555,76 @@ def sample_posterior(
     mode = np.where(usable[:, None], mode, 0.0)
     chol = np.linalg.cholesky(np.where(usable[:, None, None], etcs, np.eye(p)))
     rng = np.random.default_rng(seed)
-    frames, diags = [], []
-    if method == "importance":
-        df = 4.0
-        z = rng.standard_normal((b_count, proposals, p))
-        scale = np.sqrt(df / rng.chisquare(df, (b_count, proposals, 1)))
-        draws = mode[:, None, :] + np.einsum("bij,bmj->bmi", chol, z) * scale
-        ofv = obj.ofv(draws, all_ids)
-        # log q for a multivariate t (up to a constant common to all proposals of an ID)
-        maha = np.einsum("bmi,bmi->bm", z, z) * scale[..., 0] ** 2
-        log_q = -0.5 * (df + p) * np.log1p(maha / df)
-        log_w = -0.5 * ofv - log_q
-        usable &= np.isfinite(log_w.max(axis=1))
-        log_w = np.where(usable[:, None], log_w, 0.0)  # placeholders, replaced by NaN below
-        log_w -= log_w.max(axis=1, keepdims=True)
-        w = np.exp(log_w)
-        w /= w.sum(axis=1, keepdims=True)
-        ess = 1.0 / np.sum(w**2, axis=1)
-        for b in range(b_count):
-            pick = rng.choice(proposals, size=n, replace=True, p=w[b])
-            frames.append(_draw_frame(problem.ids[b], draws[b, pick], names))
-            diags.append({"ID": problem.ids[b], "METHOD": "importance", "ESS": ess[b],
-                          "MAX_WEIGHT": w[b].max(), "ACCEPTANCE": np.nan,
-                          "SUCCESS": bool(ess[b] >= min_ess)})
-    else:
-        warmup, thin = 500, max(1, proposals // n)
-        step = chol * (2.4 / np.sqrt(p))
-        current = mode.copy()
-        current_ofv = obj.ofv(current[:, None, :], all_ids)[:, 0]
-        chain = np.empty((b_count, n, p))
-        accepted = np.zeros(b_count)
-        total = warmup + n * thin
-        kept = 0
-        for it in range(total):
-            proposal = current + np.einsum("bij,bj->bi", step, rng.standard_normal((b_count, p)))
-            prop_ofv = obj.ofv(proposal[:, None, :], all_ids)[:, 0]
-            accept = np.log(rng.uniform(size=b_count)) < -0.5 * (prop_ofv - current_ofv)
-            current = np.where(accept[:, None], proposal, current)
-            current_ofv = np.where(accept, prop_ofv, current_ofv)
-            if it >= warmup:
-                accepted += accept
-                if (it - warmup) % thin == thin - 1 and kept < n:
-                    chain[:, kept] = current
-                    kept += 1
-        for b in range(b_count):
-            ess = _chain_ess(chain[b])
-            frames.append(_draw_frame(problem.ids[b], chain[b], names))
-            diags.append({"ID": problem.ids[b], "METHOD": "mcmc", "ESS": ess,
-                          "MAX_WEIGHT": np.nan, "ACCEPTANCE": accepted[b] / (n * thin),
-                          "SUCCESS": bool(ess >= min_ess)})
-    for b in np.flatnonzero(~usable):
-        frames[b][names] = np.nan
-        diags[b].update(ESS=0.0, SUCCESS=False)
-    return PosteriorSample(draws=pd.concat(frames, ignore_index=True),
-                           diagnostics=pd.DataFrame(diags))
+    sampler = _importance if method == "importance" else _metropolis
+    values, diagnostics = sampler(obj, mode, chol, usable, rng, n, proposals)
+    diagnostics["SUCCESS"] = usable & (diagnostics["ESS"] >= min_ess)
+    diagnostics["ESS"] = np.where(usable, diagnostics["ESS"], 0.0)
+    values[~usable] = np.nan
+    ids = np.asarray(problem.ids)
+    draws = {"ID": np.repeat(ids, n), "DRAW": np.tile(np.arange(n), b_count)}
+    draws.update({name: values[:, :, i].ravel() for i, name in enumerate(names)})
+    return PosteriorSample(draws=pd.DataFrame(draws),
+                           diagnostics=pd.DataFrame({"ID": ids, **diagnostics}))
 
 
-def _draw_frame(ident: Any, draws: np.ndarray, names: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(draws, columns=names)
-    frame.insert(0, "DRAW", np.arange(len(draws)))
-    frame.insert(0, "ID", ident)
-    return frame
+def _importance(obj: _Objective, mode: np.ndarray, chol: np.ndarray, usable: np.ndarray,
+                rng: np.random.Generator, n: int, proposals: int
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``n`` draws per ID ``(B, n, p)`` resampled from ``proposals`` multivariate-t
+    proposals weighted by the exact posterior, and their diagnostics (an ID whose weights
+    are not finite is marked in ``usable``)."""
+    b_count, p = mode.shape
+    df = 4.0
+    z = rng.standard_normal((b_count, proposals, p))
+    scale = np.sqrt(df / rng.chisquare(df, (b_count, proposals, 1)))
+    draws = mode[:, None, :] + np.einsum("bij,bmj->bmi", chol, z) * scale
+    ofv = obj.ofv(draws, np.arange(b_count))
+    # log q for a multivariate t (up to a constant common to all proposals of an ID)
+    maha = np.einsum("bmi,bmi->bm", z, z) * scale[..., 0] ** 2
+    log_q = -0.5 * (df + p) * np.log1p(maha / df)
+    log_w = -0.5 * ofv - log_q
+    usable &= np.isfinite(log_w.max(axis=1))
+    log_w = np.where(usable[:, None], log_w, 0.0)  # placeholders, replaced by NaN later
+    log_w -= log_w.max(axis=1, keepdims=True)
+    w = np.exp(log_w)
+    w /= w.sum(axis=1, keepdims=True)
+    picks = np.stack([rng.choice(proposals, size=n, replace=True, p=w[b])
+                      for b in range(b_count)])
+    return (np.take_along_axis(draws, picks[:, :, None], axis=1),
+            {"METHOD": np.full(b_count, "importance", dtype=object),
+             "ESS": 1.0 / np.sum(w**2, axis=1), "MAX_WEIGHT": w.max(axis=1),
+             "ACCEPTANCE": np.full(b_count, np.nan)})
+
+
+def _metropolis(obj: _Objective, mode: np.ndarray, chol: np.ndarray, usable: np.ndarray,
+                rng: np.random.Generator, n: int, proposals: int
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``n`` draws per ID ``(B, n, p)`` of a random-walk Metropolis chain (ETC proposal
+    covariance scaled 2.4^2 / p, 500 warm-up steps, thinned), and their diagnostics."""
+    b_count, p = mode.shape
+    all_ids = np.arange(b_count)
+    warmup, thin = 500, max(1, proposals // n)
+    step = chol * (2.4 / np.sqrt(p))
+    current = mode.copy()
+    current_ofv = obj.ofv(current[:, None, :], all_ids)[:, 0]
+    chain = np.empty((b_count, n, p))
+    accepted = np.zeros(b_count)
+    kept = 0
+    for it in range(warmup + n * thin):
+        proposal = current + np.einsum("bij,bj->bi", step, rng.standard_normal((b_count, p)))
+        prop_ofv = obj.ofv(proposal[:, None, :], all_ids)[:, 0]
+        accept = np.log(rng.uniform(size=b_count)) < -0.5 * (prop_ofv - current_ofv)
+        current = np.where(accept[:, None], proposal, current)
+        current_ofv = np.where(accept, prop_ofv, current_ofv)
+        if it >= warmup:
+            accepted += accept
+            if (it - warmup) % thin == thin - 1 and kept < n:
+                chain[:, kept] = current
+                kept += 1
+    return chain, {"METHOD": np.full(b_count, "mcmc", dtype=object),
+                   "ESS": np.array([_chain_ess(c) for c in chain]),
+                   "MAX_WEIGHT": np.full(b_count, np.nan),
+                   "ACCEPTANCE": accepted / (n * thin)}
 
 
 def _chain_ess(chain: np.ndarray) -> float:

@@ -925,13 +925,14 @@ def _clearance_eta(model: PopulationModel) -> int | None:
 def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[str]]:
     """The largest residual (in SDs) of a measured value, and a sentence per outlier or
     per ETA beyond PLAUSIBLE_SD."""
-    rec = fit.records[fit.records["OUTLIER_SD"].notna()]
+    records = fit.records
+    score = records["OUTLIER_SD"].to_numpy(float)
+    scored = ~np.isnan(score)
     sentences = _far_etas(model, fit)
-    if rec.empty:
+    if not scored.any():
         return float("nan"), sentences
-    dv, ipred = rec["DV"].to_numpy(float), rec["IPRED_OCC"].to_numpy(float)
-    pred = rec["PRED"].to_numpy(float)
-    score = rec["OUTLIER_SD"].to_numpy(float)
+    dv, ipred, pred, day, score = (records[name].to_numpy(float)[scored] for name in
+                                   ("DV", "IPRED_OCC", "PRED", "TIME", "OUTLIER_SD"))
     for i in np.flatnonzero(score > IWRES_LIMIT):
         ratio = dv[i] / ipred[i] if ipred[i] > 0 else np.inf
         typical = dv[i] / pred[i] if pred[i] > 0 else np.inf
@@ -943,7 +944,7 @@ def _implausible(model: PopulationModel, fit: MAPEstimate) -> tuple[float, list[
                  "it is far above the prediction: a unit slip, or a sample drawn during or "
                  "soon after an infusion?" if ratio > 1 else
                  "it is far below the prediction: a sample time or a dose that is wrong?")
-        sentences.append(f"the measured {dv[i]:.4g} mg/L on day {rec['TIME'].iloc[i]:g} is "
+        sentences.append(f"the measured {dv[i]:.4g} mg/L on day {day[i]:g} is "
                          f"implausible for {model.name} ({score[i]:.3g} residual SDs from "
                          f"the individual prediction {ipred[i]:.3g} mg/L): {cause}")
     return float(score.max()), sentences
@@ -1008,22 +1009,27 @@ def _dose_per_kg(model: PopulationModel, history: _History) -> list[str]:
     """Doses given far below or above the label per kg: a weight or dose in another unit."""
     label = model.label
     table = history.table
-    doses = table[((table["EVID"] == 1) | (table["EVID"] == 4)) & (table["AMT"] > 0)]
-    if label is None or doses.empty or "WT" not in table.columns:
+    if label is None or "WT" not in table.columns:
         return []
-    per_kg = doses["AMT"].to_numpy(float) / doses["WT"].to_numpy(float)
+    evid, amt = table["EVID"].to_numpy(), table["AMT"].to_numpy(float)
+    given = ((evid == 1) | (evid == 4)) & (amt > 0)
+    if not given.any():
+        return []
+    amt, weight = amt[given], table["WT"].to_numpy(float)[given]
+    day = table["TIME"].to_numpy(float)[given]
+    per_kg = amt / weight
     low, high = DOSE_PER_KG_BOUNDS
     out = []
     if per_kg.min() < low * label.dose_mg_per_kg:
         i = int(np.argmin(per_kg))
-        out.append(f"a dose given was {per_kg[i]:.2g} mg/kg ({doses['AMT'].iloc[i]:g} mg at "
-                   f"{doses['WT'].iloc[i]:g} kg on day {doses['TIME'].iloc[i]:g}), under "
+        out.append(f"a dose given was {per_kg[i]:.2g} mg/kg ({amt[i]:g} mg at "
+                   f"{weight[i]:g} kg on day {day[i]:g}), under "
                    f"{low:g} of the label's {label.dose_mg_per_kg:g} mg/kg: is the weight in "
                    "kg (not lb) and AMT the whole dose in mg?")
     if per_kg.max() > high * label.max_mg_per_kg:
         i = int(np.argmax(per_kg))
-        out.append(f"a dose given was {per_kg[i]:.3g} mg/kg ({doses['AMT'].iloc[i]:g} mg at "
-                   f"{doses['WT'].iloc[i]:g} kg on day {doses['TIME'].iloc[i]:g}), over "
+        out.append(f"a dose given was {per_kg[i]:.3g} mg/kg ({amt[i]:g} mg at "
+                   f"{weight[i]:g} kg on day {day[i]:g}), over "
                    f"{high:g} times the label's highest {label.max_mg_per_kg:g} mg/kg: are "
                    "the weight and AMT in kg and mg?")
     return out

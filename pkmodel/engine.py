@@ -643,7 +643,7 @@ def solve(
     locf = events.covariates == "locf"
     # Asked once, not at every record: whether time moves, which records reset, which
     # inputs have a bolus or a rate.
-    moving = np.concatenate([[False], (np.diff(times, axis=1) > 0).any(axis=0)])
+    moving = np.concatenate([[False], (np.diff(ev["time"], axis=1) > 0).any(axis=0)])
     resets = reset.any(axis=0)
     has_bolus = [bool(inp.bolus.any()) for inp in inputs]
     has_rate = [bool(inp.rate.any()) for inp in inputs]

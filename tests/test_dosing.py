@@ -482,7 +482,10 @@ def test_failed_fit_is_refused_even_with_plausible_residuals(monkeypatch):
 def test_trough_in_ng_per_ml_is_refused_with_the_likely_cause():
     rec = recommend_regimen(MODEL, child((1100.0, 800.0)), 6.0, n_draws=100)
     assert rec.status == "refused" and rec.recommended is None
-    assert any("ng/mL" in reason for reason in rec.reasons)
+    # the worst value named with its day and its typical prediction
+    assert any(reason.startswith("the measured 1100 mg/L on day 98 is implausible")
+               and "typical prediction (1.56 mg/L)" in reason and "ng/mL" in reason
+               for reason in rec.reasons)
 
 
 def test_mistimed_sample_is_refused_with_the_reason():

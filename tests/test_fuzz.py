@@ -156,7 +156,8 @@ def test_weight_in_pounds_is_cautioned_through_the_dose_per_kg():
     table = read_nonmem(CHILD).assign(WT=180.0)
     rec = recommend_regimen(MODEL, table, 6.0, n_draws=50)
     assert rec.status == "caution"
-    assert any("0.78 mg/kg" in r and "lb" in r for r in rec.reasons)
+    assert any("0.78 mg/kg (140 mg at 180 kg on day 0)" in r and "lb" in r
+               for r in rec.reasons)
     kg = recommend_regimen(MODEL, read_nonmem(CHILD), 6.0, n_draws=50)
     assert not any("mg/kg (" in r for r in kg.reasons)  # 5 mg/kg in kg: no such caution
 

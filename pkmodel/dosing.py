@@ -760,28 +760,37 @@ class _Grid:
     label: Any
 
     def option(self, dose: float, weeks: float) -> Option:
+        return self.options([dose], weeks)[0]
+
+    def options(self, doses: Sequence[float], weeks: float) -> list[Option]:
+        """The options of ``doses`` (mg) every ``weeks``, their troughs forecast at once."""
         i = self.index(weeks)
-        troughs = self.forecast.troughs(i, dose)
-        level = _level(troughs, self.probability)
-        draws = troughs[1:] if troughs.shape[0] > 1 else troughs
-        mg_per_kg = dose / self.weight
-        per_week = mg_per_kg / weeks
+        dose = np.asarray(doses, dtype=float)
+        troughs = (self.forecast.history[i][None] + dose[:, None, None]
+                   * self.forecast.unit[i][None])  # (doses, M, K + 1)
+        lowest = _level(np.moveaxis(troughs, 0, 1), self.probability).min(axis=-1)
+        draws = troughs[:, 1:] if troughs.shape[1] > 1 else troughs
+        pta = np.mean(np.all(draws >= self.target, axis=2), axis=1)
+        lowest_map = troughs[:, 0].min(axis=-1)
         current = self.current_dose / self.weight / self.current_weeks
-        label = self.label
-        above = below = False
-        if label is not None:
-            above = bool(mg_per_kg > label.max_mg_per_kg + _TOL
-                         or weeks < label.min_interval_weeks - _TOL)
-            below = bool(mg_per_kg < label.dose_mg_per_kg - 1e-6)
-        return Option(
-            dose_mg=float(dose), interval_weeks=float(weeks), mg_per_kg=float(mg_per_kg),
-            mg_per_kg_per_week=float(per_week),
-            change_in_drug_per_week=float(per_week / current - 1.0),
-            lowest_trough=float(level.min()), lowest_trough_map=float(troughs[0].min()),
-            pta=float(np.mean(np.all(draws >= self.target, axis=1))),
-            meets_target=bool(level.min() >= self.target),
-            above_label=above, below_label=below,
-        )
+        out = []
+        for j, d in enumerate(dose):
+            mg_per_kg = d / self.weight
+            per_week = mg_per_kg / weeks
+            above = below = False
+            if self.label is not None:
+                above = bool(mg_per_kg > self.label.max_mg_per_kg + _TOL
+                             or weeks < self.label.min_interval_weeks - _TOL)
+                below = bool(mg_per_kg < self.label.dose_mg_per_kg - 1e-6)
+            out.append(Option(
+                dose_mg=float(d), interval_weeks=float(weeks), mg_per_kg=float(mg_per_kg),
+                mg_per_kg_per_week=float(per_week),
+                change_in_drug_per_week=float(per_week / current - 1.0),
+                lowest_trough=float(lowest[j]), lowest_trough_map=float(lowest_map[j]),
+                pta=float(pta[j]), meets_target=bool(lowest[j] >= self.target),
+                above_label=above, below_label=below,
+            ))
+        return out
 
     def index(self, weeks: float) -> int:
         return int(np.argmin(np.abs(np.asarray(self.weeks) - weeks)))
@@ -840,7 +849,7 @@ def _choose(grid: _Grid, objective: str, doses: np.ndarray, candidates: list[flo
             longer: list[float], options: list[Option], current: Option) -> _Choice:
     """Apply the objective (module docstring) to the evaluated options."""
     d0, w0 = grid.current_dose, grid.current_weeks
-    at_current = [grid.option(d, w0) for d in doses]
+    at_current = grid.options(doses, w0)
     closest = max(options + at_current, key=lambda o: (o.lowest_trough,
                                                        -o.mg_per_kg_per_week))
     if current.meets_target:
@@ -1434,7 +1443,7 @@ def _recommend(members: list[tuple[PopulationModel, pd.DataFrame, float]], targe
     doses = _dose_grid(history.weight, vial_mg=settings.vial_mg,
                        step_mg_per_kg=dose_step_mg_per_kg, max_mg_per_kg=max_mg_per_kg,
                        notes=history.notes)
-    options = [grid.option(d, w) for w in settings.intervals_weeks for d in doses]
+    options = [o for w in settings.intervals_weeks for o in grid.options(doses, w)]
     current = grid.option(history.current_dose_mg, current_weeks)
     choice = _choose(grid, objective, doses, list(settings.intervals_weeks), longer, options,
                      current)

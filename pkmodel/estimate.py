@@ -1287,22 +1287,24 @@ def estimate_map(
         _derivatives(obj, eta, take, newton=n <= _NEWTON_MAX))
     etc, pd_ok = _etc(fisher, hess)
 
-    individuals = _individuals(problem, fit, best, eta, final_ofv, etc, pd_ok,
-                               starts=starts, max_iter=max_iter, tol=tol)
-    names = problem.names
+    columns = _individual_columns(problem, fit, best, eta, final_ofv, etc, pd_ok,
+                                  starts=starts, max_iter=max_iter, tol=tol)
     if not records:
-        return MAPEstimate(individuals=individuals, records=pd.DataFrame(), model=model,
-                           names=tuple(names), _problem=(problem, covariates))
-    return _with_records(model, problem, full, covariates, obj, eta, individuals)
+        return MAPEstimate(individuals=pd.DataFrame(columns, index=pd.Index(problem.ids)),
+                           records=pd.DataFrame(), model=model, names=tuple(problem.names),
+                           _problem=(problem, covariates))
+    return _with_records(model, problem, full, covariates, obj, eta, columns)
 
 
 def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
                   covariates: str, obj: _Objective, eta: np.ndarray,
-                  individuals: pd.DataFrame) -> MAPEstimate:
+                  individuals: dict[str, Any]) -> MAPEstimate:
     """The fit with its per-record table (predictions, IPRED_OCC, IWRES, OUTLIER_SD) and
-    the plausibility of each ID's fit marked."""
-    columns = prediction_columns(model, full, _full_events(problem, full, covariates),
-                                 individuals)
+    the plausibility of each ID's fit marked; ``individuals``: the columns of
+    :func:`_individual_columns` (every ID of ``full``, in order of appearance)."""
+    by_id = np.column_stack([individuals[name] for name in model.eta_names]
+                            or [np.empty((len(problem.ids), 0))])
+    columns = prediction_columns(model, full, _full_events(problem, full, covariates), by_id)
     used = (full["EVID"].to_numpy() == 0) & (full["MDV"].to_numpy() == 0)
     # The fitted prediction of each observation, with its occasion's KAPPAs (the
     # observations of the problem are those of the table, ID by ID, in file order).
@@ -1319,15 +1321,17 @@ def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
     records = with_columns(full, {**columns, "IPRED_OCC": f, "IWRES": iwres,
                                   "OUTLIER_SD": score})
     _explain_non_finite(model, individuals, records, used)
-    individuals = _with_plausibility(model, individuals, full["ID"].to_numpy(), score)
-    return MAPEstimate(individuals=individuals, records=records, model=model,
-                       names=tuple(problem.names), _problem=(problem, covariates))
+    individuals.update(_plausibility(model, individuals, full["ID"].to_numpy(), score))
+    return MAPEstimate(individuals=pd.DataFrame(individuals, index=pd.Index(problem.ids)),
+                       records=records, model=model, names=tuple(problem.names),
+                       _problem=(problem, covariates))
 
 
-def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,
-                 final_ofv: np.ndarray, etc: np.ndarray, pd_ok: np.ndarray, *, starts: int,
-                 max_iter: int, tol: float) -> pd.DataFrame:
-    """One row per ID: the ETAs, OFV, OBJ, N_OBS, SUCCESS, ITERATIONS, MESSAGE and ETC.
+def _individual_columns(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,
+                        final_ofv: np.ndarray, etc: np.ndarray, pd_ok: np.ndarray, *,
+                        starts: int, max_iter: int, tol: float) -> dict[str, Any]:
+    """Columns of one row per ID: the ETAs, OFV, OBJ, N_OBS, SUCCESS, ITERATIONS, MESSAGE
+    and ETC.
     Converged starts whose OFVs differ by more than 1e-4 (or ``tol``, where larger: a start
     converged to ``tol`` stops up to about that far above its mode) are named in MESSAGE."""
     b_count, n = len(problem.ids), problem.n_params
@@ -1365,53 +1369,56 @@ def _individuals(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray
     for i in range(n):
         for j in range(i + 1):
             columns[f"ETC_{i + 1}_{j + 1}"] = etc[:, i, j]
-    return pd.DataFrame(columns, index=pd.Index(problem.ids))
+    return columns
 
 
-def _explain_non_finite(model: PopulationModel, individuals: pd.DataFrame,
+def _explain_non_finite(model: PopulationModel, individuals: dict[str, Any],
                         records: pd.DataFrame, used: np.ndarray) -> None:
-    """Name, in MESSAGE, the measured records that make an ID's objective not finite: a
-    prediction of 0 (before any dose) that an error without additive part cannot weigh."""
+    """Name, in MESSAGE (of the columns ``individuals``), the measured records that make an
+    ID's objective not finite: a prediction of 0 (before any dose) that an error without
+    additive part cannot weigh."""
     if not (model.residual.log_scale or model.residual.sd(0.0) <= 0):
         return
     zero = used & ~(records["IPRED_OCC"].to_numpy(dtype=float) > 0)
-    for b in np.flatnonzero(~np.isfinite(individuals["OFV"].to_numpy(dtype=float))):
-        ident = individuals["ID"].iloc[b]
+    for b in np.flatnonzero(~np.isfinite(individuals["OFV"])):
+        ident = individuals["ID"][b]
         rows = records.index[zero & (records["ID"] == ident).to_numpy()]
         if len(rows):
             kind = "log-additive" if model.residual.log_scale else "proportional"
-            individuals.iloc[b, individuals.columns.get_loc("MESSAGE")] = (
+            individuals["MESSAGE"][b] = (
                 f"objective not finite: row {rows[0]} (day {records.loc[rows[0], 'TIME']:g}) "
                 f"is measured where the prediction is 0 (before the first dose?), which the "
                 f"{kind} error of {model.name} cannot weigh; set MDV=1 on it (it tells "
                 "nothing about this patient)")
 
 
-def _with_plausibility(model: PopulationModel, individuals: pd.DataFrame, ids: np.ndarray,
-                       score: np.ndarray) -> pd.DataFrame:
-    """``individuals`` with MAX_OUTLIER_SD (the largest ``score`` of each ID's records),
-    MAX_ETA_SD and PLAUSIBLE; a PlausibilityWarning naming the IDs beyond PLAUSIBLE_SD."""
+def _plausibility(model: PopulationModel, individuals: dict[str, Any], ids: np.ndarray,
+                  score: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns for ``individuals`` (ID, the ETAs: one entry per ID): MAX_OUTLIER_SD (the
+    largest ``score`` of each ID's records, ``ids`` the records' IDs), MAX_ETA_SD and
+    PLAUSIBLE; a PlausibilityWarning naming the IDs beyond PLAUSIBLE_SD."""
     row_of_id, unique_ids = pd.factorize(ids)
     worst = np.full(len(unique_ids), np.nan)
     np.fmax.at(worst, row_of_id, score)  # NaN (not measured) ignored; NaN if none is
-    where = pd.Index(unique_ids).get_indexer(individuals["ID"].to_numpy())
+    fitted = np.asarray(individuals["ID"])
+    where = pd.Index(unique_ids).get_indexer(fitted)
     max_outlier = np.where(where >= 0, worst[where], np.nan)
     sd = np.sqrt(np.diag(model.omega))
-    eta = float_columns(individuals, model.eta_names)
+    eta = np.column_stack([np.asarray(individuals[name], dtype=float)
+                           for name in model.eta_names] or [np.empty((len(fitted), 0))])
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(sd > 0, np.abs(eta) / sd, np.nan)
     with warnings.catch_warnings():  # an ID without a finite ETA: NaN, without a warning
         warnings.simplefilter("ignore", RuntimeWarning)
-        max_eta = np.nanmax(z, axis=1) if z.size else np.full(len(individuals), np.nan)
+        max_eta = np.nanmax(z, axis=1) if z.size else np.full(len(fitted), np.nan)
     beyond = (max_outlier > PLAUSIBLE_SD) | (max_eta > PLAUSIBLE_SD)
     if beyond.any():
-        ids_text = ", ".join(str(i) for i in individuals["ID"].to_numpy()[beyond][:10])
+        ids_text = ", ".join(str(i) for i in fitted[beyond][:10])
         warnings.warn(f"ID {ids_text}: a measured value or an ETA lies more than "
                       f"{PLAUSIBLE_SD:g} SDs from the model's expectation (MAX_OUTLIER_SD, "
                       "MAX_ETA_SD): a unit slip (ng/mL?), a mis-timed sample or a model "
                       "that does not fit this patient", PlausibilityWarning, stacklevel=4)
-    return with_columns(individuals, {"MAX_OUTLIER_SD": max_outlier, "MAX_ETA_SD": max_eta,
-                                      "PLAUSIBLE": ~beyond})
+    return {"MAX_OUTLIER_SD": max_outlier, "MAX_ETA_SD": max_eta, "PLAUSIBLE": ~beyond}
 
 
 def outlier_sd(model: PopulationModel, records: pd.DataFrame) -> np.ndarray:

@@ -398,12 +398,15 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
         table["LLOQ"] = np.where(measured & column.isna(), float(lloq), column)
     check_concentrations(table)
     check_covariates(model, table)
-    if table["ID"].nunique() != 1:
-        raise DatasetError(f"column 'ID': expected one patient; got {table['ID'].nunique()} "
+    patients = len(pd.unique(table["ID"].to_numpy()))
+    if patients != 1:
+        raise DatasetError(f"column 'ID': expected one patient; got {patients} "
                            "IDs (recommend for each patient separately)")
     if "WT" not in table.columns:
         raise DatasetError("column 'WT' is missing: doses are chosen per kg of body weight")
-    if not ((table["EVID"] == 1) | (table["EVID"] == 4)).any():
+    evid, time = table["EVID"].to_numpy(), table["TIME"].to_numpy(dtype=float)
+    given = (evid == 1) | (evid == 4)
+    if not given.any():
         raise DatasetError("the history has no dose (EVID 1 or 4): nothing to continue from")
     origin = _origin(table)
     said = _Notes()
@@ -414,9 +417,9 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
     if next_dose_day is not None and not np.isfinite(next_dose_day):
         raise ValueError(f"`next_dose_day` must be a finite day; got {next_dose_day!r}")
     times, rows = dose_times(table)
-    last_record = float(table["TIME"].max())
+    last_record = float(time.max())
     past = times[times < last_record] if next_dose_day is None else times[times < next_dose_day]
-    explicit = table.loc[(table["EVID"] == 1) | (table["EVID"] == 4), "TIME"].to_numpy()
+    explicit = time[given]
     past = np.unique(np.concatenate([past, explicit[explicit <= last_record]]))
     interval = _current_interval(model, past, current_interval_weeks, said,
                                  required=next_dose_day is None)
@@ -444,7 +447,7 @@ def _history(model: PopulationModel, data: pd.DataFrame, *,
     for note in table["ASSUMPTION"].dropna().unique() if "ASSUMPTION" in table else ():
         if str(note).strip():
             said.notes.append(str(note))
-    at_visit = table[table["TIME"] <= due + _TOL].iloc[-1]
+    at_visit = table.iloc[np.flatnonzero(table["TIME"].to_numpy(dtype=float) <= due + _TOL)[-1]]
     return _History(table, float(at_visit["WT"]), float(last["AMT"]), interval, dose_days,
                     float(last["RATE"]) if last["RATE"] in (-1, -2) else 0.0,
                     float(last["CMT"]), due, origin, said)
@@ -758,12 +761,20 @@ class _Grid:
     current_dose: float
     current_weeks: float
     label: Any
+    made: dict[tuple[float, float], Option] = field(default_factory=dict)  # asked before
 
     def option(self, dose: float, weeks: float) -> Option:
         return self.options([dose], weeks)[0]
 
     def options(self, doses: Sequence[float], weeks: float) -> list[Option]:
-        """The options of ``doses`` (mg) every ``weeks``, their troughs forecast at once."""
+        """The options of ``doses`` (mg) every ``weeks``, their troughs forecast at once
+        (those asked before are not forecast again)."""
+        new = [float(d) for d in doses if (float(d), float(weeks)) not in self.made]
+        if new:
+            self.made.update(((o.dose_mg, float(weeks)), o) for o in self._evaluate(new, weeks))
+        return [self.made[float(d), float(weeks)] for d in doses]
+
+    def _evaluate(self, doses: list[float], weeks: float) -> list[Option]:
         i = self.index(weeks)
         dose = np.asarray(doses, dtype=float)
         troughs = (self.forecast.history[i][None] + dose[:, None, None]
@@ -801,15 +812,14 @@ class _Grid:
         draws = troughs[1:] if troughs.shape[0] > 1 else troughs
         days = self.forecast.days[i]
         finite = np.isfinite(days)
+        p10, p50, p90 = np.quantile(draws, [0.1, 0.5, 0.9], axis=0)
         table = pd.DataFrame({
             "DAY": np.where(finite, days, np.nan),
             "WEEK": np.where(finite, days / DAYS_PER_WEEK, np.nan),
             "STEADY_STATE": ~finite,
             "MAP": troughs[0],
             "LEVEL": _level(troughs, self.probability),
-            "P10": np.quantile(draws, 0.1, axis=0),
-            "P50": np.quantile(draws, 0.5, axis=0),
-            "P90": np.quantile(draws, 0.9, axis=0),
+            "P10": p10, "P50": p50, "P90": p90,
             "PTA": np.mean(draws >= self.target, axis=0),
         })
         if origin is not None:

@@ -838,8 +838,14 @@ def test_bad_arguments_are_named(kwargs, words):
 
 def test_one_patient_at_a_time():
     two = pd.concat([child(), child().assign(ID=2)], ignore_index=True)
-    with pytest.raises(ValueError, match="one patient"):
+    with pytest.raises(ValueError, match="one patient; got 2 IDs"):
         recommend_regimen(MODEL, two)
+
+
+def test_a_history_without_a_dose_is_refused_with_the_reason():
+    samples = child()[child()["EVID"] == 0]
+    with pytest.raises(DatasetError, match=r"no dose \(EVID 1 or 4\)"):
+        recommend_regimen(MODEL, samples, n_draws=0)
 
 
 def test_an_infant_below_one_vial_is_dosed_in_mg_per_kg_steps():

@@ -65,7 +65,7 @@ from pkmodel.model import (
     eta_of,
     evaluate_parameters,
 )
-from pkmodel.predict import draw_concentrations, profile_concentrations
+from pkmodel.predict import concentrations_after, profile_concentrations
 
 __all__ = [
     "OBJECTIVES",
@@ -514,24 +514,6 @@ def _drop_implied_after(table: pd.DataFrame, times: np.ndarray, rows: np.ndarray
 # --------------------------------------------------------------------------- forecasts
 
 
-def _future_rows(history: _History, times: Any, pid: Any) -> pd.DataFrame:
-    """Sample records (EVID 0, MDV 1) after the history at ``times``, covariates carried
-    forward from the visit."""
-    time = np.asarray(times, dtype=float)
-    n = time.size
-    zeros = np.zeros(n)
-    columns: dict[str, Any] = {
-        "ID": np.full(n, pid, dtype=object), "TIME": time, "EVID": zeros, "AMT": zeros,
-        "RATE": zeros, "DUR": zeros, "II": zeros, "ADDL": zeros, "SS": zeros,
-        "MDV": np.ones(n), "CMT": zeros, "DV": np.full(n, np.nan),
-    }
-    last = history.table.iloc[-1]
-    for name in history.table.columns:
-        if name not in columns:
-            columns[name] = np.repeat(last[name], n)
-    return pd.DataFrame(columns)
-
-
 def _draws(model: PopulationModel, history: _History, n_draws: int, seed: int,
            min_ess: float) -> tuple[np.ndarray, MAPEstimate | None, PosteriorSample | None]:
     """Row 0: the MAP (or zero); then ``n_draws`` posterior (or prior) draws. A fit that
@@ -581,14 +563,9 @@ def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
     after = np.unique(np.concatenate([tau * np.arange(1, k + 1)
                                       for tau, k in zip(intervals_days, counts)]))
     all_days = np.unique(np.concatenate(trough_days))
-    pid = history.table["ID"].iloc[0]
-    base = pd.concat([history.table, _future_rows(history, all_days, pid)],
-                     ignore_index=True)
-    # The long history profile is solved apart from the short unit ones (less padding).
-    (base_conc,) = draw_concentrations(model, [base], eta)
+    base_conc = concentrations_after(model, history.table, eta, all_days)
     response, steady_conc = _unit_responses(model, history, eta, after, intervals_days)
-    n_hist = len(history.table)
-    base_conc, base_days = base_conc[:, n_hist:], base["TIME"].to_numpy()[n_hist:]
+    base_days = all_days
     hist_parts, unit_parts, day_parts = [], [], []
     for i, tau in enumerate(intervals_days):
         days = trough_days[i]
@@ -1595,10 +1572,7 @@ def time_to_trough(
     eta = np.atleast_2d(np.asarray(eta, dtype=float))
     start = float(history.table["TIME"].max())
     grid = start + np.arange(0.0, max_days + 0.01, 0.01)
-    pid = history.table["ID"].iloc[0]
-    base = pd.concat([history.table, _future_rows(history, grid, pid)],
-                     ignore_index=True)
-    conc = draw_concentrations(model, [base], eta[:1])[0][0, len(history.table):]
+    conc = concentrations_after(model, history.table, eta[:1], grid)[0]
     if conc[0] < target:
         return None
     below = np.flatnonzero(conc < target)

@@ -6,6 +6,7 @@
 * :func:`make_cohort`: covariates of virtual patients drawn from stated distributions.
 * :func:`with_samples`: records with sample rows added on a time grid (NOCB covariates).
 * :func:`draw_concentrations`: concentrations of validated tables for many ETA draws.
+* :func:`concentrations_after`: what one ID's doses leave at later days, for many draws.
 * :func:`to_events`: a validated table as the engine's events (the bridge between the
   pandas layer and the numpy engine).
 """
@@ -307,6 +308,53 @@ def draw_concentrations(model: PopulationModel, tables: list[pd.DataFrame], eta:
         values[:, events.source_row[b, keep]] = conc[b][:, keep]
     bounds = np.cumsum([0] + [t.shape[0] for t in tables])
     return [values[:, lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def concentrations_after(model: PopulationModel, table: pd.DataFrame, eta: np.ndarray,
+                         days: np.ndarray) -> np.ndarray:
+    """Concentrations (mg/L) ``(M, D)`` at ``days`` (none before the last record) of one
+    ID's validated ``table``, from its doses (additional doses it implies included), for
+    every row of ``eta (M, n_eta)`` (KAPPAs 0), the last record's covariates holding after
+    it: as if sample rows carrying them were added. The days join the engine's records of
+    ``table`` as samples, so nothing is built or evaluated per day: what a forecast asks
+    of the doses already given.
+
+    Examples
+    --------
+    >>> from pkmodel.data import infliximab_regimen, validate
+    >>> from pkmodel.models import load
+    >>> table = validate(infliximab_regimen(28.0, until_week=6,
+    ...                  covariates={"ALB": 3.3, "ATI": 0, "IMM": 1}))
+    >>> conc = concentrations_after(load("fasanmade2011"), table, np.zeros((1, 3)),
+    ...                             np.array([98.0]))
+    >>> round(float(conc[0, 0]), 3)
+    1.557
+    """
+    days = np.asarray(days, dtype=float).reshape(-1)
+    events = to_events(table, model.structure)
+    last = float(table["TIME"].to_numpy(dtype=float).max())
+    if events.shape[0] != 1 or (days.size and days.min() < last):
+        raise ValueError(f"`table` must be one ID and `days` at or after its last record "
+                         f"(day {last:g})")
+    # A sample comes after the records at its time (implied doses among them), in order.
+    order = np.argsort(np.concatenate([events.time[0], days]), kind="stable")
+    n_rec, count = events.shape[1], days.size
+
+    def merged(values: np.ndarray, fill: float) -> np.ndarray:
+        return np.concatenate([values[0], np.full(count, fill, dtype=values.dtype)])[order][None]
+
+    extended = Events(time=np.concatenate([events.time[0], days])[order][None],
+                      evid=merged(events.evid, 0), amt=merged(events.amt, 0),
+                      rate=merged(events.rate, 0), dur=merged(events.dur, 0),
+                      ii=merged(events.ii, 0), ss=merged(events.ss, 0),
+                      cmt=merged(events.cmt, 0),
+                      param_row=merged(events.param_row, len(table) - 1),
+                      source_row=merged(events.source_row, -1), covariates=events.covariates)
+    cov = {c: table[c].to_numpy(dtype=float) for c in model.covariate_names}
+    params = evaluate_parameters(model, cov, eta[:, None, :])
+    params = {k: np.broadcast_to(v, (eta.shape[0], len(table))) for k, v in params.items()}
+    at = np.argsort(order)[n_rec:]  # where each day went
+    return profile_concentrations(model, extended, params, at=at[None, :])[0]
 
 
 def with_samples(table: pd.DataFrame, times: Any, covariates: Any = (), *,

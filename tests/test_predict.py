@@ -380,3 +380,31 @@ def test_top_level_names_stay_what_they_name_after_their_submodule_loads():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_concentrations_after_equal_sample_rows_added_to_the_table():
+    """concentrations_after (days appended to the engine's records) == predict on the table
+    with sample rows carrying the last covariates (NOCB), to 1e-12: with draws, an infusion
+    still running at the last record, implied ADDL doses after it and a covariate that
+    changes within the history; days before a record are refused."""
+    from pkmodel.predict import concentrations_after, draw_concentrations
+
+    model = load("fasanmade2011")
+    table = validate(infliximab_regimen(28.0, until_week=6,
+                                        covariates={"ALB": 3.3, "ATI": 0, "IMM": 1}))
+    table.loc[table.index[-1], "ALB"] = 2.9  # albumin falls at the last dose
+    last = table.index[-1]
+    table.loc[last, ["II", "ADDL"]] = [14.0, 2]  # doses implied on days 56 and 70
+    table = pd.concat([table, table.iloc[[-1]].assign(EVID=0, AMT=0.0, RATE=0.0, II=0.0,
+                                                       ADDL=0, MDV=1, TIME=42.02)],
+                      ignore_index=True)  # the last record: during the day-42 infusion
+    days = np.array([42.05, 50.0, 56.0, 70.0, 98.0, 140.0])
+    eta = np.random.default_rng(3).normal(0.0, 0.3, (5, 3))
+    got = concentrations_after(model, table, eta, days)
+    rows = pd.concat([table, table.iloc[[-1] * days.size].assign(TIME=days)],
+                     ignore_index=True)
+    (want,) = draw_concentrations(model, [rows], eta)
+    np.testing.assert_allclose(got, want[:, len(table):], rtol=1e-12)
+    assert got[0, 0] > got[0, 1]  # the infusion had ended by then: the level falls
+    with pytest.raises(ValueError, match=r"at or after its last record \(day 42.02\)"):
+        concentrations_after(model, table, eta, np.array([40.0]))

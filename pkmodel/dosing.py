@@ -806,11 +806,11 @@ class _Grid:
 
 
 def _option_table(options: list[Option]) -> pd.DataFrame:
+    """One row per option, by drug per week (ties: the longer interval first)."""
     names = [f.name for f in fields(Option)]  # flat: asdict's deep copies cost 1 ms
-    table = pd.DataFrame([[getattr(o, n) for n in names] for o in options],
-                         columns=[n.upper() for n in names])
-    return table.sort_values(["MG_PER_KG_PER_WEEK", "INTERVAL_WEEKS"],
-                             ascending=[True, False], kind="stable").reset_index(drop=True)
+    columns = {n: np.array([getattr(o, n) for o in options]) for n in names}
+    order = np.lexsort((-columns["interval_weeks"], columns["mg_per_kg_per_week"]))
+    return pd.DataFrame({n.upper(): values[order] for n, values in columns.items()})
 
 
 @dataclass

@@ -1004,6 +1004,11 @@ def dose_response(
                               end)[..., central]
     for k in np.flatnonzero(~ended):  # during the infusion
         single[:, k] = _infuse(modes, np.full(n_sets, t[k]), unit / duration)[:, central]
+    if not structure.depot:  # mode by mode: z exp(lam (tau - d)) / (1 - exp(lam tau))
+        lam = modes.lam[:, None, :]
+        z = _matvec(modes.pinv, end)[:, None, :] * np.exp(lam * (tau[:, None] - duration))
+        z /= -np.expm1(lam * tau[:, None])
+        return single, np.einsum("sin,sn->si", z, modes.p[:, central, :])
     each = np.repeat(np.arange(n_sets), tau.size)
     every = modes.gather(each)
     tau_each = np.tile(tau, n_sets)

@@ -1040,21 +1040,22 @@ def _checks(model: PopulationModel, history: _History, fit: MAPEstimate | None,
         caution.append("no measured concentration: dosed from the population prior "
                        "(covariates only)")
     else:
-        ind = fit.individuals.iloc[0]
-        if not bool(ind["SUCCESS"]):
-            refuse.append(f"the fit to the measured concentrations failed ({ind['MESSAGE']})")
+        ind = fit.individuals
+        if not bool(ind["SUCCESS"].iloc[0]):
+            refuse.append("the fit to the measured concentrations failed "
+                          f"({ind['MESSAGE'].iloc[0]})")
         worst, outliers = _implausible(model, fit)
         if accept_outliers:
             caution += [s + " (accepted: accept_outliers)" for s in outliers]
         else:
             refuse += outliers
         k = _clearance_eta(model)
-        if (k is not None and np.isfinite(ind[model.eta_names[k]])
-                and model.omega[k, k] > 0):
+        eta = float(ind[model.eta_names[k]].iloc[0]) if k is not None else np.nan
+        if k is not None and np.isfinite(eta) and model.omega[k, k] > 0:
             omega = float(model.omega[k, k])
-            eta_sd = float(ind[model.eta_names[k]] / np.sqrt(omega))
-            at = fit.names.index(model.eta_names[k])  # ETC covers the estimated ETAs
-            etc = float(fit.etc(fit.individuals.index[0])[at, at])
+            eta_sd = eta / np.sqrt(omega)
+            at = fit.names.index(model.eta_names[k]) + 1  # ETC covers the estimated ETAs
+            etc = float(ind[f"ETC_{at}_{at}"].iloc[0])
             shrinkage = float(1.0 - np.sqrt(max(0.0, 1.0 - etc / omega)))
             if shrinkage > SHRINKAGE_LIMIT:
                 caution.append(f"the measured concentrations say little about this "

@@ -544,9 +544,21 @@ class _Forecast:
     history: list[np.ndarray]  # per interval: (M, K + 1) mg/L from past doses
     unit: list[np.ndarray]  # per interval: (M, K + 1) mg/L per mg of the new regimen
 
+    by_trough: dict[int, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False)
+
     def troughs(self, i: int, dose: float) -> np.ndarray:
         """``(M, K + 1)`` troughs (mg/L) of ``dose`` mg every ``intervals[i]`` days."""
         return self.history[i] + dose * self.unit[i]
+
+    def troughs_by_dose(self, i: int, doses: np.ndarray) -> np.ndarray:
+        """``(D, K + 1, M)`` troughs (mg/L) of each of ``doses`` mg every ``intervals[i]``
+        days, the draws innermost (contiguous: what quantiles over draws run along)."""
+        if i not in self.by_trough:
+            self.by_trough[i] = (np.ascontiguousarray(self.history[i].T),
+                                 np.ascontiguousarray(self.unit[i].T))
+        history, unit = self.by_trough[i]
+        return history[None] + doses[:, None, None] * unit[None]
 
 
 def _forecast(model: PopulationModel, history: _History, eta: np.ndarray,
@@ -723,6 +735,16 @@ def _level(troughs: np.ndarray, probability: float | None) -> np.ndarray:
     return np.partition(draws, n - k, axis=0)[n - k]
 
 
+def _level_last(troughs: np.ndarray, probability: float | None) -> np.ndarray:
+    """:func:`_level` of troughs whose draws run along the last axis (MAP first)."""
+    if probability is None or troughs.shape[-1] == 1:
+        return troughs[..., 0]
+    draws = troughs[..., 1:]
+    n = draws.shape[-1]
+    k = _required_count(n, probability)
+    return np.partition(draws, n - k, axis=-1)[..., n - k]
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -754,12 +776,11 @@ class _Grid:
     def _evaluate(self, doses: list[float], weeks: float) -> list[Option]:
         i = self.index(weeks)
         dose = np.asarray(doses, dtype=float)
-        troughs = (self.forecast.history[i][None] + dose[:, None, None]
-                   * self.forecast.unit[i][None])  # (doses, M, K + 1)
-        lowest = _level(np.moveaxis(troughs, 0, 1), self.probability).min(axis=-1)
-        draws = troughs[:, 1:] if troughs.shape[1] > 1 else troughs
-        pta = np.mean(np.all(draws >= self.target, axis=2), axis=1)
-        lowest_map = troughs[:, 0].min(axis=-1)
+        troughs = self.forecast.troughs_by_dose(i, dose)  # (doses, K + 1, M)
+        lowest = _level_last(troughs, self.probability).min(axis=-1)
+        draws = troughs[..., 1:] if troughs.shape[-1] > 1 else troughs
+        pta = np.mean(np.all(draws >= self.target, axis=1), axis=1)
+        lowest_map = troughs[..., 0].min(axis=-1)
         current = self.current_dose / self.weight / self.current_weeks
         out = []
         for j, d in enumerate(dose):

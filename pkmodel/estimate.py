@@ -1292,7 +1292,7 @@ def estimate_map(
     if not records:
         return MAPEstimate(individuals=pd.DataFrame(columns, index=pd.Index(problem.ids)),
                            records=pd.DataFrame(), model=model, names=tuple(problem.names),
-                           _problem=(problem, covariates))
+                           _problem=(problem, covariates, obj))
     return _with_records(model, problem, full, covariates, obj, eta, columns)
 
 
@@ -1324,7 +1324,7 @@ def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
     individuals.update(_plausibility(model, individuals, full["ID"].to_numpy(), score))
     return MAPEstimate(individuals=pd.DataFrame(individuals, index=pd.Index(problem.ids)),
                        records=records, model=model, names=tuple(problem.names),
-                       _problem=(problem, covariates))
+                       _problem=(problem, covariates, obj))
 
 
 def _individual_columns(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,
@@ -1549,10 +1549,10 @@ def sample_posterior(
                                 estimate=replace(fit, model=_estimated_part(model)))
         return replace(part, draws=_with_fixed_columns(part.draws, model))
     if fit._problem is not None and fit._problem[1] == covariates and fit.model is model:
-        problem = fit._problem[0]
+        problem, _, obj = fit._problem  # the fit's objective: its records' events reused
     else:
         problem, _ = _build_problem(model, data, covariates)
-    obj = _Objective(problem)
+        obj = _Objective(problem)
     b_count, p = len(problem.ids), problem.n_params
     names = problem.names
     mode = float_columns(fit.individuals, names)

@@ -766,20 +766,30 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
     record equal the first set's there takes the first set's decomposition: a point
     moving one occasion's KAPPA differs from the centre at that occasion only. A small
     batch (at most _DECOMPOSE_ALL entries) is decomposed at every entry instead: the
-    bookkeeping would cost more than the decompositions it saves."""
+    bookkeeping would cost more than the decompositions it saves; so is a batch whose
+    sets all change at the same records with nothing to share (posterior draws, each with
+    its own KAPPAs), at those records only, without per-entry bookkeeping or gathers."""
     first = next(iter(params.values()))
     fresh = np.ones(first.shape, dtype=bool)
     fresh[:, 1:] = False
     for values in params.values():
         fresh[:, 1:] |= values[:, 1:] != values[:, :-1]
     changes = fresh.any(axis=0)
-    if changes[1:].any() and first.size <= _DECOMPOSE_ALL:
-        every = _decompose(structure.n_compartments, params, structure.depot)
+    small = first.size <= _DECOMPOSE_ALL
+    if changes[1:].any() and (small or _changes_in_step(params, fresh, changes, repeats)):
+        # Decomposed at every record where some set changes, all sets at once: a small
+        # batch, or one whose sets all change at the same records without sharing a
+        # decomposition with their group's first set (the draws of a posterior).
+        cols = np.arange(first.shape[1]) if small else np.flatnonzero(changes)
+        every = _decompose(structure.n_compartments,
+                           params if small else {k: v[:, cols] for k, v in params.items()},
+                           structure.depot)
+        in_force = np.searchsorted(cols, np.arange(first.shape[1]), side="right") - 1
         columns: dict[int, _Modes] = {}
 
         def column(k: int) -> _Modes:
             if k not in columns:
-                columns[k] = every.take(k)
+                columns[k] = every.take(in_force[k])
             return columns[k]
 
         return column, changes
@@ -807,6 +817,23 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
         return cache[k]
 
     return modes_at, changes
+
+
+def _changes_in_step(params: dict[str, np.ndarray], fresh: np.ndarray, changes: np.ndarray,
+                     repeats: int) -> bool:
+    """Whether every set changes at every record where some set does, and no set equals
+    the first of its group of ``repeats`` there (nothing for :func:`_latest_decomposition`
+    to share)."""
+    if not fresh[:, changes].all():
+        return False
+    if repeats == 1:
+        return True
+    shared = None
+    for values in params.values():
+        grouped = values[:, changes].reshape(-1, repeats, int(changes.sum()))
+        same = grouped[:, 1:] == grouped[:, :1]
+        shared = same if shared is None else shared & same
+    return not shared.any()
 
 
 def _latest_decomposition(fresh: np.ndarray, params: dict[str, np.ndarray], repeats: int

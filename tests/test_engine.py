@@ -305,6 +305,37 @@ def test_many_parameter_sets_in_one_call_equal_one_at_a_time():
         np.testing.assert_allclose(together[i], one[0], rtol=1e-14)
 
 
+def test_sets_changing_in_step_equal_their_own_solves():
+    """Many sets of one profile whose parameters all change at the same records (the
+    draws of a posterior, each with its own occasion values) are decomposed by changed
+    record (engine._changes_in_step): each equals its own solve to 1e-13; a batch in which
+    one set equals its group's first set at a change takes the other way, with the same
+    result."""
+    rng = np.random.default_rng(11)
+    ev = expand_records([0.0, 3.0, 7.0, 7.0, 10.0, 14.0, 20.0], [1, 0, 0, 1, 0, 1, 0],
+                        [100.0, 0, 0, 100.0, 0, 100.0, 0], rate=[50.0, 0, 0, 0, 0, 50.0, 0])
+    occasion = np.array([0, 0, 1, 1, 1, 2, 2])
+    n = 3000  # over _DECOMPOSE_ALL entries
+    params = {k: rng.uniform(0.5, 2.0, (n, 3))[:, occasion] for k in ("CL", "V1", "Q", "V2")}
+    fresh = np.ones((n, 7), dtype=bool)
+    fresh[:, 1:] = np.any([v[:, 1:] != v[:, :-1] for v in params.values()], axis=0)
+    changes = fresh.any(axis=0)
+    assert engine._changes_in_step(params, fresh, changes, n)
+    together = solve(Structure(2), ev, params)
+    tied = {k: v.copy() for k, v in params.items()}
+    for v in tied.values():
+        v[1, 2:5] = v[0, 2:5]  # set 1 equals set 0 at its second occasion
+    fresh_tied = np.ones((n, 7), dtype=bool)
+    fresh_tied[:, 1:] = np.any([v[:, 1:] != v[:, :-1] for v in tied.values()], axis=0)
+    assert not engine._changes_in_step(tied, fresh_tied, changes, n)
+    other = solve(Structure(2), ev, tied)
+    for s in (0, 1, 2, 1234, n - 1):
+        alone = solve(Structure(2), ev, {k: v[s] for k, v in params.items()})
+        np.testing.assert_allclose(together[s], alone[0], rtol=1e-13, atol=1e-12)
+        alone = solve(Structure(2), ev, {k: v[s] for k, v in tied.items()})
+        np.testing.assert_allclose(other[s], alone[0], rtol=1e-13, atol=1e-12)
+
+
 @pytest.mark.parametrize("decompose_all", [0, 2048])
 def test_sets_sharing_a_profile_equal_their_own_solves_where_parameters_coincide(
         decompose_all, monkeypatch):

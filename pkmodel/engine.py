@@ -828,12 +828,15 @@ def _changes_in_step(params: dict[str, np.ndarray], fresh: np.ndarray, changes: 
         return False
     if repeats == 1:
         return True
-    shared = None
-    for values in params.values():
-        grouped = values[:, changes].reshape(-1, repeats, int(changes.sum()))
-        same = grouped[:, 1:] == grouped[:, :1]
-        shared = same if shared is None else shared & same
-    return not shared.any()
+    for groups in (slice(0, repeats), slice(None)):  # the first group: a stencil shares
+        shared = None
+        for values in params.values():
+            grouped = values[groups][:, changes].reshape(-1, repeats, int(changes.sum()))
+            same = grouped[:, 1:] == grouped[:, :1]
+            shared = same if shared is None else shared & same
+        if shared.any():
+            return False
+    return True
 
 
 def _latest_decomposition(fresh: np.ndarray, params: dict[str, np.ndarray], repeats: int

@@ -70,6 +70,7 @@ __all__ = [
     "dose_response",
     "expand_records",
     "is_dose_modifier",
+    "select_profiles",
     "solve",
     "stack_events",
 ]
@@ -320,6 +321,35 @@ def stack_events(profiles: list[Events]) -> Events:
     return Events(**stacked, covariates=rules.pop())
 
 
+def select_profiles(events: Events, rows: np.ndarray, *,
+                    param_row: np.ndarray | None = None) -> Events:
+    """The profiles ``rows`` of ``events`` (their records and padding as they are), with
+    ``param_row`` in place of theirs when given (parameters indexed otherwise). The engine
+    takes their doses, steady states and schedule from those of ``events`` (built once)
+    instead of building them again: a fit of many IDs solves ever smaller selections of
+    them as IDs converge.
+
+    Examples
+    --------
+    >>> a = expand_records([0.0, 7.0], [1, 0], [100.0, 0.0])
+    >>> b = expand_records([0.0, 2.0], [1, 0], [50.0, 0.0], row_offset=2)
+    >>> select_profiles(stack_events([a, b]), np.array([1])).amt.tolist()
+    [[50.0, 0.0]]
+    """
+    rows = np.asarray(rows, dtype=int)
+    taken = {name: getattr(events, name)[rows] for name in (*_RECORD_FIELDS, "source_row")}
+    taken["param_row"] = events.param_row[rows] if param_row is None else param_row
+    selected = Events(**taken, covariates=events.covariates)
+    if len(_SELECTED) >= 256:
+        _SELECTED.clear()  # a later solve of those builds its inputs: slower, not wrong
+    _SELECTED[id(selected)] = (weakref.ref(selected), weakref.ref(events), rows)
+    return selected
+
+
+#: Events made by select_profiles: a weak reference to them and their parent, and rows.
+_SELECTED: dict[int, tuple[weakref.ref, weakref.ref, np.ndarray]] = {}
+
+
 # --------------------------------------------------------------------------- modal algebra
 
 
@@ -538,8 +568,15 @@ def _repeat_inputs(inputs: list[_Input], ss_specs: dict[int, _SteadyState],
                                                               dict[int, _SteadyState],
                                                               np.ndarray]:
     """Inputs built per event profile, expanded to the ``repeats`` sets of each profile."""
+    return _take_inputs(inputs, ss_specs, reset, repeats)
+
+
+def _take_inputs(inputs: list[_Input], ss_specs: dict[int, _SteadyState], reset: np.ndarray,
+                 rows: int | np.ndarray) -> tuple[list[_Input], dict[int, _SteadyState],
+                                                  np.ndarray]:
+    """Inputs of the sets ``rows`` (indices), or each set ``rows`` times over (an int)."""
     def rep(a: np.ndarray) -> np.ndarray:
-        return np.repeat(a, repeats, axis=0)
+        return np.repeat(a, rows, axis=0) if isinstance(rows, int) else a.take(rows, axis=0)
 
     inputs = [dataclasses.replace(i, start=rep(i.start), end=rep(i.end), bolus=rep(i.bolus),
                                   rate=rep(i.rate), kill=rep(i.kill)) for i in inputs]
@@ -880,9 +917,16 @@ def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray
     key = (id(events), structure)
     hit = _PLAIN_INPUTS.get(key)
     if hit is None or hit[0]() is not events:
-        b_events, n_rec = events.shape
-        inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
-        schedule = _schedule(inputs, ev["time"], n_rec)
+        selected = _SELECTED.get(id(events))
+        parent = selected[1]() if selected is not None and selected[0]() is events else None
+        if parent is not None:  # its parent's, rows taken (the schedule: a superset)
+            parent_ev = {name: np.asarray(getattr(parent, name)) for name in _RECORD_FIELDS}
+            *built, schedule = _plain_inputs(structure, parent, parent_ev, 1)
+            inputs, ss_specs, reset = _take_inputs(*built, selected[2])
+        else:
+            b_events, n_rec = events.shape
+            inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)
+            schedule = _schedule(inputs, ev["time"], n_rec)
         if len(_PLAIN_INPUTS) >= 64:
             _PLAIN_INPUTS.clear()
         hit = (weakref.ref(events), (inputs, ss_specs, reset, schedule), {})

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import JsonDocument, fail_where, float_columns, plain_json, validate, with_columns
-from pkmodel.engine import Events
+from pkmodel.engine import Events, select_profiles
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
     PopulationModel,
@@ -340,10 +340,9 @@ class _Objective:
             position = np.repeat(np.arange(len(ids)), sizes)
             offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             ev = self.p.events
-            fields = {k: v[ids] if isinstance(v, np.ndarray) else v
-                      for k, v in ev.__dict__.items()}
-            fields["param_row"] = ev.param_row[ids] - lo[:, None] + offset[:, None]
-            self._cache[key] = (rows, position, Events(**fields))
+            selected = select_profiles(
+                ev, ids, param_row=ev.param_row[ids] - lo[:, None] + offset[:, None])
+            self._cache[key] = (rows, position, selected)
         return self._cache[key]
 
     def predictions(self, eta: np.ndarray, ids: np.ndarray) -> np.ndarray:

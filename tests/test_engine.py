@@ -305,6 +305,30 @@ def test_many_parameter_sets_in_one_call_equal_one_at_a_time():
         np.testing.assert_allclose(together[i], one[0], rtol=1e-14)
 
 
+def test_selected_profiles_take_their_inputs_from_the_parent():
+    """engine.select_profiles: a selection of profiles solved with the doses, steady states
+    and schedule taken from its parent's equals the same profiles built afresh (1e-13),
+    with infusions, an SS dose, a reset and ADDL doses among them, for two sets each."""
+    a = expand_records([0.0, 1.0, 5.0], [1, 0, 0], [100.0, 0.0, 0.0], rate=[50.0, 0.0, 0.0],
+                       ii=[2.0, 0.0, 0.0], ss=[1, 0, 0])
+    b = expand_records([0.0, 2.0, 3.0, 6.0], [1, 0, 3, 0], [80.0, 0.0, 0.0, 0.0],
+                       row_offset=3)
+    c = expand_records([0.0, 9.0], [1, 0], [60.0, 0.0], ii=[3.0, 0.0], addl=[2, 0],
+                       row_offset=7)
+    parent = stack_events([a, b, c])
+    rng = np.random.default_rng(2)
+    params = {k: rng.uniform(0.5, 2.0, (6, 1)) for k in ("CL", "V1", "Q", "V2")}
+    solve(Structure(2), parent, params)  # builds the parent's inputs
+    rows = np.array([2, 0])
+    picked = {k: v.reshape(3, 2)[rows].reshape(4, 1) for k, v in params.items()}
+    selected = engine.select_profiles(parent, rows)
+    afresh = engine.Events(**{name: getattr(parent, name)[rows] for name in (
+        "time", "evid", "amt", "rate", "dur", "ii", "ss", "cmt", "param_row", "source_row")})
+    np.testing.assert_allclose(solve(Structure(2), selected, picked),
+                               solve(Structure(2), afresh, picked), rtol=1e-13, atol=1e-13)
+    assert engine._SELECTED[id(selected)][1]() is parent
+
+
 def test_sets_changing_in_step_equal_their_own_solves():
     """Many sets of one profile whose parameters all change at the same records (the
     draws of a posterior, each with its own occasion values) are decomposed by changed

@@ -748,6 +748,10 @@ def _level_last(troughs: np.ndarray, probability: float | None) -> np.ndarray:
 # --------------------------------------------------------------------------- options
 
 
+#: Troughs (doses x troughs x draws) of the options measured in one vectorised step.
+_MEASURE_CHUNK = 2_000_000
+
+
 @dataclass
 class _Grid:
     """What the options are measured against: the forecast, the current regimen, limits."""
@@ -773,14 +777,25 @@ class _Grid:
             self.made.update(((o.dose_mg, float(weeks)), o) for o in self._evaluate(new, weeks))
         return [self.made[float(d), float(weeks)] for d in doses]
 
+    def _measure(self, i: int, dose: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Lowest trough (at the level asked), its probability of target attainment and
+        lowest MAP trough of each of ``dose`` mg every ``intervals[i]``, a slice of doses
+        at a time (a fine grid over many troughs and draws stays within memory)."""
+        size = self.forecast.history[i].size
+        step = max(1, _MEASURE_CHUNK // max(size, 1))
+        parts = []
+        for start in range(0, dose.size, step):
+            troughs = self.forecast.troughs_by_dose(i, dose[start:start + step])
+            draws = troughs[..., 1:] if troughs.shape[-1] > 1 else troughs
+            parts.append((_level_last(troughs, self.probability).min(axis=-1),
+                          np.mean(np.all(draws >= self.target, axis=1), axis=1),
+                          troughs[..., 0].min(axis=-1)))
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
     def _evaluate(self, doses: list[float], weeks: float) -> list[Option]:
         i = self.index(weeks)
         dose = np.asarray(doses, dtype=float)
-        troughs = self.forecast.troughs_by_dose(i, dose)  # (doses, K + 1, M)
-        lowest = _level_last(troughs, self.probability).min(axis=-1)
-        draws = troughs[..., 1:] if troughs.shape[-1] > 1 else troughs
-        pta = np.mean(np.all(draws >= self.target, axis=1), axis=1)
-        lowest_map = troughs[..., 0].min(axis=-1)
+        lowest, pta, lowest_map = self._measure(i, dose)
         current = self.current_dose / self.weight / self.current_weeks
         out = []
         for j, d in enumerate(dose):

@@ -336,7 +336,10 @@ def select_profiles(events: Events, rows: np.ndarray, *,
     >>> select_profiles(stack_events([a, b]), np.array([1])).amt.tolist()
     [[50.0, 0.0]]
     """
-    rows = np.asarray(rows, dtype=int)
+    rows = np.asarray(rows)
+    if rows.dtype == bool or rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError("`rows` must be a 1-D array of profile indices (not a mask)")
+    rows = rows.copy()  # kept: the caller's array may change after
     taken = {name: getattr(events, name)[rows] for name in (*_RECORD_FIELDS, "source_row")}
     taken["param_row"] = events.param_row[rows] if param_row is None else param_row
     selected = Events(**taken, covariates=events.covariates)
@@ -1055,14 +1058,22 @@ def dose_response(
     (0.496585, 0.986434)
     """
     names = structure.parameter_names
-    arrays = {k: np.asarray(params[k], dtype=float).reshape(-1) for k in names}
+    arrays = {k: np.asarray(params[k], dtype=float) for k in names}
+    if any(a.ndim > 2 or (a.ndim == 2 and a.shape[1] != 1) for a in arrays.values()):
+        raise ValueError("`params` must hold one value per set, shape (S,) or (S, 1)")
+    arrays = {k: a.reshape(-1) for k, a in arrays.items()}
     n_sets = max(a.size for a in arrays.values())
     arrays = {k: np.broadcast_to(a, (n_sets,)) for k, a in arrays.items()}
     t = np.asarray(times, dtype=float).reshape(-1)
     tau = np.asarray(intervals, dtype=float).reshape(-1)
-    cmt = cmt or 1
+    if cmt != int(cmt):
+        raise ValueError(f"`cmt` must be a whole compartment number; got {cmt}")
+    cmt = int(cmt) or 1
     if not 1 <= cmt <= structure.n_states:
         raise ValueError(f"`cmt` must be 1 to {structure.n_states}; got {cmt}")
+    duration = float(duration)
+    if not (np.isfinite(duration) and np.all(np.isfinite(t)) and np.all(np.isfinite(tau))):
+        raise ValueError("`duration`, `times` and `intervals` must be finite")
     if duration < 0 or np.any(t < 0) or np.any(tau <= 0) or np.any(tau < duration):
         raise ValueError("need duration >= 0, times >= 0 and intervals > 0, >= duration")
     modes = _decompose(structure.n_compartments, arrays, structure.depot)

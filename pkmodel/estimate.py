@@ -327,6 +327,15 @@ class _Objective:
         self._cache: dict[bytes, tuple[np.ndarray, np.ndarray, Events]] = {}
         self._centre: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
+    def kept(self) -> _Objective:
+        """This objective for a result to keep: its selection of every ID only (the one a
+        posterior sample asks for first), no others, no centre; its own cache."""
+        out = _Objective(self.p)
+        key = np.arange(len(self.p.ids)).tobytes()
+        if key in self._cache:
+            out._cache[key] = self._cache[key]
+        return out
+
     def _select(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, Events]:
         """Rows of the selected IDs, their position in the selection, and their events
         (the engine shares each profile among that ID's candidate sets)."""
@@ -1291,7 +1300,7 @@ def estimate_map(
     if not records:
         return MAPEstimate(individuals=pd.DataFrame(columns, index=pd.Index(problem.ids)),
                            records=pd.DataFrame(), model=model, names=tuple(problem.names),
-                           _problem=(problem, covariates, obj))
+                           _problem=(problem, covariates, obj.kept()))
     return _with_records(model, problem, full, covariates, obj, eta, columns)
 
 
@@ -1323,7 +1332,7 @@ def _with_records(model: PopulationModel, problem: _Problem, full: pd.DataFrame,
     individuals.update(_plausibility(model, individuals, full["ID"].to_numpy(), score))
     return MAPEstimate(individuals=pd.DataFrame(individuals, index=pd.Index(problem.ids)),
                        records=records, model=model, names=tuple(problem.names),
-                       _problem=(problem, covariates, obj))
+                       _problem=(problem, covariates, obj.kept()))
 
 
 def _individual_columns(problem: _Problem, fit: _Fit, best: np.ndarray, eta: np.ndarray,
@@ -1547,8 +1556,9 @@ def sample_posterior(
                                 proposals=proposals, min_ess=min_ess, covariates=covariates,
                                 estimate=replace(fit, model=_estimated_part(model)))
         return replace(part, draws=_with_fixed_columns(part.draws, model))
-    if fit._problem is not None and fit._problem[1] == covariates and fit.model is model:
-        problem, _, obj = fit._problem  # the fit's objective: its records' events reused
+    kept = fit._problem
+    if kept is not None and len(kept) == 3 and kept[1] == covariates and fit.model is model:
+        problem, _, obj = kept  # the fit's objective: its records' events reused
     else:
         problem, _ = _build_problem(model, data, covariates)
         obj = _Objective(problem)

@@ -336,6 +336,8 @@ def concentrations_after(model: PopulationModel, table: pd.DataFrame, eta: np.nd
     if events.shape[0] != 1 or (days.size and days.min() < last):
         raise ValueError(f"`table` must be one ID and `days` at or after its last record "
                          f"(day {last:g})")
+    if days.size == 0:
+        return np.empty((np.shape(eta)[0], 0))
     # A sample comes after the records at its time (implied doses among them), in order.
     order = np.argsort(np.concatenate([events.time[0], days]), kind="stable")
     n_rec, count = events.shape[1], days.size

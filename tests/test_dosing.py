@@ -377,6 +377,19 @@ def test_closed_form_forecast_equals_the_records_forecast():
             dataclasses.asdict(records.recommended), rel=1e-10)
 
 
+def test_options_measured_a_slice_of_doses_at_a_time_are_the_same(monkeypatch):
+    """A fine dose grid over many troughs and draws is measured a slice of doses at a time
+    (memory bounded): slices of one dose give the options and troughs of one slice."""
+    from pkmodel import dosing
+
+    whole = recommend_regimen(MODEL, child(), 6.0, n_draws=200)
+    monkeypatch.setattr(dosing, "_MEASURE_CHUNK", 1)
+    sliced = recommend_regimen(MODEL, child(), 6.0, n_draws=200)
+    pd.testing.assert_frame_equal(sliced.options, whole.options, rtol=1e-14)
+    pd.testing.assert_frame_equal(sliced.troughs, whole.troughs, rtol=1e-14)
+    assert sliced.recommended == whole.recommended is not None
+
+
 def test_a_modelled_infusion_length_is_kept_for_new_doses():
     """Doses given with RATE -2 under a model whose D1 is 2 h forecast exactly as 2-h
     infusions given by RATE: new doses keep the modelled length (they were boluses). A

@@ -194,20 +194,26 @@ def test_dose_response_matches_ode_and_steady_state_records(n_cmt, depot, data):
 
 
 def test_dose_response_refuses_what_it_cannot_answer():
-    """Intervals shorter than the infusion and compartments the model lacks are refused;
-    CMT 0 is the first compartment, as in records."""
+    """Intervals shorter than the infusion, compartments the model lacks or not whole,
+    non-finite durations and parameters of more than one value per set are refused (not
+    flattened); CMT 0 is the first compartment, as in records, and 1.0 is 1."""
     params = {"CL": [1.0], "V1": [10.0]}
-    default = engine.dose_response(Structure(1), params, cmt=0, duration=0.5, times=[1.0],
-                                   intervals=[1.0])
-    first = engine.dose_response(Structure(1), params, cmt=1, duration=0.5, times=[1.0],
-                                 intervals=[1.0])
-    np.testing.assert_array_equal(np.concatenate(default), np.concatenate(first))
-    with pytest.raises(ValueError, match="intervals"):
-        engine.dose_response(Structure(1), params, cmt=1, duration=2.0, times=[1.0],
-                             intervals=[1.0])
-    with pytest.raises(ValueError, match="cmt"):
-        engine.dose_response(Structure(1), params, cmt=2, duration=0.0, times=[1.0],
-                             intervals=[1.0])
+
+    def response(cmt=1, duration=0.5, values=params):
+        return np.concatenate(engine.dose_response(Structure(1), values, cmt=cmt,
+                                                   duration=duration, times=[1.0],
+                                                   intervals=[1.0]))
+
+    first = response()
+    np.testing.assert_array_equal(response(cmt=0), first)
+    np.testing.assert_array_equal(response(cmt=1.0), first)
+    for change, message in (({"duration": 2.0}, "intervals"), ({"cmt": 2}, "cmt"),
+                            ({"cmt": 1.5}, "whole compartment"),
+                            ({"duration": np.nan}, "finite"),
+                            ({"values": {"CL": np.ones((2, 3)), "V1": [10.0]}},
+                             "one value per set")):
+        with pytest.raises(ValueError, match=message):
+            response(**change)
 
 
 def structure_rates(params, n_cmt, depot):
@@ -327,6 +333,11 @@ def test_selected_profiles_take_their_inputs_from_the_parent():
     np.testing.assert_allclose(solve(Structure(2), selected, picked),
                                solve(Structure(2), afresh, picked), rtol=1e-13, atol=1e-13)
     assert engine._SELECTED[id(selected)][1]() is parent
+    rows[:] = [1, 1]  # the caller's array changing after does not change the selection
+    np.testing.assert_allclose(solve(Structure(2), selected, picked),
+                               solve(Structure(2), afresh, picked), rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="not a mask"):
+        engine.select_profiles(parent, np.array([True, False, True]))
 
 
 def test_sets_changing_in_step_equal_their_own_solves():

@@ -1189,3 +1189,21 @@ def test_an_occasion_missing_on_a_row_is_named_where_occasions_are_used():
         est.estimate_map(model, table)
     assert np.isfinite(predict(model, table)["IPRED"].iloc[-1])
     assert est.estimate_map(model, table.assign(OCC=1.0)).success
+
+
+def test_a_fit_keeps_one_selection_of_its_records_and_samples_after_a_pickle():
+    """A fit keeps its objective for sample_posterior with the selection of every ID only
+    (not the selections of its optimiser's steps): it pickles small, and the posterior of
+    the unpickled fit, of a fit without its objective, and of the fit itself agree."""
+    import pickle
+
+    model, data = load("fasanmade2011"), twelve_children()
+    fit = est.estimate_map(model, data)
+    kept = fit._problem[2]
+    assert len(kept._cache) <= 1 and kept._centre is None
+    copy = pickle.loads(pickle.dumps(fit))
+    bare = dataclasses.replace(fit, _problem=fit._problem[:2])  # as kept by older fits
+    draws = [est.sample_posterior(f.model, data, n=50, seed=4, estimate=f).draws
+             for f in (fit, copy, bare)]
+    for other in draws[1:]:
+        pd.testing.assert_frame_equal(other, draws[0], rtol=1e-12)

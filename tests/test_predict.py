@@ -408,3 +408,4 @@ def test_concentrations_after_equal_sample_rows_added_to_the_table():
     assert got[0, 0] > got[0, 1]  # the infusion had ended by then: the level falls
     with pytest.raises(ValueError, match=r"at or after its last record \(day 42.02\)"):
         concentrations_after(model, table, eta, np.array([40.0]))
+    assert concentrations_after(model, table, eta, np.array([])).shape == (5, 0)

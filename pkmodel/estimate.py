@@ -1556,12 +1556,12 @@ def sample_posterior(
                                 proposals=proposals, min_ess=min_ess, covariates=covariates,
                                 estimate=replace(fit, model=_estimated_part(model)))
         return replace(part, draws=_with_fixed_columns(part.draws, model))
-    kept = fit._problem
-    if kept is not None and len(kept) == 3 and kept[1] == covariates and fit.model is model:
-        problem, _, obj = kept  # the fit's objective: its records' events reused
-    else:
-        problem, _ = _build_problem(model, data, covariates)
-        obj = _Objective(problem)
+    problem, _ = _build_problem(model, data, covariates)
+    obj = _Objective(problem)
+    kept = fit._problem  # the fit's objective, its engine inputs built: reused if of `data`
+    if (kept is not None and len(kept) == 3 and kept[1] == covariates and fit.model is model
+            and kept[0].events is problem.events and kept[0].residual_sd is None):
+        problem, _, obj = kept
     b_count, p = len(problem.ids), problem.n_params
     names = problem.names
     mode = float_columns(fit.individuals, names)

@@ -1207,3 +1207,11 @@ def test_a_fit_keeps_one_selection_of_its_records_and_samples_after_a_pickle():
              for f in (fit, copy, bare)]
     for other in draws[1:]:
         pd.testing.assert_frame_equal(other, draws[0], rtol=1e-12)
+    # a fit's objective serves its own records only: other troughs are those sampled
+    changed = data.assign(DV=data["DV"] * 1.5)
+    mine = est.sample_posterior(model, changed, n=50, seed=4, estimate=fit).draws
+    fresh = est.sample_posterior(model, changed, n=50, seed=4,
+                                 estimate=dataclasses.replace(fit, _problem=None)).draws
+    pd.testing.assert_frame_equal(mine, fresh, rtol=1e-12)
+    etas = [frame.iloc[:, 2:].to_numpy(float) for frame in (mine, draws[0])]
+    assert not np.allclose(*etas)

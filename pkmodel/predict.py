@@ -26,8 +26,6 @@ from pkmodel.engine import (
     Structure,
     at_rows,
     central_amounts,
-    expand_records,
-    stack_events,
 )
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
@@ -83,43 +81,85 @@ def to_events(
     stops = np.r_[starts[1:], len(data)]
     columns = {c: data[c].to_numpy() for c in ("TIME", "EVID", "AMT", "RATE", "DUR", "II",
                                                 "ADDL", "SS", "CMT")}
-    if not np.any(columns["ADDL"] > 0):  # each ID's records are its events, in file order
-        return _events_without_addl(columns, starts, stops, covariates)
-    profiles = []
-    for lo, hi in zip(starts, stops):
-        part = {c: v[lo:hi] for c, v in columns.items()}
-        profiles.append(expand_records(
-            part["TIME"], part["EVID"], part["AMT"], rate=part["RATE"], dur=part["DUR"],
-            ii=part["II"], addl=part["ADDL"], ss=part["SS"], cmt=part["CMT"],
-            covariates=covariates, row_offset=int(lo),
-        ))
-    return stack_events(profiles)
+    return _events_of_ids(columns, starts, stops, covariates)
 
 
-def _events_without_addl(columns: dict[str, np.ndarray], starts: np.ndarray,
-                         stops: np.ndarray, covariates: str) -> Events:
-    """:func:`to_events` of a table without ADDL, all IDs at once: each ID's rows in file
-    order, padded as :func:`~pkmodel.engine.stack_events` pads (the last time and
-    parameters repeated, EVID 2, no dose, no source row)."""
-    counts = stops - starts
-    width = int(counts.max())
-    profile = np.repeat(np.arange(len(starts)), counts)
-    position = np.arange(int(counts.sum())) - np.repeat(starts, counts)
-    last = stops - 1
-    rows = np.repeat(last[:, None], width, axis=1)  # padding takes the last row
-    rows[profile, position] = np.arange(int(counts.sum()))
-    real = np.zeros((len(starts), width), dtype=bool)
+def _events_of_ids(columns: dict[str, np.ndarray], starts: np.ndarray, stops: np.ndarray,
+                   covariates: str) -> Events:
+    """:func:`to_events` for all IDs at once (as :func:`~pkmodel.engine.expand_records`
+    and :func:`~pkmodel.engine.stack_events` ID by ID): each ID's records in file order
+    with the doses ADDL implies among them, padded with the last time and parameters
+    repeated, EVID 2, no dose and no source row."""
+    n_rows = len(columns["TIME"])
+    profile_of_row = np.repeat(np.arange(len(starts)), stops - starts)
+    src, time, original = np.arange(n_rows), np.asarray(columns["TIME"], dtype=float), None
+    if np.any(columns["ADDL"] > 0):
+        implied_src, implied_time, m = _implied_doses(columns, profile_of_row, stops)
+        src = np.concatenate([src, implied_src])
+        time = np.concatenate([time, implied_time])
+        group = np.r_[np.ones(n_rows, dtype=int), np.zeros(implied_src.size, dtype=int)]
+        # by ID and time; implied doses before records at their time; then row and dose
+        order = np.lexsort((np.r_[np.zeros(n_rows, dtype=int), m], src, group, time,
+                           profile_of_row[src]))
+        src, time, original = src[order], time[order], group[order] == 1
+    profile = profile_of_row[src]
+    counts = np.bincount(profile, minlength=len(starts))
+    first = np.r_[0, np.cumsum(counts)[:-1]]
+    position = np.arange(src.size) - first[profile]
+    last = first + counts - 1
+    at = np.repeat(last[:, None], int(counts.max()), axis=1)  # padding takes the last
+    at[profile, position] = np.arange(src.size)
+    real = np.zeros(at.shape, dtype=bool)
     real[profile, position] = True
     fields = {}
-    for name, column in (("time", "TIME"), ("evid", "EVID"), ("amt", "AMT"),
-                         ("rate", "RATE"), ("dur", "DUR"), ("ii", "II"), ("ss", "SS"),
-                         ("cmt", "CMT")):
-        values = np.asarray(columns[column], dtype=float)[rows]
-        if name != "time":
-            values = np.where(real, values, 2.0 if name == "evid" else 0.0)
-        fields[name] = values
-    return Events(**fields, param_row=rows, source_row=np.where(real, rows, -1),
-                  covariates=covariates)
+    for name, column in (("evid", "EVID"), ("amt", "AMT"), ("rate", "RATE"), ("dur", "DUR"),
+                         ("ii", "II"), ("ss", "SS"), ("cmt", "CMT")):
+        values = np.asarray(columns[column], dtype=float)[src]
+        if original is not None and name in ("evid", "ss"):  # implied: plain doses
+            values = np.where(original, values, 1.0 if name == "evid" else 0.0)
+        fields[name] = np.where(real, values[at], 2.0 if name == "evid" else 0.0)
+    param = src if original is None else _governing_rows(src, original, profile, covariates)
+    source = src if original is None else np.where(original, src, -1)
+    return Events(time=time[at], **fields, param_row=param[at],
+                  source_row=np.where(real, source[at], -1), covariates=covariates)
+
+
+def _implied_doses(columns: dict[str, np.ndarray], profile_of_row: np.ndarray,
+                   stops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The doses ADDL implies, all IDs at once: their rows, times and numbers (dose ``m`` of
+    a row at ``TIME + m II``), none after the first reset (EVID 3 or 4, or an SS dose) of
+    the row's ID after it; one at the reset's time is given, then reset."""
+    evid, ss = columns["EVID"], columns["SS"]
+    reset = np.flatnonzero((evid >= 3) | ((ss == 1) & ((evid == 1) | (evid == 4))))
+    rows = np.flatnonzero(columns["ADDL"] > 0)
+    following = np.searchsorted(reset, rows, side="right")
+    nxt = np.append(reset, len(evid))[following]
+    time = np.asarray(columns["TIME"], dtype=float)
+    within = nxt < stops[profile_of_row[rows]]
+    stop = np.where(within, time[np.minimum(nxt, len(evid) - 1)], np.inf)
+    count = columns["ADDL"][rows].astype(int)
+    src = np.repeat(rows, count)
+    m = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + 1
+    implied = time[src] + m * np.asarray(columns["II"], dtype=float)[src]
+    kept = implied <= np.repeat(stop, count)
+    return src[kept], implied[kept], m[kept]
+
+
+def _governing_rows(src: np.ndarray, original: np.ndarray, profile: np.ndarray,
+                    covariates: str) -> np.ndarray:
+    """The row whose parameters govern each record up to it (sorted records of all IDs):
+    its own for a table row; for an implied dose, the next row of its ID (NOCB; the
+    ID's last after its last row) or the previous one (LOCF)."""
+    positions = np.flatnonzero(original)
+    every = np.arange(src.size)
+    if covariates == "nocb":
+        nxt = np.minimum(np.searchsorted(positions, every, side="left"), positions.size - 1)
+        last = positions[np.searchsorted(profile[positions], profile, side="right") - 1]
+        governing = np.where(profile[positions[nxt]] == profile, positions[nxt], last)
+    else:
+        governing = positions[np.maximum(np.searchsorted(positions, every, side="right") - 1,
+                                         0)]
+    return np.where(original, src, src[governing])
 
 
 def _prepare(model: PopulationModel, data: pd.DataFrame, covariates: str,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sympy as sp
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -331,23 +331,31 @@ def test_a_later_steady_state_dose_does_not_change_an_earlier_sample():
     np.testing.assert_allclose(with_ss, predict(model, explicit)["PRED"].iloc[2], rtol=1e-13)
 
 
-@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 1, 2]),
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 1, 2, 3, 4]),
                                    st.sampled_from([50.0, 100.0]),
-                                   st.sampled_from([0.0, 25.0])),
+                                   st.sampled_from([0.0, 25.0]), st.integers(0, 3),
+                                   st.sampled_from([0.0, 3.5, 7.0]), st.sampled_from([0, 1])),
                          min_size=1, max_size=6), min_size=1, max_size=5),
        st.sampled_from(["nocb", "locf"]))
-def test_events_of_a_table_without_addl_match_the_per_id_expansion(ids, covariates):
-    """Without ADDL, to_events builds every ID's events at once; they equal stacking each
-    ID's expand_records (time, EVID, AMT, RATE, DUR, II, SS, CMT, parameter and source
-    rows, padding)."""
+@example([[(0, 1, 100.0, 0.0, 2, 7.0, 0), (7, 3, 50.0, 0.0, 0, 0.0, 0),
+           (14, 0, 50.0, 0.0, 0, 0.0, 0)]], "nocb")  # a dose implied at a reset's time
+@example([[(0, 1, 100.0, 0.0, 3, 7.0, 0), (7, 0, 50.0, 0.0, 0, 0.0, 0)],
+          [(5, 3, 50.0, 0.0, 0, 0.0, 0)]], "nocb")  # another ID's reset: no effect
+def test_events_of_a_table_match_the_per_id_expansion(ids, covariates):
+    """to_events builds every ID's events at once, the doses ADDL implies among them; they
+    equal stacking each ID's expand_records (time, EVID, AMT, RATE, DUR, II, SS, CMT,
+    parameter and source rows, padding), with resets (EVID 3 and 4, SS doses) that cancel
+    additional doses not yet given and implied doses at the time of a record."""
     from pkmodel.engine import Events, Structure, expand_records, stack_events
     from pkmodel.predict import to_events
     rows = []
     for ident, records in enumerate(ids, start=1):
-        for time, evid, amt, rate in sorted(records):
-            dose = evid == 1
+        for time, evid, amt, rate, addl, ii, ss in sorted(records):
+            dose = evid in (1, 4)
             rows.append({"ID": ident, "TIME": float(time), "EVID": evid,
                          "AMT": amt if dose else 0.0, "RATE": rate if dose else 0.0,
+                         "II": ii if dose else 0.0, "ADDL": addl if dose and ii else 0,
+                         "SS": ss if dose and ii else 0,
                          "MDV": int(evid != 0), "DV": np.nan if evid else 1.0})
     table = validate(pd.DataFrame(rows))
     got = to_events(table, Structure(1), covariates=covariates)

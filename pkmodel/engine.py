@@ -337,7 +337,9 @@ def select_profiles(events: Events, rows: np.ndarray, *,
     [[50.0, 0.0]]
     """
     rows = np.asarray(rows)
-    if rows.dtype == bool or rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+    if rows.size == 0:
+        rows = rows.astype(int)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):  # a mask is bool
         raise ValueError("`rows` must be a 1-D array of profile indices (not a mask)")
     rows = rows.copy()  # kept: the caller's array may change after
     taken = {name: getattr(events, name)[rows] for name in (*_RECORD_FIELDS, "source_row")}

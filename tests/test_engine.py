@@ -338,6 +338,7 @@ def test_selected_profiles_take_their_inputs_from_the_parent():
                                solve(Structure(2), afresh, picked), rtol=1e-13, atol=1e-13)
     with pytest.raises(ValueError, match="not a mask"):
         engine.select_profiles(parent, np.array([True, False, True]))
+    assert engine.select_profiles(parent, []).shape == (0, parent.shape[1])
 
 
 def test_sets_changing_in_step_equal_their_own_solves():

@@ -1068,9 +1068,10 @@ def dose_response(
     arrays = {k: np.broadcast_to(a, (n_sets,)) for k, a in arrays.items()}
     t = np.asarray(times, dtype=float).reshape(-1)
     tau = np.asarray(intervals, dtype=float).reshape(-1)
-    if cmt != int(cmt):
+    number = float(np.squeeze(0 if cmt is None else cmt))
+    if number != int(number):
         raise ValueError(f"`cmt` must be a whole compartment number; got {cmt}")
-    cmt = int(cmt) or 1
+    cmt = int(number) or 1
     if not 1 <= cmt <= structure.n_states:
         raise ValueError(f"`cmt` must be 1 to {structure.n_states}; got {cmt}")
     duration = float(duration)

@@ -137,10 +137,14 @@ def _implied_doses(columns: dict[str, np.ndarray], profile_of_row: np.ndarray,
     time = np.asarray(columns["TIME"], dtype=float)
     within = nxt < stops[profile_of_row[rows]]
     stop = np.where(within, time[np.minimum(nxt, len(evid) - 1)], np.inf)
+    ii = np.asarray(columns["II"], dtype=float)
     count = columns["ADDL"][rows].astype(int)
+    finite = np.isfinite(stop)  # no more doses made than can come before the reset
+    reach = np.floor((stop[finite] - time[rows[finite]]) / ii[rows[finite]]) + 1
+    count[finite] = np.minimum(count[finite], np.maximum(reach, 0).astype(int))
     src = np.repeat(rows, count)
     m = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + 1
-    implied = time[src] + m * np.asarray(columns["II"], dtype=float)[src]
+    implied = time[src] + m * ii[src]
     kept = implied <= np.repeat(stop, count)
     return src[kept], implied[kept], m[kept]
 
@@ -156,9 +160,10 @@ def _governing_rows(src: np.ndarray, original: np.ndarray, profile: np.ndarray,
         nxt = np.minimum(np.searchsorted(positions, every, side="left"), positions.size - 1)
         last = positions[np.searchsorted(profile[positions], profile, side="right") - 1]
         governing = np.where(profile[positions[nxt]] == profile, positions[nxt], last)
-    else:
-        governing = positions[np.maximum(np.searchsorted(positions, every, side="right") - 1,
-                                         0)]
+    else:  # an ID's first row if none of its rows comes before (II below TIME's precision)
+        prv = positions[np.maximum(np.searchsorted(positions, every, side="right") - 1, 0)]
+        first = positions[np.searchsorted(profile[positions], profile, side="left")]
+        governing = np.where(profile[prv] == profile, prv, first)
     return np.where(original, src, src[governing])
 
 

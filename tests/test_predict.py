@@ -346,7 +346,7 @@ def test_events_of_a_table_match_the_per_id_expansion(ids, covariates):
     equal stacking each ID's expand_records (time, EVID, AMT, RATE, DUR, II, SS, CMT,
     parameter and source rows, padding), with resets (EVID 3 and 4, SS doses) that cancel
     additional doses not yet given and implied doses at the time of a record."""
-    from pkmodel.engine import Events, Structure, expand_records, stack_events
+    from pkmodel.engine import Events, Structure
     from pkmodel.predict import to_events
     rows = []
     for ident, records in enumerate(ids, start=1):
@@ -359,17 +359,24 @@ def test_events_of_a_table_match_the_per_id_expansion(ids, covariates):
                          "MDV": int(evid != 0), "DV": np.nan if evid else 1.0})
     table = validate(pd.DataFrame(rows))
     got = to_events(table, Structure(1), covariates=covariates)
-    starts = np.flatnonzero(np.r_[True, table["ID"].to_numpy()[1:]
-                                  != table["ID"].to_numpy()[:-1]])
+    expected = per_id_events(table, covariates)
+    for name in Events.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)
+
+
+def per_id_events(table: pd.DataFrame, covariates: str):
+    """The reference for to_events: each ID's engine.expand_records, stacked."""
+    from pkmodel.engine import expand_records, stack_events
+
+    ids = table["ID"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     stops = np.r_[starts[1:], len(table)]
-    expected = stack_events([expand_records(
+    return stack_events([expand_records(
         *(table[c].to_numpy()[lo:hi] for c in ("TIME", "EVID", "AMT")),
         rate=table["RATE"].to_numpy()[lo:hi], dur=table["DUR"].to_numpy()[lo:hi],
         ii=table["II"].to_numpy()[lo:hi], addl=table["ADDL"].to_numpy()[lo:hi],
         ss=table["SS"].to_numpy()[lo:hi], cmt=table["CMT"].to_numpy()[lo:hi],
         covariates=covariates, row_offset=int(lo)) for lo, hi in zip(starts, stops)])
-    for name in Events.__dataclass_fields__:
-        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)
 
 
 def test_top_level_names_stay_what_they_name_after_their_submodule_loads():
@@ -417,3 +424,27 @@ def test_concentrations_after_equal_sample_rows_added_to_the_table():
     with pytest.raises(ValueError, match=r"at or after its last record \(day 42.02\)"):
         concentrations_after(model, table, eta, np.array([40.0]))
     assert concentrations_after(model, table, eta, np.array([])).shape == (5, 0)
+
+
+def test_events_of_extreme_addl_match_the_per_id_expansion():
+    """Two tables the random ones miss, equal to the per-ID expand_records in every field:
+    ADDL of 100 million cut short by a reset on day 10 (only the doses before it are
+    made: the expansion stays small), and under LOCF an implied dose that sorts before
+    its ID's first row (II below the precision of TIME) takes its own ID's first row,
+    not the previous ID's last."""
+    from pkmodel.engine import Events, Structure
+    from pkmodel.predict import to_events
+
+    reset = pd.DataFrame({"ID": 1, "TIME": [0.0, 10.0, 12.0], "EVID": [1, 3, 1],
+                          "AMT": [100.0, 0.0, 100.0], "II": [1.0, 0.0, 0.0],
+                          "ADDL": [100_000_000, 0, 0]})
+    tiny = pd.DataFrame({"ID": [1, 1, 2, 2], "TIME": [0.0, 5.0, 1e6, 1e6 + 14],
+                         "AMT": [100.0, 0.0, 500.0, 0.0], "II": [0.0, 0.0, 1e-11, 0.0],
+                         "ADDL": [0, 0, 1, 0]})
+    for data, covariates in ((reset, "nocb"), (tiny, "locf")):
+        table = validate(data)
+        got = to_events(table, Structure(1), covariates=covariates)
+        expected = per_id_events(table, covariates)
+        for name in Events.__dataclass_fields__:
+            np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)
+    assert got.param_row.tolist() == [[0, 1, 1], [2, 2, 3]]

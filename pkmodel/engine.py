@@ -70,6 +70,7 @@ __all__ = [
     "dose_response",
     "expand_records",
     "is_dose_modifier",
+    "is_reset",
     "select_profiles",
     "solve",
     "stack_events",
@@ -240,7 +241,7 @@ def expand_records(
         "cmt": column(cmt),
     }
     n_addl = column(addl).astype(int)
-    resets = np.flatnonzero((cols["evid"] >= 3) | ((cols["ss"] == 1) & _is_dose(cols["evid"])))
+    resets = np.flatnonzero(is_reset(cols["evid"], cols["ss"]))
 
     # Sort key (time, group, order): original rows keep file order (group 1); implied
     # doses come before records at the same time (group 0).
@@ -542,6 +543,18 @@ def _full(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _is_dose(evid: np.ndarray) -> np.ndarray:
     return (evid == 1) | (evid == 4)
+
+
+def is_reset(evid: np.ndarray, ss: np.ndarray) -> np.ndarray:
+    """Records that empty the compartments (EVID 3 or 4, or a dose with SS 1), and so
+    cancel the additional doses (ADDL) of earlier records not yet given.
+
+    Examples
+    --------
+    >>> is_reset(np.array([1, 3, 4, 1, 0]), np.array([0, 0, 0, 1, 0])).tolist()
+    [False, True, True, True, False]
+    """
+    return (evid >= 3) | ((ss == 1) & _is_dose(evid))
 
 
 @dataclass

@@ -1557,11 +1557,12 @@ def sample_posterior(
                                 estimate=replace(fit, model=_estimated_part(model)))
         return replace(part, draws=_with_fixed_columns(part.draws, model))
     problem, _ = _build_problem(model, data, covariates)
-    obj = _Objective(problem)
     kept = fit._problem  # the fit's objective, its engine inputs built: reused if of `data`
     if (kept is not None and len(kept) == 3 and kept[1] == covariates and fit.model is model
             and kept[0].events is problem.events and kept[0].residual_sd is None):
         problem, _, obj = kept
+    else:
+        obj = _Objective(problem)
     b_count, p = len(problem.ids), problem.n_params
     names = problem.names
     mode = float_columns(fit.individuals, names)

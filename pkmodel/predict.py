@@ -26,6 +26,7 @@ from pkmodel.engine import (
     Structure,
     at_rows,
     central_amounts,
+    is_reset,
 )
 from pkmodel.errors import CovariateError, DatasetError
 from pkmodel.model import PopulationModel, check_covariates, evaluate_parameters
@@ -129,8 +130,8 @@ def _implied_doses(columns: dict[str, np.ndarray], profile_of_row: np.ndarray,
     """The doses ADDL implies, all IDs at once: their rows, times and numbers (dose ``m`` of
     a row at ``TIME + m II``), none after the first reset (EVID 3 or 4, or an SS dose) of
     the row's ID after it; one at the reset's time is given, then reset."""
-    evid, ss = columns["EVID"], columns["SS"]
-    reset = np.flatnonzero((evid >= 3) | ((ss == 1) & ((evid == 1) | (evid == 4))))
+    evid = columns["EVID"]
+    reset = np.flatnonzero(is_reset(evid, columns["SS"]))
     rows = np.flatnonzero(columns["ADDL"] > 0)
     following = np.searchsorted(reset, rows, side="right")
     nxt = np.append(reset, len(evid))[following]

@@ -55,6 +55,9 @@ MAX_SS_SPAN = 1000.0
 #: Magnitudes no dose, rate, interval or concentration reaches in any unit a model uses
 #: (a picogram to a tonne in mg): values outside are data errors, and would overflow.
 SMALLEST_DOSE, LARGEST_VALUE = 1e-9, 1e12
+#: Most additional (ADDL) doses one record may imply: a daily dose for 270 years. Each
+#: implied dose becomes a record, so more is a data error that would exhaust memory.
+MAX_ADDL = 100_000
 
 
 class JsonDocument:
@@ -372,6 +375,9 @@ def validate(
     fail_where(out, "DUR", ~dose & (dur != 0), "DUR = 0 on records that are not doses", dur)
     fail_where(out, "II", ii < 0, "a non-negative dosing interval (day)", ii)
     fail_where(out, "ADDL", addl < 0, "a non-negative number of additional doses", addl)
+    fail_where(out, "ADDL", addl > MAX_ADDL,
+               f"at most {MAX_ADDL:,} additional doses on one record (each becomes a record)",
+               addl)
     fail_where(out, "ADDL", (addl > 0) & ~dose, "ADDL = 0 on records that are not doses", addl)
     fail_where(out, "II", (addl > 0) & (ii <= 0), "II > 0 where ADDL > 0", ii)
     fail_where(out, "SS", ~np.isin(ss, [0, 1, 2]), "0, 1 or 2", ss)

@@ -127,6 +127,9 @@ def test_planted_mistakes_name_column_row_and_id(column, row, value, words):
     ({"DUR": [1.0, 0, 0, 0, 0, 0]}, "DUR", "one or the other"),
     ({"MDV": [0, 0, 1, 1, 0, 1]}, "MDV", "MDV = 1 on non-observation records"),
     ({"CMT": [-1, 0, 1, 1, 0, 1]}, "CMT", ">= 0"),
+    # a whole number too large to expand: 1e19 overflowed an integer, 1e8 filled memory
+    ({"ADDL": [1e19, 0, 0, 0, 0, 0], "II": [7.0, 0, 0, 0, 0, 0]}, "ADDL", "at most 100,000"),
+    ({"ADDL": [100_001, 0, 0, 0, 0, 0], "II": [1.0, 0, 0, 0, 0, 0]}, "ADDL", "at most 100,000"),
 ])
 def test_inconsistent_nonmem_items_are_named(changes, column, words):
     with pytest.raises(DatasetError, match=f"column '{column}', row .* \\(ID .*\\).*{words}"):

@@ -56,6 +56,7 @@ __all__ = [
     "covariates_outside_range",
     "disposition",
     "eta_of",
+    "evaluate_parameter_slopes",
     "evaluate_parameters",
     "typical_covariates",
 ]
@@ -230,14 +231,20 @@ class CompiledEquations(Mapping[str, "sp.Expr"]):
     build : callable
         Returns the sympy expressions, by parameter name (called once, when first needed;
         a module-level function or a partial of one, so that the equations pickle).
+    slopes : mapping of str to mapping of str to str, optional
+        Per parameter, the source of its derivative with respect to each ETA and KAPPA
+        its equation uses (what exact gradients of a fit need); derived from the
+        expressions when omitted.
     """
 
     def __init__(self, arguments: Sequence[str], sources: Mapping[str, str],
                  symbols: Mapping[str, Sequence[str]],
-                 build: Callable[[], Mapping[str, Any]]) -> None:
+                 build: Callable[[], Mapping[str, Any]],
+                 slopes: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.arguments = tuple(arguments)
         self.sources = dict(sources)
         self.symbols = {k: frozenset(v) for k, v in symbols.items()}
+        self.slopes = None if slopes is None else {k: dict(v) for k, v in slopes.items()}
         self.key = ("compiled", self.arguments, tuple(self.sources.items()))
         self._build = build
 
@@ -264,16 +271,19 @@ class CompiledEquations(Mapping[str, "sp.Expr"]):
 
         arguments = (*model.theta, *model.covariate_names, *model.eta_names, *model.iov)
         index = {name: i for i, name in enumerate(arguments)}
-        sources = {}
+        sources, slopes = {}, {}
         for name, expr in model.parameters.items():
-            source = _numpy_source(sp.sympify(expr), index)
-            if source is None:
-                raise ValueError(f"{model.name}: the equation of {name} uses a function "
-                                 "that cannot be written out (arithmetic, exp, log, sqrt, "
-                                 "comparisons and Piecewise can)")
-            sources[name] = source
+            expr = sp.sympify(expr)
+            source = _numpy_source(expr, index)
+            derivatives = _slope_sources(expr, (*model.eta_names, *model.iov), index)
+            if source is None or derivatives is None:
+                raise ValueError(f"{model.name}: the equation of {name} or its derivative "
+                                 "uses a function that cannot be written out (arithmetic, "
+                                 "exp, log, sqrt, comparisons and Piecewise can)")
+            sources[name], slopes[name] = source, derivatives
         return cls(arguments, sources,
-                   {name: sorted(model.parameter_symbols(name)) for name in sources}, build)
+                   {name: sorted(model.parameter_symbols(name)) for name in sources}, build,
+                   slopes)
 
     @cached_property
     def expressions(self) -> dict[str, sp.Expr]:
@@ -398,6 +408,7 @@ class PopulationModel:
         # Dask workers); numpy functions made by lambdify do not pickle.
         state = dict(self.__dict__)
         state.pop("_compiled", None)
+        state.pop("_compiled_slopes", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -547,6 +558,31 @@ class PopulationModel:
                                   for name, expr in equations.items()}
         return _COMPILED[key]
 
+    @cached_property
+    def _compiled_slopes(self) -> dict[str, dict[str, Any]]:
+        # Per parameter, numpy functions of its derivatives by the ETAs and KAPPAs its
+        # equation uses: stored with the published models, else derived by sympy.
+        names = (*self.theta, *self.covariate_names, *self.eta_names, *self.iov)
+        key = ("slopes", names, self.equations_key)
+        if key not in _COMPILED:
+            if len(_COMPILED) > 256:
+                _COMPILED.clear()
+            equations = self.parameters
+            if (isinstance(equations, CompiledEquations) and equations.arguments == names
+                    and equations.slopes is not None):
+                sources = equations.slopes
+                _COMPILED[key] = {p: {k: _from_source(v) for k, v in d.items()}
+                                  for p, d in sources.items()}
+            else:
+                import sympy as sp
+
+                args = [sp.Symbol(n) for n in names]
+                effects = (*self.eta_names, *self.iov)
+                _COMPILED[key] = {p: {k: _compile(args, d) for k, d in
+                                      _slope_expressions(sp.sympify(e), effects).items()}
+                                  for p, e in equations.items()}
+        return _COMPILED[key]
+
     def equations(self, format: str = "text") -> str:
         """The parameter equations and THETA values, as text or LaTeX.
 
@@ -615,6 +651,26 @@ def _symbols(parameters: Mapping[str, Any]) -> dict[str, frozenset[str]]:
     return out
 
 
+def _slope_expressions(expr: sp.Expr, effects: Sequence[str]) -> dict[str, sp.Expr]:
+    """``d expr / d name`` for each ETA or KAPPA ``name`` of ``effects`` that ``expr`` uses
+    (symbols matched by name, whatever their assumptions), over plain symbols."""
+    plain = expr.xreplace({s: type(s)(s.name) for s in expr.free_symbols})
+    used = {s.name: s for s in plain.free_symbols}
+    return {name: plain.diff(used[name]) for name in effects if name in used}
+
+
+def _slope_sources(expr: sp.Expr, effects: Sequence[str], index: Mapping[str, int]
+                   ) -> dict[str, str] | None:
+    """Sources of :func:`_slope_expressions` (None if one cannot be written out)."""
+    out = {}
+    for name, slope in _slope_expressions(expr, effects).items():
+        source = _numpy_source(slope, index)
+        if source is None:
+            return None
+        out[name] = source
+    return out
+
+
 def _numpy_source(expr: sp.Expr, index: Mapping[str, int]) -> str | None:
     """Python source of ``expr`` over ``a[i]`` (the i-th argument), or None where it holds
     anything but symbols of ``index``, numbers, +, *, **, exp, log, sqrt, comparisons and
@@ -660,6 +716,26 @@ def _numpy_source(expr: sp.Expr, index: Mapping[str, int]) -> str | None:
     return None
 
 
+def _arguments(model: PopulationModel, covariates: Mapping[str, np.ndarray],
+               eta: np.ndarray | None, kappa: np.ndarray | None) -> list[Any]:
+    """The compiled equations' arguments: THETAs, covariates, ETAs, KAPPAs (checked)."""
+    args: list[Any] = [float(v) for v in model.theta.values()]
+    for name in model.covariate_names:
+        if name not in covariates:
+            raise CovariateError(f"covariate '{name}' is missing: {model.name} needs it")
+        args.append(np.asarray(covariates[name], dtype=float))
+    for names, values in ((model.eta_names, eta), (model.kappa_names, kappa)):
+        if values is None:
+            args.extend([0.0] * len(names))
+            continue
+        values = np.asarray(values, dtype=float)
+        if values.shape[-1:] != (len(names),):
+            raise ValueError(f"last axis must hold {len(names)} values ({names}); got shape "
+                             f"{values.shape}")
+        args.extend(values[..., i] for i in range(len(names)))
+    return args
+
+
 def evaluate_parameters(
     model: PopulationModel,
     covariates: Mapping[str, np.ndarray],
@@ -683,26 +759,62 @@ def evaluate_parameters(
     dict of str to ndarray
         Every parameter of ``model.parameters`` (L/day, L, 1/day; modifiers as defined).
     """
-    args: list[Any] = [float(v) for v in model.theta.values()]
-    for name in model.covariate_names:
-        if name not in covariates:
-            raise CovariateError(f"covariate '{name}' is missing: {model.name} needs it")
-        args.append(np.asarray(covariates[name], dtype=float))
-    for names, values in ((model.eta_names, eta), (model.kappa_names, kappa)):
-        if values is None:
-            args.extend([0.0] * len(names))
-            continue
-        values = np.asarray(values, dtype=float)
-        if values.shape[-1:] != (len(names),):
-            raise ValueError(f"last axis must hold {len(names)} values ({names}); got shape "
-                             f"{values.shape}")
-        args.extend(values[..., i] for i in range(len(names)))
+    args = _arguments(model, covariates, eta, kappa)
     shape = np.broadcast_shapes(*(np.shape(a) for a in args))
     out = {}
     for name, f in model._compiled.items():
         value = np.asarray(f(*args), dtype=float)
         out[name] = (value.copy() if value.shape == shape
                      else np.broadcast_to(value, shape).copy())
+    return out
+
+
+def evaluate_parameter_slopes(
+    model: PopulationModel,
+    covariates: Mapping[str, np.ndarray],
+    eta: np.ndarray | None = None,
+    kappa: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Exact derivatives of the individual parameters with respect to the ETAs and KAPPAs.
+
+    Parameters
+    ----------
+    model, covariates, eta, kappa
+        As for :func:`evaluate_parameters`.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Per parameter, ``d parameter / d (ETAs, KAPPAs)`` with the broadcast shape of the
+        arguments plus a last axis of ``len(model.eta_names) + len(model.kappa_names)``,
+        ETAs then KAPPAs in the model's order (L/day, L, ... per unit of ETA).
+
+    Examples
+    --------
+    ``CL = TVCL (WT/70)^0.75 exp(ETA_CL) exp(KAPPA_CL)``: its derivative by ETA_CL and by
+    KAPPA_CL is CL itself; V1 does not depend on them.
+
+    >>> from pkmodel.models import load
+    >>> model = load("fasanmade2011")
+    >>> cov = {"WT": 30.0, "ALB": 4.0, "ATI": 0.0, "IMM": 0.0}
+    >>> slopes = evaluate_parameter_slopes(model, cov, np.array([0.1, 0.0, 0.0]),
+    ...                                    np.array([0.05]))
+    >>> cl = evaluate_parameters(model, cov, np.array([0.1, 0.0, 0.0]), np.array([0.05]))["CL"]
+    >>> bool(np.isclose(slopes["CL"][0], cl)), bool(np.isclose(slopes["CL"][3], cl))
+    (True, True)
+    >>> slopes["V1"][[0, 2, 3]].tolist()
+    [0.0, 0.0, 0.0]
+    """
+    args = _arguments(model, covariates, eta, kappa)
+    shape = np.broadcast_shapes(*(np.shape(a) for a in args))
+    effects = (*model.eta_names, *model.kappa_names)
+    out = {}
+    for name, functions in model._compiled_slopes.items():
+        d = np.zeros(shape + (len(effects),))
+        for j, effect in enumerate(effects):
+            if effect in functions:
+                d[..., j] = functions[effect](*args)
+        out[name] = d
     return out
 
 

@@ -18,6 +18,7 @@ from pkmodel.model import (
     _compile,
     _numpy_source,
     check_covariates,
+    evaluate_parameter_slopes,
     evaluate_parameters,
     typical_covariates,
 )
@@ -181,3 +182,61 @@ def test_equation_writer_covers_arithmetic_and_declines_the_rest():
     assert _numpy_source(partial, {"x": 0, "y": 1}) is None  # And is not written out
     with np.errstate(invalid="ignore"):  # numpy's square root, as lambdify's: nan below 0
         assert np.isnan(_compile([x], sp.sqrt(x))(-4.0))
+
+
+def test_parameter_slopes_are_the_equations_derivatives():
+    """``CL = TVCL (WT/70)^0.75 exp(ETA_CL + KAPPA_CL)``, ``V1 = TVV WT/70 exp(ETA_V)``:
+    dCL/dETA_CL = dCL/dKAPPA_CL = CL, dV1/dETA_V = V1, every other slope 0 (by hand)."""
+    model = small_model()
+    wt = np.array([35.0, 70.0, 140.0])
+    eta = np.array([[0.1, -0.2], [0.0, 0.0], [-0.3, 0.5]])
+    kappa = np.array([[0.05], [0.0], [-0.1]])
+    p = evaluate_parameters(model, {"WT": wt}, eta, kappa)
+    d = evaluate_parameter_slopes(model, {"WT": wt}, eta, kappa)
+    assert d["CL"].shape == d["V1"].shape == (3, 3)  # ETA_CL, ETA_V, KAPPA_CL
+    np.testing.assert_allclose(d["CL"][:, [0, 2]], np.stack([p["CL"]] * 2, axis=1),
+                               rtol=1e-14)
+    np.testing.assert_allclose(d["V1"][:, 1], p["V1"], rtol=1e-14)
+    assert (d["CL"][:, 1] == 0).all() and (d["V1"][:, [0, 2]] == 0).all()
+
+
+def test_parameter_slopes_of_a_piecewise_equation_with_positive_symbols():
+    """Symbols with assumptions and a Piecewise in the ETA: the slope is that of the branch
+    taken, ``2 TVV ETA_V`` below 0 and ``TVV exp(ETA_V)`` above (by hand)."""
+    eta_v = sp.Symbol("ETA_V", real=True)
+    tvv = sp.Symbol("TVV", positive=True)
+    model = small_model(parameters={
+        "CL": TVCL * sp.exp(ETA_CL),
+        "V1": sp.Piecewise((tvv * (1 + eta_v**2), eta_v < 0), (tvv * sp.exp(eta_v), True))})
+    eta = np.array([[0.0, -0.5], [0.0, 0.3]])
+    d = evaluate_parameter_slopes(model, {"WT": np.array([70.0, 70.0])}, eta)
+    np.testing.assert_allclose(d["V1"][:, 1], [4.0 * 2 * -0.5, 4.0 * np.exp(0.3)],
+                               rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", available())
+def test_parameter_slopes_agree_with_central_differences(name):
+    """Every published model's stored slopes against central differences of its
+    equations (step 1e-6: agreement to about 1e-8 relative is what differences allow)."""
+    model = load(name)
+    rng = np.random.default_rng(3)
+    cov = {c.name: rng.uniform(*(c.observed or (0.5, 2.0)), 50) for c in model.covariates}
+    effects = (*model.eta_names, *model.kappa_names)
+    x = rng.normal(0.0, 0.3, (50, len(effects)))
+    n_eta = len(model.eta_names)
+
+    def params(v: np.ndarray) -> dict[str, np.ndarray]:
+        return evaluate_parameters(model, cov, v[:, :n_eta],
+                                   v[:, n_eta:] if model.kappa_names else None)
+
+    d = evaluate_parameter_slopes(model, cov, x[:, :n_eta],
+                                  x[:, n_eta:] if model.kappa_names else None)
+    h = 1e-6
+    for j in range(len(effects)):
+        step = np.zeros(len(effects))
+        step[j] = h
+        up, down = params(x + step), params(x - step)
+        for parameter in model.structure.parameter_names:
+            np.testing.assert_allclose(d[parameter][:, j], (up[parameter] - down[parameter])
+                                       / (2 * h), rtol=1e-7, atol=1e-9,
+                                       err_msg=f"{parameter} by {effects[j]}")

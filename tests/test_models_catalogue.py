@@ -58,6 +58,19 @@ def test_a_catalogued_model_is_its_definition(name):
         np.testing.assert_allclose(np.broadcast_to(compiled[parameter](*values), (300,)),
                                    np.broadcast_to(theirs, (300,)), rtol=1e-14,
                                    err_msg=parameter)
+    # the stored slopes are sympy's derivatives of the definitions in every ETA and KAPPA
+    slopes = ours._compiled_slopes
+    for parameter, expr in defined.parameters.items():
+        plain = expr.xreplace({s: sp.Symbol(s.name) for s in expr.free_symbols})
+        for effect in (*defined.eta_names, *defined.iov):
+            theirs = sp.lambdify([sp.Symbol(n) for n in names],
+                                 plain.diff(sp.Symbol(effect)), modules=[np])(*values)
+            ours_d = (slopes[parameter][effect](*values) if effect in slopes[parameter]
+                      else 0.0)
+            np.testing.assert_allclose(np.broadcast_to(ours_d, (300,)),
+                                       np.broadcast_to(theirs, (300,)), rtol=1e-14,
+                                       atol=1e-300, err_msg=f"{parameter} by {effect}")
+    assert ours.parameters.slopes is not None  # stored, not derived at run time
     # the expressions, built when asked for, are the definitions'
     assert dict(ours.parameters.items()) == dict(defined.parameters)
     assert ours.equations() == defined.equations()

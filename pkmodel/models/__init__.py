@@ -145,6 +145,7 @@ def _entry(model: PopulationModel) -> dict[str, Any]:
         "arguments": list(equations.arguments),
         "sources": equations.sources,
         "symbols": {k: sorted(v) for k, v in equations.symbols.items()},
+        "slopes": equations.slopes,
         "omega": np.asarray(model.omega).tolist(),
         "eta_names": list(model.eta_names),
         "residual": dataclasses.asdict(model.residual),
@@ -166,7 +167,7 @@ def _tuples(record: dict[str, Any]) -> dict[str, Any]:
 
 def _from_entry(name: str, entry: dict[str, Any]) -> PopulationModel:
     equations = CompiledEquations(entry["arguments"], entry["sources"], entry["symbols"],
-                                  functools.partial(_expressions, name))
+                                  functools.partial(_expressions, name), entry.get("slopes"))
     label = entry["label"]
     return PopulationModel(
         name=name,

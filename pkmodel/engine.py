@@ -64,13 +64,17 @@ MAX_SS_SPAN = 1000.0
 __all__ = [
     "DOSE_MODIFIERS",
     "Events",
+    "Modes",
     "Structure",
     "at_rows",
     "central_amounts",
+    "decompose",
     "dose_response",
+    "exp_divided_difference",
     "expand_records",
     "is_dose_modifier",
     "is_reset",
+    "relexp",
     "select_profiles",
     "solve",
     "stack_events",
@@ -359,8 +363,14 @@ _SELECTED: dict[int, tuple[weakref.ref, weakref.ref, np.ndarray]] = {}
 # --------------------------------------------------------------------------- modal algebra
 
 
-def _relexp(x: np.ndarray) -> np.ndarray:
-    """``expm1(x) / x``, equal to 1 at ``x = 0``."""
+def relexp(x: np.ndarray) -> np.ndarray:
+    """``expm1(x) / x``, equal to 1 at ``x = 0``, elementwise and without cancellation.
+
+    Examples
+    --------
+    >>> relexp(np.array([0.0, 1e-20, -1.0])).round(6).tolist()
+    [1.0, 1.0, 0.632121]
+    """
     x = np.asarray(x, dtype=float)
     safe = np.where(x == 0.0, 1.0, x)
     return np.where(x == 0.0, 1.0, np.expm1(safe) / safe)
@@ -368,14 +378,21 @@ def _relexp(x: np.ndarray) -> np.ndarray:
 
 def _phi(lam: np.ndarray, t: np.ndarray) -> np.ndarray:
     """``integral_0^t exp(lam u) du``."""
-    return t * _relexp(lam * t)
+    return t * relexp(lam * t)
 
 
-def _divdiff(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """``(exp(a t) - exp(b t)) / (a - b)`` without cancellation; ``t exp(a t)`` if a == b."""
+def exp_divided_difference(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``(exp(a t) - exp(b t)) / (a - b)`` without cancellation; ``t exp(a t)`` if a == b
+    (rates in 1/day, ``t`` in days; elementwise).
+
+    Examples
+    --------
+    >>> float(exp_divided_difference(np.array(-0.1), np.array(-0.1), np.array(2.0)))
+    1.6374615061559636
+    """
     hi = np.maximum(a, b)
     gap = hi - np.minimum(a, b)
-    return np.exp(hi * t) * t * _relexp(-gap * t)
+    return np.exp(hi * t) * t * relexp(-gap * t)
 
 
 def _matvec(m: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -389,8 +406,9 @@ def _matvec(m: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Modes:
-    """Modal decomposition of the disposition matrix for a batch of parameter sets."""
+class Modes:
+    """Modal decomposition of the disposition matrix for a batch of parameter sets
+    (:func:`decompose`): ``K = p diag(lam) pinv`` on the disposition amounts."""
 
     lam: np.ndarray  # (..., n) eigenvalues (1/day), all negative
     p: np.ndarray  # (..., n, n) right eigenvectors: amounts = p @ modal
@@ -401,22 +419,31 @@ class _Modes:
     def __post_init__(self) -> None:
         self.b = self.pinv[..., :, 0]
 
-    def take(self, index: int) -> _Modes:
+    def take(self, index: int) -> Modes:
         """The decomposition of one column of a (S, U, ...) batch."""
         ka = None if self.ka is None else self.ka[:, index]
-        return _Modes(self.lam[:, index], self.p[:, index], self.pinv[:, index], ka)
+        return Modes(self.lam[:, index], self.p[:, index], self.pinv[:, index], ka)
 
-    def gather(self, index: np.ndarray) -> _Modes:
+    def gather(self, index: np.ndarray) -> Modes:
         """The decompositions ``index`` of a flat (C, ...) batch."""
         def take(a: np.ndarray) -> np.ndarray:  # np.take: 3x faster than a[index] here
             return np.take(a, index, axis=0)
 
-        return _Modes(take(self.lam), take(self.p), take(self.pinv),
+        return Modes(take(self.lam), take(self.p), take(self.pinv),
                       None if self.ka is None else take(self.ka))
 
 
-def _decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> _Modes:
-    """Eigen-decomposition of the rate matrix for every parameter set, vectorised."""
+def decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> Modes:
+    """Eigen-decomposition of the rate matrix of ``n`` disposition compartments for every
+    parameter set, vectorised (CL and Q in L/day, volumes in L, KA in 1/day, each an
+    array of the batch's shape).
+
+    Examples
+    --------
+    >>> modes = decompose(1, {"CL": np.array([0.5]), "V1": np.array([5.0])}, False)
+    >>> modes.lam.tolist()
+    [[-0.1]]
+    """
     cl, v1 = params["CL"], params["V1"]
     shape = cl.shape
     if n == 1:
@@ -441,7 +468,7 @@ def _decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> _Modes:
         p[..., 1, 0], p[..., 1, 1] = s2 * sin, s2 * cos
         pinv[..., 0, 0], pinv[..., 0, 1] = cos / s1, sin / s2
         pinv[..., 1, 0], pinv[..., 1, 1] = -sin / s1, cos / s2
-        return _Modes(lam, p, pinv, params["KA"] if depot else None)
+        return Modes(lam, p, pinv, params["KA"] if depot else None)
     else:
         q, v2, q3, v3 = params["Q"], params["V2"], params["Q3"], params["V3"]
         m = np.zeros(shape + (3, 3))
@@ -454,17 +481,17 @@ def _decompose(n: int, params: dict[str, np.ndarray], depot: bool) -> _Modes:
         sqrt_v = np.sqrt(np.stack([v1, v2, v3], axis=-1))
     p = sqrt_v[..., :, None] * u
     pinv = np.swapaxes(u, -1, -2) / sqrt_v[..., None, :]
-    return _Modes(lam, p, pinv, params["KA"] if depot else None)
+    return Modes(lam, p, pinv, params["KA"] if depot else None)
 
 
-def _modal(modes: _Modes, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+def _modal(modes: Modes, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """Amounts ``x (S, m)`` as (depot amount or None, modal coordinates ``(S, n)``)."""
     if modes.ka is None:
         return None, _matvec(modes.pinv, x)
     return x[:, 0], _matvec(modes.pinv, x[:, 1:])
 
 
-def _amounts(modes: _Modes, depot: np.ndarray | None, z: np.ndarray) -> np.ndarray:
+def _amounts(modes: Modes, depot: np.ndarray | None, z: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_modal`."""
     disposition = _matvec(modes.p, z)
     if depot is None:
@@ -472,18 +499,19 @@ def _amounts(modes: _Modes, depot: np.ndarray | None, z: np.ndarray) -> np.ndarr
     return np.concatenate([depot[:, None], disposition], axis=1)
 
 
-def _evolve(modes: _Modes, t: np.ndarray, depot: np.ndarray | None,
+def _evolve(modes: Modes, t: np.ndarray, depot: np.ndarray | None,
             z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """``E(t)`` in modal coordinates: ``t`` days without input (t >= 0)."""
     z = z * np.exp(modes.lam * t[:, None])
     if depot is None or modes.ka is None:
         return depot, z
     ka = modes.ka
-    z = z + (ka * depot)[:, None] * modes.b * _divdiff(modes.lam, -ka[:, None], t[:, None])
+    z = z + (ka * depot)[:, None] * modes.b * exp_divided_difference(modes.lam, -ka[:, None],
+                                                                   t[:, None])
     return depot * np.exp(-ka * t), z
 
 
-def _infuse_modal(modes: _Modes, d: np.ndarray, rate_depot: np.ndarray | None,
+def _infuse_modal(modes: Modes, d: np.ndarray, rate_depot: np.ndarray | None,
                   rate_z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """``Phi(d) r`` in modal coordinates: a constant input for ``d`` days from zero."""
     phi = _phi(modes.lam, d[:, None])
@@ -491,21 +519,21 @@ def _infuse_modal(modes: _Modes, d: np.ndarray, rate_depot: np.ndarray | None,
     if rate_depot is None or modes.ka is None:
         return rate_depot, z
     ka = modes.ka
-    coupling = phi - _divdiff(modes.lam, -ka[:, None], d[:, None])
+    coupling = phi - exp_divided_difference(modes.lam, -ka[:, None], d[:, None])
     return rate_depot * _phi(-ka, d), z + rate_depot[:, None] * modes.b * coupling
 
 
-def _propagate(modes: _Modes, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _propagate(modes: Modes, t: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``E(t) x``: the state after ``t`` days without input (t >= 0)."""
     return _amounts(modes, *_evolve(modes, t, *_modal(modes, x)))
 
 
-def _infuse(modes: _Modes, d: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _infuse(modes: Modes, d: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``Phi(d) v``: the state after a constant input ``v`` (mg/day) for ``d`` days from 0."""
     return _amounts(modes, *_infuse_modal(modes, d, *_modal(modes, v)))
 
 
-def _geometric(modes: _Modes, tau: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _geometric(modes: Modes, tau: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``(I - E(tau))^-1 y``: the sum of ``E(m tau) y`` over m >= 0."""
     off = 0 if modes.ka is None else 1
     rhs = _matvec(modes.pinv, y[:, off:])
@@ -513,7 +541,7 @@ def _geometric(modes: _Modes, tau: np.ndarray, y: np.ndarray) -> np.ndarray:
     if modes.ka is not None:
         ka = modes.ka
         out[:, 0] = y[:, 0] / -np.expm1(-ka * tau)
-        rhs = rhs + (ka * out[:, 0])[:, None] * modes.b * _divdiff(
+        rhs = rhs + (ka * out[:, 0])[:, None] * modes.b * exp_divided_difference(
             modes.lam, -ka[:, None], tau[:, None]
         )
     z = rhs / -np.expm1(modes.lam * tau[:, None])
@@ -521,7 +549,7 @@ def _geometric(modes: _Modes, tau: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _steady_infusion(modes: _Modes, v: np.ndarray) -> np.ndarray:
+def _steady_infusion(modes: Modes, v: np.ndarray) -> np.ndarray:
     """``-K^-1 v``: the steady state of a constant input ``v`` (mg/day)."""
     off = 0 if modes.ka is None else 1
     rhs = _matvec(modes.pinv, v[:, off:])
@@ -785,7 +813,7 @@ def _quiet(schedule: dict, resets: np.ndarray, ss_specs: dict) -> np.ndarray:
     return quiet
 
 
-def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _decay(modes: Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The state ``x (S, m)`` after ``dt (S, L)`` days without input: ``(S, L, m)``,
     :func:`_propagate` for ``L`` times at once."""
     depot, z = _modal(modes, x)
@@ -794,7 +822,8 @@ def _decay(modes: _Modes, dt: np.ndarray, x: np.ndarray) -> np.ndarray:
     z = z[:, :, None] * np.exp(lam * dt)
     if depot is not None and modes.ka is not None:
         ka = modes.ka[:, None, None]
-        z = z + (ka * depot[:, None, None]) * modes.b[:, :, None] * _divdiff(lam, -ka, dt)
+        z = z + (ka * depot[:, None, None]) * modes.b[:, :, None] * exp_divided_difference(
+            lam, -ka, dt)
     disposition = np.swapaxes(modes.p @ z, 1, 2)  # (a matmul: einsum is 10x slower)
     if depot is None or modes.ka is None:
         return disposition
@@ -810,7 +839,7 @@ _DECOMPOSE_ALL = 2048
 
 
 def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
-                      repeats: int = 1) -> tuple[Callable[[int], _Modes], np.ndarray]:
+                      repeats: int = 1) -> tuple[Callable[[int], Modes], np.ndarray]:
     """``modes_at(k)``: the decomposition of every set's parameters ``(S, R)`` at record
     ``k``, and ``(R,)`` whether some set's parameters change at each record.
 
@@ -836,13 +865,13 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
         # batch, or one whose sets all change at the same records without sharing a
         # decomposition with their group's first set (the draws of a posterior).
         cols = np.arange(first.shape[1]) if small else np.flatnonzero(changes)
-        every = _decompose(structure.n_compartments,
+        every = decompose(structure.n_compartments,
                            params if small else {k: v[:, cols] for k, v in params.items()},
                            structure.depot)
         in_force = np.searchsorted(cols, np.arange(first.shape[1]), side="right") - 1
-        columns: dict[int, _Modes] = {}
+        columns: dict[int, Modes] = {}
 
-        def column(k: int) -> _Modes:
+        def column(k: int) -> Modes:
             if k not in columns:
                 columns[k] = every.take(in_force[k])
             return columns[k]
@@ -851,17 +880,17 @@ def _modes_per_record(structure: Structure, params: dict[str, np.ndarray],
     if changes[1:].any():
         # (a take of the entries: 3x faster than a boolean mask)
         latest, where = _latest_decomposition(fresh, params, repeats)
-        modes = _decompose(structure.n_compartments,
+        modes = decompose(structure.n_compartments,
                            {k: np.ravel(v).take(where) for k, v in params.items()},
                            structure.depot)
     else:  # constant parameters: one decomposition per set
         latest = None
-        modes = _decompose(structure.n_compartments, {k: v[:, 0] for k, v in params.items()},
+        modes = decompose(structure.n_compartments, {k: v[:, 0] for k, v in params.items()},
                            structure.depot)
-    cache: dict[int, _Modes] = {}
+    cache: dict[int, Modes] = {}
     previous: list = [None, None]  # the last indices gathered and their decomposition
 
-    def modes_at(k: int) -> _Modes:
+    def modes_at(k: int) -> Modes:
         if latest is None:
             return modes
         if k not in cache:
@@ -1014,7 +1043,7 @@ def central_amounts(
             return out
         where = np.repeat(np.asarray(at), out.shape[0] // b_events, axis=0)
         return np.take_along_axis(out, where, axis=1)
-    modes = _decompose(structure.n_compartments, {k: v[:, :1] for k, v in full.items()},
+    modes = decompose(structure.n_compartments, {k: v[:, :1] for k, v in full.items()},
                        structure.depot).take(0)
     every = np.broadcast_to(np.arange(n_rec), (b_events, n_rec))
     return _superpose(structure, events, modes, n_sets, before_events,
@@ -1092,7 +1121,7 @@ def dose_response(
         raise ValueError("`duration`, `times` and `intervals` must be finite")
     if duration < 0 or np.any(t < 0) or np.any(tau <= 0) or np.any(tau < duration):
         raise ValueError("need duration >= 0, times >= 0 and intervals > 0, >= duration")
-    modes = _decompose(structure.n_compartments, arrays, structure.depot)
+    modes = decompose(structure.n_compartments, arrays, structure.depot)
     unit = np.zeros((n_sets, structure.n_states))
     unit[:, cmt - 1] = 1.0
     span = np.full(n_sets, float(duration))
@@ -1143,7 +1172,7 @@ def _superposition_cheaper(structure: Structure, events: Events, n_sets: int,
     return superpose < solve_cost
 
 
-def _superpose(structure: Structure, events: Events, modes: _Modes, n_sets: int,
+def _superpose(structure: Structure, events: Events, modes: Modes, n_sets: int,
                before_events: bool, at: np.ndarray) -> np.ndarray:
     """Central amounts ``(S, K)`` at the records ``at (B, K)`` as sums of each dose's
     response (see :func:`central_amounts`); doses at a record count from that record on
@@ -1164,7 +1193,7 @@ def _superpose(structure: Structure, events: Events, modes: _Modes, n_sets: int,
     parts = []
     for lo in range(0, b_count, size):
         rows = slice(lo, min(lo + size, b_count))
-        part = _Modes(*(per_profile(a, rows) for a in (modes.lam, modes.p, modes.pinv)),
+        part = Modes(*(per_profile(a, rows) for a in (modes.lam, modes.p, modes.pinv)),
                       None if modes.ka is None else per_profile(modes.ka, rows))
         amounts = _superpose_profiles(structure, events, part, rows, columns, before_events,
                                       at[rows])
@@ -1172,7 +1201,7 @@ def _superpose(structure: Structure, events: Events, modes: _Modes, n_sets: int,
     return np.concatenate(parts, axis=0)
 
 
-def _superpose_profiles(structure: Structure, events: Events, modes: _Modes, rows: slice,
+def _superpose_profiles(structure: Structure, events: Events, modes: Modes, rows: slice,
                         columns: np.ndarray, before_events: bool,
                         at: np.ndarray) -> np.ndarray:
     """:func:`_superpose` for the profiles ``rows``: ``(b, M, K)``, with ``modes`` of shape
@@ -1225,7 +1254,7 @@ def _superposable_ss(structure: Structure, events: Events) -> bool:
     return bool(np.all(fits | ~steady))
 
 
-def _steady_tail(modes: _Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarray,
+def _steady_tail(modes: Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarray,
                  length: np.ndarray, image: np.ndarray, tau: np.ndarray) -> np.ndarray:
     """What the doses before a steady-state dose (every ``tau (b, D)`` days; inf where
     not at steady state: nothing) add ``dt`` after it, in modal coordinates
@@ -1242,7 +1271,7 @@ def _steady_tail(modes: _Modes, dt: np.ndarray, amount: np.ndarray, rate: np.nda
     return image[:, :, :, None, :] * left * np.exp(lam * since) / -np.expm1(lam * tau)
 
 
-def _response(modes: _Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarray,
+def _response(modes: Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarray,
               length: np.ndarray, image: np.ndarray, into_depot: np.ndarray) -> np.ndarray:
     """Modal coordinates ``(b, M, D, K, n)`` ``dt (b, 1, D, K, 1)`` after each dose
     ``(b, D)``: a bolus ``amount`` or an infusion at ``rate`` for ``length``, into the
@@ -1265,10 +1294,11 @@ def _response(modes: _Modes, dt: np.ndarray, amount: np.ndarray, rate: np.ndarra
         return z
     ka = modes.ka[:, :, None, None, None]
     b = modes.b[:, :, None, None, :]
-    bolus = ka * amount * b * _divdiff(lam, -ka, dt)
+    bolus = ka * amount * b * exp_divided_difference(lam, -ka, dt)
     held = rate * _phi(-ka, during)  # in the depot when the infusion ends
-    running = rate * b * (_phi(lam, during) - _divdiff(lam, -ka, during))
-    infusion = running * np.exp(lam * after) + ka * held * b * _divdiff(lam, -ka, after)
+    running = rate * b * (_phi(lam, during) - exp_divided_difference(lam, -ka, during))
+    infusion = (running * np.exp(lam * after)
+                + ka * held * b * exp_divided_difference(lam, -ka, after))
     depot = np.where(infused, infusion, bolus)
     return np.where(into_depot[:, None, :, None, None], depot, z)
 
@@ -1287,7 +1317,7 @@ class _SteadyState:
     n_past: int  # past doses that may still be arriving at the record (ghost inputs)
 
 
-def _steady_state(modes: _Modes, spec: _SteadyState) -> np.ndarray:
+def _steady_state(modes: Modes, spec: _SteadyState) -> np.ndarray:
     """The state at the record contributed by the doses before it, for SS records."""
     tau = np.where(spec.mask & ~spec.constant, spec.tau, 1.0)
     lag, dur = spec.lag, spec.duration

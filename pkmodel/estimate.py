@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from pkmodel.data import JsonDocument, fail_where, float_columns, plain_json, validate, with_columns
-from pkmodel.engine import Events, select_profiles
+from pkmodel.engine import Events, is_dose_modifier, select_profiles
 from pkmodel.errors import PlausibilityWarning
 from pkmodel.model import (
     PopulationModel,
@@ -46,6 +46,7 @@ from pkmodel.model import (
     check_covariates,
     disposition,
     eta_of,
+    evaluate_parameter_slopes,
     evaluate_parameters,
 )
 from pkmodel.predict import (
@@ -54,6 +55,7 @@ from pkmodel.predict import (
     profile_concentrations,
     to_events,
 )
+from pkmodel.tangent import central_amount_slopes, slopes_unsupported
 
 __all__ = ["PLAUSIBLE_SD", "ConditionalLikelihood", "MAPEstimate", "PosteriorSample",
            "estimate_map", "objective", "outlier_sd", "sample_posterior"]
@@ -326,6 +328,11 @@ class _Objective:
         self.row_hi = np.searchsorted(problem.row_id, np.arange(n_ids), side="right")
         self._cache: dict[bytes, tuple[np.ndarray, np.ndarray, Events]] = {}
         self._centre: tuple[bytes, np.ndarray, np.ndarray] | None = None
+        # The predictions' derivatives are exact (pkmodel.tangent) where they apply, else
+        # finite differences of the OFV (see _derivatives).
+        model = problem.model
+        self.exact = (not any(is_dose_modifier(k) for k in model.parameters)
+                      and slopes_unsupported(model.structure, problem.events) is None)
 
     def kept(self) -> _Objective:
         """This objective for a result to keep: its selection of every ID only (the one a
@@ -372,6 +379,38 @@ class _Objective:
         covariates = {k: v[rows] for k, v in p.covariates.items()}
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
         return profile_concentrations(model, events, params, at=p.obs_record[ids])
+
+    def slopes(self, eta: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Concentrations (mg/L) at the observations ``(A, K)`` for ``eta (A, p)`` of IDs
+        ``ids (A,)`` and their exact derivatives in the ETAs and KAPPAs ``(A, K, p)``."""
+        p, model = self.p, self.p.model
+        rows, position, events = self._select(ids)
+        n_eta, n_kappa = len(model.eta_names), len(model.iov)
+        covariates = {k: v[rows] for k, v in p.covariates.items()}
+        eta_rows = eta[position, :n_eta]
+        kappa_rows = None
+        occasion = p.row_occasion[rows]
+        if model.iov:
+            kappa_rows = eta[position, n_eta:].reshape(len(rows), p.n_occasions, n_kappa)[
+                np.arange(len(rows)), occasion]
+        params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
+        local = evaluate_parameter_slopes(model, covariates, eta_rows, kappa_rows)
+        names = model.structure.parameter_names
+        full = np.zeros((len(names), len(rows), p.n_params))
+        full[:, :, :n_eta] = [local[name][:, :n_eta] for name in names]
+        if n_kappa:  # a row's KAPPA slopes belong to its occasion's KAPPAs
+            column = n_eta + occasion[:, None] * n_kappa + np.arange(n_kappa)
+            full[:, np.arange(len(rows))[:, None], column] = [local[name][:, n_eta:]
+                                                               for name in names]
+        per_record = {name: params[name][events.param_row] for name in names}
+        slopes = {name: full[i][events.param_row] for i, name in enumerate(names)}
+        at = p.obs_record[ids]
+        amounts, d_amounts = central_amount_slopes(model.structure, events, per_record,
+                                                   slopes, at=at)
+        volume = np.take_along_axis(per_record["V1"], at, axis=1)
+        d_volume = np.take_along_axis(slopes["V1"], at[..., None], axis=1)
+        f = amounts / volume
+        return f, (d_amounts - f[..., None] * d_volume) / volume[..., None]
 
     def fitted(self, eta: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Predictions ``(A, K)`` at ``eta (A, p)``: those of the last derivatives taken
@@ -446,6 +485,8 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *, newton: b
     the finite-difference Hessian of OFV (the FOCE Hessian in its place where forward);
     ``forward`` (per ID or for all): forward differences (see _FORWARD_STEP), their
     points padded with the centre in a call that also takes central ones."""
+    if obj.exact and not newton:
+        return _exact_derivatives(obj, eta, ids)
     a_count, n = eta.shape
     forward = np.broadcast_to(np.asarray(forward, dtype=bool), (a_count,))
     newton = newton and not forward.all()
@@ -482,30 +523,7 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *, newton: b
         grad = diff(total)
         df = np.swapaxes(diff(f_fit), 1, 2)
         dg = np.swapaxes(diff(g), 1, 2)
-    p = obj.p
-    mask, blq, alq = p.obs_mask[ids], p.blq[ids], p.alq[ids]
-    df = np.where(mask[..., None], df, 0.0)  # padding has no prediction to differentiate
-    dg = np.where(mask[..., None], dg, 0.0)
-    f0, g0 = np.where(mask, f_fit[:, 0], 0.0), np.where(mask, g[:, 0], 1.0)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        normal = mask & ~blq & ~alq
-        weight_f = np.where(normal, 2.0 / g0**2, 0.0)
-        weight_g = np.where(normal, 4.0 / g0**2, 0.0)
-        # Censored: -2 ln Phi(z), z = (LLOQ - f) / g below, (f - ULOQ) / g above; its
-        # Gauss-Newton weight is 2 m (m + z) with m = phi(z) / Phi(z).
-        log = p.model.residual.log_scale
-        lower = np.log(p.lloq[ids]) if log else p.lloq[ids]
-        upper = np.log(p.uloq[ids]) if log else p.uloq[ids]
-        sign = np.where(alq, 1.0, -1.0)
-        z = np.where(alq, f0 - upper, lower - f0) / g0
-        mills = (np.exp(_log_pdf(z) - _log_ndtr(z)) if (blq | alq).any()
-                 else np.zeros_like(z))
-        weight_c = np.where(mask & (blq | alq), 2.0 * mills * (mills + z), 0.0)
-        dz = (sign[..., None] * df - z[..., None] * dg) / g0[..., None]
-    weight_f, weight_g, weight_c, dz = (np.nan_to_num(w) for w in (weight_f, weight_g,
-                                                                   weight_c, dz))
-    fisher = (_weighted_gram(weight_f, df) + _weighted_gram(weight_g, dg)
-              + _weighted_gram(weight_c, dz) + 2.0 * p.precision)
+    fisher = _foce_hessian(obj, ids, f_fit[:, 0], g[:, 0], df, dg).fisher
     if not newton:
         return ofv0, grad, fisher, None
     hess = np.zeros((a_count, n, n))
@@ -522,6 +540,78 @@ def _derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray, *, newton: b
     return ofv0, grad, fisher, np.where(forward[:, None, None], fisher, hess)
 
 
+@dataclass
+class _Linearised:
+    """The FOCE Hessian of OFV and what the exact gradient needs, from the first
+    derivatives ``df``, ``dg`` ``(A, K, p)`` of the fitted predictions and SDs (zero in
+    padding)."""
+
+    fisher: np.ndarray  # (A, p, p)
+    df: np.ndarray
+    dg: np.ndarray
+    normal: np.ndarray  # (A, K) measured, not censored
+    dz: np.ndarray  # (A, K, p) of the censored records' z
+    mills: np.ndarray  # (A, K) phi(z) / Phi(z) at the censored records, else 0
+
+
+def _foce_hessian(obj: _Objective, ids: np.ndarray, f0: np.ndarray, g0: np.ndarray,
+                  df: np.ndarray, dg: np.ndarray) -> _Linearised:
+    """:class:`_Linearised` at the fitted predictions ``f0`` and SDs ``g0`` ``(A, K)``."""
+    p = obj.p
+    mask, blq, alq = p.obs_mask[ids], p.blq[ids], p.alq[ids]
+    df = np.where(mask[..., None], df, 0.0)  # padding has no prediction to differentiate
+    dg = np.where(mask[..., None], dg, 0.0)
+    f0, g0 = np.where(mask, f0, 0.0), np.where(mask, g0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        normal = mask & ~blq & ~alq
+        weight_f = np.where(normal, 2.0 / g0**2, 0.0)
+        weight_g = np.where(normal, 4.0 / g0**2, 0.0)
+        # Censored: -2 ln Phi(z), z = (LLOQ - f) / g below, (f - ULOQ) / g above; its
+        # Gauss-Newton weight is 2 m (m + z) with m = phi(z) / Phi(z).
+        log = p.model.residual.log_scale
+        lower = np.log(p.lloq[ids]) if log else p.lloq[ids]
+        upper = np.log(p.uloq[ids]) if log else p.uloq[ids]
+        sign = np.where(alq, 1.0, -1.0)
+        z = np.where(alq, f0 - upper, lower - f0) / g0
+        mills = (np.exp(_log_pdf(z) - _log_ndtr(z)) if (blq | alq).any()
+                 else np.zeros_like(z))
+        mills = np.where(mask & (blq | alq), mills, 0.0)
+        weight_c = 2.0 * mills * (mills + z)
+        dz = (sign[..., None] * df - z[..., None] * dg) / g0[..., None]
+    weight_f, weight_g, weight_c, dz, mills = (
+        np.nan_to_num(w) for w in (weight_f, weight_g, weight_c, dz, mills))
+    fisher = (_weighted_gram(weight_f, df) + _weighted_gram(weight_g, dg)
+              + _weighted_gram(weight_c, dz) + 2.0 * p.precision)
+    return _Linearised(fisher, df, dg, normal, dz, mills)
+
+
+def _exact_derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+    """:func:`_derivatives` without a full Hessian, from the predictions' exact
+    derivatives (:meth:`_Objective.slopes`): one engine pass per ID instead of ``2n + 1``
+    parameter sets, and no step size. Per observation, ``d/dF`` and ``d/dg`` of
+    ``ln g^2 + (y - F)^2 / g^2`` are ``-2 r / g^2`` and ``2 / g - 2 r^2 / g^3`` (``r = y -
+    F``), of a censored ``-2 ln Phi(z)`` ``-2 m dz``; the prior adds ``2 inv(OMEGA) eta``."""
+    f, df = obj.slopes(eta, ids)
+    obj._centre = (ids.tobytes(), eta.copy(), f)
+    value, f_fit, g = obj.terms(f[:, None, :], ids)
+    p, residual = obj.p, obj.p.model.residual
+    ofv = value.sum(axis=2)[:, 0] + obj.prior(eta[:, None, :])[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        df_fit = df / f[..., None] if residual.log_scale else df
+        dg = (np.zeros_like(df) if p.residual_sd is not None
+              else residual.sd_slope(f)[..., None] * df)
+        lin = _foce_hessian(obj, ids, f_fit[:, 0], g[:, 0], df_fit, dg)
+        y = np.log(p.y[ids]) if residual.log_scale else p.y[ids]
+        r, g0 = y - f_fit[:, 0], g[:, 0]
+        w_f = np.where(lin.normal, -2.0 * r / g0**2, 0.0)
+        w_g = np.where(lin.normal, 2.0 / g0 - 2.0 * r**2 / g0**3, 0.0)
+        grad = (np.einsum("ak,akp->ap", w_f, lin.df) + np.einsum("ak,akp->ap", w_g, lin.dg)
+                - 2.0 * np.einsum("ak,akp->ap", lin.mills, lin.dz)
+                + 2.0 * eta @ p.precision)
+    return ofv, grad, lin.fisher, None
+
+
 def _derivatives_by_distance(obj: _Objective, eta: np.ndarray, ids: np.ndarray,
                              far: np.ndarray, *, newton: bool) -> tuple:
     """:func:`_derivatives` (with :func:`_with_hessian`) at ``eta (A, p)``, by forward
@@ -530,7 +620,8 @@ def _derivatives_by_distance(obj: _Objective, eta: np.ndarray, ids: np.ndarray,
     points padded (the engine's cost of a small call is fixed, not per set). Each ID's
     numbers are the same either way, whatever IDs share the call."""
     a_count, n = eta.shape
-    if not far.any() or far.all() or a_count * (2 * n + 1) < _SPLIT_SETS:
+    if (obj.exact and not newton) or not far.any() or far.all() or (
+            a_count * (2 * n + 1) < _SPLIT_SETS):
         return _with_hessian(_derivatives(obj, eta, ids, newton=newton, forward=far))
     out = (np.empty(a_count), np.empty((a_count, n)), np.empty((a_count, n, n)),
            np.empty((a_count, n, n)))
@@ -667,6 +758,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
     eta = start.reshape(-1, n).copy()
     pairs = len(ids)
     newton = n <= _NEWTON_MAX
+    exact = obj.exact and not newton
     active = np.ones(pairs, dtype=bool)
     converged = np.zeros(pairs, dtype=bool)
     iterations = np.zeros(pairs, dtype=int)
@@ -692,7 +784,7 @@ def _optimise(obj: _Objective, start: np.ndarray, *, max_iter: int, tol: float) 
     def store(where: np.ndarray, values: tuple) -> None:
         old_grad = grad[where].copy()
         ofv[where], grad[where], fisher[where], hess[where] = values
-        central[where] = ~far[where]
+        central[where] = exact or ~far[where]  # accurate: exact, or central differences
         if not newton:  # no Hessian by differences: the FOCE Hessian, then BFGS
             hess_bfgs[where] = _bfgs(
                 np.where(seen[where, None, None], hess_bfgs[where], fisher[where]),

@@ -168,6 +168,25 @@ class ResidualError:
             return self.additive + self.proportional * np.abs(f)
         return np.sqrt(self.additive**2 + (self.proportional * f) ** 2)
 
+    def sd_slope(self, prediction: np.ndarray) -> np.ndarray:
+        """Derivative of :meth:`sd` in the prediction (per mg/L; 0 for a log-additive error,
+        whose SD is constant; nan where a proportional SD alone meets a zero prediction).
+
+        Examples
+        --------
+        ``SD = sqrt(0.5^2 + (0.1 F)^2)`` at ``F = 10``: ``0.1^2 F / SD = 0.1 / sqrt(1.25)``.
+
+        >>> ResidualError(proportional=0.1, additive=0.5).sd_slope(np.array([10.0])).round(6)
+        array([0.089443])
+        """
+        f = np.asarray(prediction, dtype=float)
+        if self.log_scale:
+            return np.zeros(f.shape)
+        if self.combine == "sd":
+            return self.proportional * np.sign(f)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.proportional**2 * f / self.sd(f)
+
 
 @dataclass(frozen=True)
 class DosingLabel:

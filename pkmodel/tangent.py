@@ -36,7 +36,9 @@ doses into the central compartment, no steady state, reset or dose modifier
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,8 +74,8 @@ def slopes_unsupported(structure: Structure, events: Events,
     """
     if structure.depot:
         return "a depot compartment"
-    if params is not None and any(is_dose_modifier(k) for k in params):
-        return "dose modifiers (F, ALAG, R, D)"
+    if params is not None and _modifiers(params):
+        return _modifiers(params)
     evid = np.asarray(events.evid)
     dose = evid == 1
     if np.any(evid >= 3):
@@ -88,26 +90,34 @@ def slopes_unsupported(structure: Structure, events: Events,
     return None
 
 
-def _rate_matrix_slopes(n: int, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``dK/dp (S, n, n)`` for each disposition parameter ``p`` (amounts in NONMEM's
-    compartment order): ``K_11 = -(CL + sum Q_i) / V1``, ``K_1i = Q_i / V_i``,
-    ``K_i1 = Q_i / V1``, ``K_ii = -Q_i / V_i``."""
-    cl, v1 = params["CL"], params["V1"]
-    shape = cl.shape + (n, n)
+def _modifiers(params: Mapping[str, np.ndarray]) -> str | None:
+    if any(is_dose_modifier(k) for k in params):
+        return "dose modifiers (F, ALAG, R, D)"
+    return None
+
+
+def _rank_one_factors(n: int, params: Mapping[str, np.ndarray], vec: np.ndarray,
+                      inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each ``dK/dp`` is of rank one, ``u v'``, so that ``N_p = P^-1 dK/dp P`` is
+    ``alpha beta'`` with ``alpha = P^-1 u`` and ``beta = P' v``: both ``(..., P, n)``, the
+    parameters in the structure's order. With ``K_11 = -(CL + sum Q_i) / V1``,
+    ``K_1i = Q_i / V_i``, ``K_i1 = Q_i / V1``, ``K_ii = -Q_i / V_i`` (amounts in NONMEM's
+    order): ``dK/dCL = e1 (-e1 / V1)'``, ``dK/dV1 = ((CL + sum Q_i) e1 - sum Q_i e_i) e1' /
+    V1^2``, ``dK/dQ_i = (e_i - e1) (e1 / V1 - e_i / V_i)'``, ``dK/dV_i = Q_i / V_i^2 (e_i -
+    e1) e_i'``."""
+    cl, v1 = params["CL"][..., None], params["V1"][..., None]
     peripheral = [("Q", "V2"), ("Q3", "V3")][:n - 1]
-    total = cl + sum(params[q] for q, _ in peripheral)
-    out = {"CL": np.zeros(shape), "V1": np.zeros(shape)}
-    out["CL"][..., 0, 0] = -1.0 / v1
-    out["V1"][..., 0, 0] = total / v1**2
+    row = [vec[..., i, :] for i in range(n)]  # P' e_i
+    col = [inv[..., :, i] for i in range(n)]  # P^-1 e_i
+    total = cl + sum(params[q][..., None] for q, _ in peripheral)
+    alpha = [col[0], (total * col[0] - sum(params[q][..., None] * col[i] for i, (q, _) in
+                                           enumerate(peripheral, start=1))) / v1**2]
+    beta = [-row[0] / v1, row[0]]
     for i, (q_name, v_name) in enumerate(peripheral, start=1):
-        q, v = params[q_name], params[v_name]
-        dq, dv = np.zeros(shape), np.zeros(shape)
-        dq[..., 0, 0], dq[..., 0, i] = -1.0 / v1, 1.0 / v
-        dq[..., i, 0], dq[..., i, i] = 1.0 / v1, -1.0 / v
-        dv[..., 0, i], dv[..., i, i] = -q / v**2, q / v**2
-        out["V1"][..., i, 0] = -q / v1**2
-        out[q_name], out[v_name] = dq, dv
-    return out
+        q, v = params[q_name][..., None], params[v_name][..., None]
+        alpha += [col[i] - col[0], q / v**2 * (col[i] - col[0])]
+        beta += [row[0] / v1 - row[i] / v, row[i]]
+    return np.stack(alpha, axis=-2), np.stack(beta, axis=-2)
 
 
 def second_exp_divided_difference(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -126,28 +136,38 @@ def second_exp_divided_difference(x: np.ndarray, y: np.ndarray, t: np.ndarray) -
     """
     x, y, t = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (x, y, t)))
     u, v = x * t, y * t
-    low, high = np.minimum(u, v), np.maximum(u, v)
+    low = np.minimum(u, v)
     big = -low >= _SERIES_BELOW
+    if big.all():
+        return _by_difference(u, v) * t**2
+    if not big.any():
+        return _by_series(u, v) * t**2
     out = np.empty(u.shape)
-    if big.any():  # (f[high, 0] - f[low, high]) / (0 - low), f the exponential's
-        lo, hi = low[big], high[big]
-        first_0 = relexp(hi)
-        first_pair = exp_divided_difference(lo, hi, np.ones_like(lo))
-        out[big] = (first_0 - first_pair) / -lo
-    small = ~big
-    if small.any():  # sum_k h_k(u, v) / (k + 2)!, h_k the complete symmetric polynomial
-        a, b = u[small], v[small]
-        largest = float(np.max(np.abs(np.concatenate([a, b])), initial=0.0))
-        terms = _series_terms(largest)
-        h = np.ones_like(a)
-        power = np.ones_like(a)
-        total = h / 2.0
-        for k in range(1, terms):
-            power = power * a
-            h = b * h + power
-            total = total + h / math.factorial(k + 2)
-        out[small] = total
+    out[big] = _by_difference(u[big], v[big])
+    out[~big] = _by_series(u[~big], v[~big])
     return out * t**2
+
+
+def _by_difference(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``(e[high, 0] - e[low, high]) / (0 - low)``, ``e`` the exponential's divided
+    differences, for ``min(u, v) <= -_SERIES_BELOW``."""
+    low, high = np.minimum(u, v), np.maximum(u, v)
+    return (relexp(high) - exp_divided_difference(low, high, np.ones_like(low))) / -low
+
+
+def _by_series(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``sum_k h_k(u, v) / (k + 2)!``, ``h_k`` the complete symmetric polynomial of degree
+    ``k`` in ``u, v`` (and 0), for ``|u|, |v| < _SERIES_BELOW``."""
+    largest = float(max(-u.min(initial=0.0), -v.min(initial=0.0), u.max(initial=0.0),
+                        v.max(initial=0.0)))
+    h = np.ones_like(u)
+    power = np.ones_like(u)
+    total = h / 2.0
+    for k in range(1, _series_terms(largest)):
+        power = power * u
+        h = v * h + power
+        total = total + h / math.factorial(k + 2)
+    return total
 
 
 def _series_terms(largest: float) -> int:
@@ -221,95 +241,149 @@ def central_amount_slopes(structure: Structure, events: Events,
     >>> round(float(a[0, 0]), 3), round(float(d[0, 0, 0]), 3)
     (81.873, -16.375)
     """
-    reason = slopes_unsupported(structure, events, params)
+    plan = _plan(structure, events)
+    reason = plan.reason or _modifiers(params)
     if reason is not None:
         raise ValueError(f"exact slopes of the solve do not apply: {reason}")
-    n = structure.n_compartments
-    names = structure.parameter_names
-    b_count, n_rec = events.shape
+    n, names = structure.n_compartments, structure.parameter_names
     n_sets = params[names[0]].shape[0]
-    repeats = n_sets // b_count
-    m = slopes[names[0]].shape[-1]
-    time = np.repeat(np.asarray(events.time, dtype=float), repeats, axis=0)
-    evid = np.asarray(events.evid)
-    amt = np.asarray(events.amt, dtype=float)
-    bolus = (evid == 1) & (np.asarray(events.rate) == 0) & (np.asarray(events.dur) == 0)
-    bolus_amt = np.repeat(np.where(bolus, amt, 0.0), repeats, axis=0)
-    start, end, speed = (np.repeat(a, repeats, axis=0) for a in _infusions(events))
-    moving = np.concatenate([[False], (np.diff(time, axis=1) > 0).any(axis=0)])
-    locf = events.covariates == "locf"
-
-    x = np.zeros((n_sets, n))
-    dx = np.zeros((n_sets, n, m))
-    central = np.empty((n_sets, n_rec))
-    d_central = np.empty((n_sets, n_rec, m))
-    t_prev = time[:, 0]
-    for k in range(n_rec):
-        tk = time[:, k]
-        if moving[k]:
-            own = max(k - 1, 0) if locf else k
-            x, dx = _step(n, {p: params[p][:, own] for p in names},
-                          np.stack([slopes[p][:, own] for p in names], axis=1),
-                          tk - t_prev, x, dx, _overlap(start, end, speed, t_prev, tk))
-        if bolus[:, k].any():
+    repeats = n_sets // events.shape[0]
+    dt = np.repeat(plan.dt, repeats, axis=0)
+    steps = _Steps(n, {k: params[k][:, plan.govern] for k in names},
+                      np.stack([slopes[k][:, plan.govern] for k in names], axis=2), dt)
+    steps.add_infusions(plan, repeats)
+    bolus = np.repeat(plan.bolus, repeats, axis=0)
+    m = steps.constant.shape[-1]
+    x, dx = np.zeros((n_sets, n)), np.zeros((n_sets, n, m))
+    central, d_central = np.empty((n_sets, plan.dt.shape[1])), np.empty(
+        (n_sets, plan.dt.shape[1], m))
+    for k in range(plan.dt.shape[1]):  # the recurrence; the rest is vectorised over records
+        if plan.moving[k]:
+            x, dx = steps.carry(k, x, dx)
+        if plan.dosed[k]:
             x = x.copy()
-            x[:, 0] += bolus_amt[:, k]
+            x[:, 0] += bolus[:, k]
         central[:, k], d_central[:, k] = x[:, 0], dx[:, 0]
-        t_prev = tk
     rows = np.repeat(np.asarray(at), repeats, axis=0)
     return (np.take_along_axis(central, rows, axis=1),
             np.take_along_axis(d_central, rows[..., None], axis=1))
 
 
-def _overlap(start: np.ndarray, end: np.ndarray, speed: np.ndarray, t_prev: np.ndarray,
-             tk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The infusions running in ``(t_prev, tk]``: the length inside it ``L``, the time
-    from their end within it to ``tk`` and their rate, each ``(S, J')``; None if none."""
-    lo = np.maximum(start, t_prev[:, None])
-    hi = np.minimum(end, tk[:, None])
-    inside = (hi > lo) & (speed > 0)
-    used = inside.any(axis=0)
-    if not used.any():
-        return None
-    lo, hi, inside = lo[:, used], hi[:, used], inside[:, used]
-    length = np.where(inside, hi - lo, 0.0)
-    after = np.where(inside, tk[:, None] - hi, 0.0)
-    return length, after, np.where(inside, speed[:, used], 0.0)
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`central_amount_slopes` takes from the records, per profile (``B``),
+    whatever the parameters: built once per Events object."""
+
+    reason: str | None  # why the slopes do not apply, or None
+    govern: np.ndarray  # (R,) the record whose parameters govern the interval ending here
+    dt: np.ndarray  # (B, R) the interval's length (day), 0 at the first record
+    moving: np.ndarray  # (R,) some profile's interval is not empty
+    bolus: np.ndarray  # (B, R) the bolus given at the record (mg), else 0
+    dosed: np.ndarray  # (R,) some profile has a bolus there
+    # the (profile, record, infusion) triples where an infusion runs in the interval, with
+    # its length there, the time from its end there to the record, and its rate
+    infused: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    one_per_interval: bool  # no two infusions run in one interval of one profile
 
 
-def _step(n: int, p: dict[str, np.ndarray], slope: np.ndarray, dt: np.ndarray,
-          x: np.ndarray, dx: np.ndarray,
-          infusions: tuple[np.ndarray, np.ndarray, np.ndarray] | None
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """The state and its derivatives ``(S, n)``, ``(S, n, m)`` carried over ``dt`` under
-    parameters ``p`` with slopes ``slope (S, P, m)`` and the infusions running."""
-    modes = decompose(n, p, False)
-    lam, vec, inv = modes.lam, modes.p, modes.pinv
-    w = np.einsum("sij,sj->si", inv, x)  # modal state
-    b = inv[:, :, 0]  # modal image of a unit amount in the central compartment
-    decay = np.exp(lam * dt[:, None])
-    z = decay * w
-    # G: divided differences of exp(. dt) between modes; F: of the infusions' f_j, summed
-    g = exp_divided_difference(lam[:, :, None], lam[:, None, :], dt[:, None, None])
-    f_sum = np.zeros_like(g)
-    if infusions is not None:
-        length, after, rate = infusions
-        lam_j = lam[:, None, :]  # (S, 1, n)
-        l_j, a_j = length[..., None], after[..., None]
-        value = np.exp(lam_j * a_j) * l_j * relexp(lam_j * l_j)  # f_j(lam), (S, J, n)
-        z = z + np.einsum("sj,sjn->sn", rate, value) * b
-        li, ll = lam_j[..., :, None], lam_j[..., None, :]
-        la, lb = l_j[..., None], a_j[..., None]
-        pair = (exp_divided_difference(li, ll, lb) * la * relexp(ll * la)
-                + np.exp(li * lb) * second_exp_divided_difference(li, ll, la))
-        f_sum = np.einsum("sj,sjil->sil", rate, pair)
-    x_new = np.einsum("sij,sj->si", vec, z)
-    # d/dp of the step along each dK/dp: P (G o N_p) w + P (F o N_p) b, N_p = P^-1 dK P
-    dk = _rate_matrix_slopes(n, p)
-    n_p = np.stack([inv @ dk[name] @ vec for name in p], axis=1)  # (S, P, n, n)
-    v = (np.einsum("spil,sil,sl->spi", n_p, g, w)
-         + np.einsum("spil,sil,sl->spi", n_p, f_sum, b))
-    by_p = np.einsum("sij,spj->spi", vec, v)  # (S, P, n) in amounts
-    carried = np.einsum("sij,sjm->sim", vec, decay[:, :, None]
-                        * np.einsum("sij,sjm->sim", inv, dx))
-    return x_new, carried + np.einsum("spi,spm->sim", by_p, slope)
+def _assign(target: np.ndarray, where: tuple[np.ndarray, ...], values: np.ndarray) -> None:
+    target[where] = values
+
+
+#: Plans by id of their Events, confirmed by a weak reference (never by a reused id).
+_PLANS: dict[int, tuple[weakref.ref, _Plan]] = {}
+
+
+def _plan(structure: Structure, events: Events) -> _Plan:
+    hit = _PLANS.get(id(events))
+    if hit is not None and hit[0]() is events:
+        return hit[1]
+    n_rec = events.shape[1]
+    time = np.asarray(events.time, dtype=float)
+    evid = np.asarray(events.evid)
+    bolus = (evid == 1) & (np.asarray(events.rate) == 0) & (np.asarray(events.dur) == 0)
+    dt = np.diff(time, axis=1, prepend=time[:, :1])
+    infused = _running(events, time)
+    plan = _Plan(
+        reason=slopes_unsupported(structure, events),
+        govern=(np.maximum(np.arange(n_rec) - 1, 0) if events.covariates == "locf"
+                else np.arange(n_rec)),
+        dt=dt, moving=(dt > 0).any(axis=0),
+        bolus=np.where(bolus, np.asarray(events.amt, dtype=float), 0.0),
+        dosed=bolus.any(axis=0), infused=infused,
+        one_per_interval=np.unique(infused[0] * n_rec + infused[1]).size == infused[0].size)
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    _PLANS[id(events)] = (weakref.ref(events), plan)
+    return plan
+
+
+def _running(events: Events, time: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:attr:`_Plan.infused`."""
+    start, end, speed = _infusions(events)
+    t_hi = time[:, :, None]  # (B, R, 1)
+    t_lo = np.concatenate([time[:, :1], time[:, :-1]], axis=1)[:, :, None]
+    lo = np.maximum(start[:, None, :], t_lo)
+    hi = np.minimum(end[:, None, :], t_hi)
+    b, k, j = np.nonzero((hi > lo) & (speed[:, None, :] > 0))
+    return b, k, (hi - lo)[b, k, j], time[b, k] - hi[b, k, j], speed[b, j]
+
+
+class _Steps:
+    """Every interval's decomposition, input and divided differences, for all sets ``S``
+    and records ``R`` at once (the interval ending at each record), and the step of the
+    recurrence that carries the state and its derivatives across one of them."""
+
+    def __init__(self, n: int, params: dict[str, np.ndarray], slope: np.ndarray,
+                 dt: np.ndarray) -> None:
+        """From the governing parameters ``(S, R)``, their slopes ``(S, R, P, m)`` and
+        the intervals' lengths ``dt (S, R)``."""
+        modes = decompose(n, params, False)
+        self.slope = slope  # (S, R, P, m)
+        self.lam, self.vec, self.inv = modes.lam, modes.p, modes.pinv  # (S, R, n[, n])
+        self.alpha, self.beta = _rank_one_factors(n, params, self.vec, self.inv)
+        self.decay = np.exp(self.lam * dt[..., None])
+        # divided differences of exp(. dt) between modes, and (below) of the infusions'
+        self.g = exp_divided_difference(self.lam[..., :, None], self.lam[..., None, :],
+                                        dt[..., None, None])
+        # what the infusions add over each interval to the amounts and their derivatives
+        self.input = np.zeros(dt.shape + (n,))  # (S, R, n)
+        self.constant = np.zeros(dt.shape + (n, slope.shape[-1]))  # (S, R, n, m)
+
+    def add_infusions(self, plan: _Plan, repeats: int) -> None:
+        """The infusions running in each interval, only where they run: their amounts
+        ``sum_j f_j(K) r_j e1`` and derivatives ``sum_p P (N_p o F) P^-1 e1 dp`` with
+        ``F = sum_j r_j f_j[lam_i, lam_l]``; as ``N_p = alpha beta'``, ``(N_p o F) b`` is
+        ``alpha o (F (beta o b))``, ``b = P^-1 e1``."""
+        b, k, length, after, rate = plan.infused
+        if b.size == 0:
+            return
+        sets = (b[:, None] * repeats + np.arange(repeats)).ravel()
+        k_s = np.repeat(k, repeats)
+        length, after, rate = (np.repeat(a, repeats)[:, None] for a in (length, after, rate))
+        lam, vec = self.lam[sets, k_s], self.vec[sets, k_s]  # (Q, n), (Q, n, n)
+        unit = self.inv[sets, k_s, :, 0]  # b
+        value = np.exp(lam * after) * length * relexp(lam * length)  # f_j(lam)
+        # one infusion per interval (the usual): assigned; several: summed (slower)
+        put = _assign if plan.one_per_interval else np.add.at
+        put(self.input, (sets, k_s), np.einsum("qij,qj->qi", vec, rate * value * unit))
+        li, ll = lam[:, :, None], lam[:, None, :]
+        la, lb = length[:, :, None], after[:, :, None]
+        pair = rate[:, :, None] * (exp_divided_difference(li, ll, lb) * la * relexp(ll * la)
+                                   + np.exp(li * lb) * second_exp_divided_difference(li, ll,
+                                                                                     la))
+        moved = self.alpha[sets, k_s] * np.einsum("qil,qpl->qpi", pair,
+                                                  self.beta[sets, k_s] * unit[:, None, :])
+        by_p = np.einsum("qij,qpj->qpi", vec, moved)  # (Q, P, n) in amounts
+        put(self.constant, (sets, k_s), np.swapaxes(by_p, 1, 2) @ self.slope[sets, k_s])
+
+    def carry(self, k: int, x: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Across the interval ending at record ``k``: ``x+ = E x + input`` and ``dx+ = E dx +
+        sum_p P (N_p o G) P^-1 x dp`` plus the infusions' part, in modal coordinates."""
+        inv, vec, decay = self.inv[:, k], self.vec[:, k], self.decay[:, k]
+        w = np.einsum("sij,sj->si", inv, x)
+        moved = self.alpha[:, k] * np.einsum("sil,spl->spi", self.g[:, k],
+                                             self.beta[:, k] * w[:, None, :])
+        modal = decay[..., None] * (inv @ dx) + np.swapaxes(moved, 1, 2) @ self.slope[:, k]
+        return (np.einsum("sij,sj->si", vec, decay * w) + self.input[:, k],
+                vec @ modal + self.constant[:, k])

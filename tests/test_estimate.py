@@ -935,9 +935,11 @@ def test_forward_and_central_derivatives_agree():
     (step 1e-6) give the gradient within 0.05 of central ones (their error is about half
     the step times the OFV's curvature) and the FOCE Hessian within 1e-4 relative; the
     OFV is the same number. A call mixing both (forward points padded with the centre)
-    gives each child what a call of one kind gives it."""
+    gives each child what a call of one kind gives it (differences forced: this model's
+    derivatives are exact otherwise)."""
     problem, _ = est._build_problem(load("fasanmade2011"), twelve_children(), "nocb")
     obj = est._Objective(problem)
+    obj.exact = False
     ids = np.arange(len(problem.ids))
     eta = np.zeros((ids.size, problem.n_params))
     central = est._derivatives(obj, eta, ids, newton=False)
@@ -955,13 +957,64 @@ def test_forward_and_central_derivatives_agree():
         np.testing.assert_allclose(got[~which], other[~which], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["interaction", "foce", "log-additive", "censored"])
+def test_exact_derivatives_equal_central_differences(case):
+    """The exact gradient and FOCE Hessian of the twelve children's OFV (Fasanmade 2011,
+    3 ETAs + 4 occasion KAPPAs: slopes through the record-by-record solve, pkmodel.tangent)
+    against central differences (step 1e-4) at random ETAs and KAPPAs: the same OFV, the
+    gradient within 1e-6 and the Hessian within 1e-5 of their largest entries (what
+    differences allow). With interaction (FOCE-I), without (the SD fixed at the typical
+    prediction), a log-additive error, and M3 records (LLOQ 2.5 mg/L: some troughs
+    below)."""
+    model = load("fasanmade2011")
+    data = twelve_children()
+    if case == "log-additive":
+        model = dataclasses.replace(model, residual=ResidualError(additive=0.3,
+                                                                  log_scale=True))
+    if case == "censored":
+        data = data.assign(LLOQ=2.5)
+    problem, _ = est._build_problem(model, data, "nocb")
+    if case == "foce":
+        typical = est._Objective(problem).predictions(
+            np.zeros((len(problem.ids), 1, problem.n_params)), np.arange(len(problem.ids)))
+        problem = dataclasses.replace(problem, residual_sd=model.residual.sd(typical[:, 0]))
+    assert case != "censored" or problem.blq.any()
+    exact = est._Objective(problem)
+    differences = est._Objective(problem)
+    differences.exact = False
+    assert exact.exact
+    ids = np.arange(len(problem.ids))
+    eta = np.random.default_rng(5).normal(0.0, 0.2, (ids.size, problem.n_params))
+    ofv, grad, fisher, hess = est._derivatives(exact, eta, ids, newton=False)
+    ofv_d, grad_d, fisher_d, _ = est._derivatives(differences, eta, ids, newton=False)
+    assert hess is None
+    np.testing.assert_allclose(ofv, ofv_d, rtol=1e-13)
+    np.testing.assert_allclose(grad, grad_d, rtol=0, atol=1e-6 * np.abs(grad_d).max())
+    np.testing.assert_allclose(fisher, fisher_d, rtol=0, atol=1e-5 * np.abs(fisher_d).max())
+    # the predictions kept for the per-record table are those of the engine
+    np.testing.assert_allclose(exact.fitted(eta, ids), differences.fitted(eta, ids),
+                               rtol=1e-12)
+
+
+def test_fits_with_exact_derivatives_equal_those_by_differences(monkeypatch):
+    """The twelve children fitted with exact derivatives and with central and forward
+    differences reach the same modes (1e-6) and OFV (1e-8)."""
+    model = load("fasanmade2011")
+    data = twelve_children()
+    exact = est.estimate_map(model, data, records=False).individuals
+    monkeypatch.setattr(est, "slopes_unsupported", lambda *args: "differences asked for")
+    differences = est.estimate_map(model, data, records=False).individuals
+    assert_same_fits(exact, differences, model)
+
+
 def test_forward_differences_far_from_the_mode_give_the_same_fit(monkeypatch):
     """A start whose last step predicted a decrease of 1 OFV unit or more takes forward
     differences (n + 1 points, not 2n + 1); central ones judge convergence. The twelve
     children: the same ETAs (1e-6) and OFV (1e-8) as with central differences only; each
     child the same fit (1e-10) alone as among the twelve (a small call pads the forward
     points, a large one splits: either way the same numbers); and, split, fewer parameter
-    sets evaluated than with central differences only."""
+    sets evaluated than with central differences only. (Differences forced throughout:
+    this model's derivatives are exact otherwise.)"""
     model = load("fasanmade2011")
     data = twelve_children()
     sets = [0]
@@ -971,6 +1024,10 @@ def test_forward_differences_far_from_the_mode_give_the_same_fit(monkeypatch):
         sets[0] += eta.shape[0] * eta.shape[1]
         return predictions(self, eta, ids)
 
+    def by_differences(patch: pytest.MonkeyPatch) -> None:
+        patch.setattr(est, "slopes_unsupported", lambda *args: "differences asked for")
+
+    by_differences(monkeypatch)
     monkeypatch.setattr(est._Objective, "predictions", counting)
     monkeypatch.setattr(est, "_SPLIT_SETS", 0)
     forward = est.estimate_map(model, data, records=False).individuals
@@ -979,7 +1036,8 @@ def test_forward_differences_far_from_the_mode_give_the_same_fit(monkeypatch):
     central = est.estimate_map(model, data, records=False).individuals
     names = assert_same_fits(forward, central, model)
     assert with_forward < 0.95 * sets[0]
-    monkeypatch.undo()  # the defaults again
+    monkeypatch.undo()  # the defaults again, differences still
+    by_differences(monkeypatch)
     for i in (1, 7):
         alone = est.estimate_map(model, data[data["ID"] == i], records=False).individuals
         np.testing.assert_allclose(alone[names].to_numpy()[0],

@@ -50,25 +50,37 @@ def setup(n: int, sets: int = 3, m: int = 3, seed: int = 0) -> tuple:
     return structure, mix, drift, theta
 
 
+# Overlapping infusions: 10 days from day 0, 1 day from day 3 (both in the interval that
+# ends at day 6), an infusion at day 8 running past two samples.
+OVERLAP = (np.array([0.0, 3.0, 6.0, 8.0, 8.5, 9.0, 10.0, 12.0, 20.0, 30.0, 40.0]),
+           np.array([1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+           np.array([500.0, 200, 0, 100, 0, 0, 0, 0, 0, 0, 0]),
+           np.array([50.0, 200, 0, 50, 0, 0, 0, 0, 0, 0, 0]))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_slopes_agree_with_the_sensitivity_odes(n):
+@pytest.mark.parametrize("regimen", ["label", "overlapping"])
+def test_slopes_agree_with_the_sensitivity_odes(n, regimen):
     """Every record's central amount and its derivatives in three directions equal those
     of the forward sensitivity ODEs (LSODA, rtol 1e-11) within 1e-8 relative to the
-    largest, NOCB (record k's parameters over the interval before it); the sample before
-    the day-70 bolus, at its time, is checked against the engine below."""
+    largest, NOCB (record k's parameters over the interval before it), for the label's
+    infusions and a bolus and for infusions overlapping each other and several records;
+    the sample before the day-70 bolus, at its time, is checked against the engine
+    below."""
+    times, evid, amt, rate = (TIMES, EVID, AMT, RATE) if regimen == "label" else OVERLAP
     structure, mix, drift, theta = setup(n)
-    events = expand_records(TIMES, EVID, AMT, rate=RATE)
+    events = expand_records(times, evid, amt, rate=rate)
     params, slopes = per_record(structure, theta, mix, drift)
-    at = np.arange(len(TIMES))[None, :]
+    at = np.arange(len(times))[None, :]
     amounts, derivatives = central_amount_slopes(structure, events, params, slopes, at=at)
-    doses = [Dose(t, 1, a, a / r if r else 0.0) for t, a, r in zip(TIMES, AMT, RATE) if a]
+    doses = [Dose(t, 1, a, a / r if r else 0.0) for t, a, r in zip(times, amt, rate) if a]
     for s in range(theta.shape[0]):
-        segments = [(TIMES[k - 1], {p: params[p][s, k] for p in params},
+        segments = [(times[k - 1], {p: params[p][s, k] for p in params},
                      {p: slopes[p][s, k] for p in slopes})
-                    for k in range(1, len(TIMES)) if TIMES[k] > TIMES[k - 1]]
-        x, dx = ode_sensitivities(segments, doses, TIMES, n_cmt=n)
+                    for k in range(1, len(times)) if times[k] > times[k - 1]]
+        x, dx = ode_sensitivities(segments, doses, times, n_cmt=n)
         # the reference reports each time after its boluses: the last record at a time
-        last = np.r_[TIMES[1:] != TIMES[:-1], True]
+        last = np.r_[times[1:] != times[:-1], True]
         np.testing.assert_allclose(amounts[s, last], x[last, 0], rtol=1e-9,
                                    atol=1e-9 * x.max())
         scale = np.abs(dx[:, 0]).max()

@@ -76,6 +76,7 @@ __all__ = [
     "is_reset",
     "relexp",
     "select_profiles",
+    "selection_of",
     "solve",
     "stack_events",
 ]
@@ -358,6 +359,25 @@ def select_profiles(events: Events, rows: np.ndarray, *,
 
 #: Events made by select_profiles: a weak reference to them and their parent, and rows.
 _SELECTED: dict[int, tuple[weakref.ref, weakref.ref, np.ndarray]] = {}
+
+
+def selection_of(events: Events) -> tuple[Events, np.ndarray] | None:
+    """The events ``events`` were selected from by :func:`select_profiles` and the rows
+    taken, while both exist (None otherwise): what depends only on the records can be
+    taken from the parent's instead of built again.
+
+    Examples
+    --------
+    >>> a = stack_events([expand_records([0.0, 7.0], [1, 0], [100.0, 0.0])] * 2)
+    >>> parent, rows = selection_of(select_profiles(a, np.array([1])))
+    >>> parent is a, rows.tolist()
+    (True, [1])
+    """
+    hit = _SELECTED.get(id(events))
+    if hit is None or hit[0]() is not events:
+        return None
+    parent = hit[1]()
+    return None if parent is None else (parent, hit[2])
 
 
 # --------------------------------------------------------------------------- modal algebra
@@ -964,12 +984,12 @@ def _plain_inputs(structure: Structure, events: Events, ev: dict[str, np.ndarray
     key = (id(events), structure)
     hit = _PLAIN_INPUTS.get(key)
     if hit is None or hit[0]() is not events:
-        selected = _SELECTED.get(id(events))
-        parent = selected[1]() if selected is not None and selected[0]() is events else None
-        if parent is not None:  # its parent's, rows taken (the schedule: a superset)
+        selected = selection_of(events)
+        if selected is not None:  # its parent's, rows taken (the schedule: a superset)
+            parent, rows = selected
             parent_ev = {name: np.asarray(getattr(parent, name)) for name in _RECORD_FIELDS}
             *built, schedule = _plain_inputs(structure, parent, parent_ev, 1)
-            inputs, ss_specs, reset = _take_inputs(*built, selected[2])
+            inputs, ss_specs, reset = _take_inputs(*built, rows)
         else:
             b_events, n_rec = events.shape
             inputs, ss_specs, reset = _build_inputs(structure, ev, {}, b_events, n_rec)

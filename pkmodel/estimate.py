@@ -396,19 +396,20 @@ class _Objective:
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
         local = evaluate_parameter_slopes(model, covariates, eta_rows, kappa_rows)
         names = model.structure.parameter_names
-        full = np.zeros((len(names), len(rows), p.n_params))
-        full[:, :, :n_eta] = [local[name][:, :n_eta] for name in names]
+        local = np.stack([local[name] for name in names], axis=1)  # (N, P, ETAs + KAPPAs)
+        full = np.zeros((len(rows), len(names), p.n_params))
+        full[:, :, :n_eta] = local[:, :, :n_eta]
         if n_kappa:  # a row's KAPPA slopes belong to its occasion's KAPPAs
             column = n_eta + occasion[:, None] * n_kappa + np.arange(n_kappa)
-            full[:, np.arange(len(rows))[:, None], column] = [local[name][:, n_eta:]
-                                                               for name in names]
+            full[np.arange(len(rows))[:, None], :, column] = np.swapaxes(
+                local[:, :, n_eta:], 1, 2)
         per_record = {name: params[name][events.param_row] for name in names}
-        slopes = {name: full[i][events.param_row] for i, name in enumerate(names)}
+        slopes = full[events.param_row]  # (A, R, P, p)
         at = p.obs_record[ids]
         amounts, d_amounts = central_amount_slopes(model.structure, events, per_record,
                                                    slopes, at=at)
         volume = np.take_along_axis(per_record["V1"], at, axis=1)
-        d_volume = np.take_along_axis(slopes["V1"], at[..., None], axis=1)
+        d_volume = np.take_along_axis(slopes[:, :, names.index("V1")], at[..., None], axis=1)
         f = amounts / volume
         return f, (d_amounts - f[..., None] * d_volume) / volume[..., None]
 

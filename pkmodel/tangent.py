@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,7 @@ from pkmodel.engine import (
     exp_divided_difference,
     is_dose_modifier,
     relexp,
+    selection_of,
 )
 
 __all__ = ["central_amount_slopes", "slopes_unsupported"]
@@ -201,8 +203,7 @@ def _infusions(events: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def central_amount_slopes(structure: Structure, events: Events,
-                          params: Mapping[str, np.ndarray],
-                          slopes: Mapping[str, np.ndarray], *,
+                          params: Mapping[str, np.ndarray], slopes: np.ndarray, *,
                           at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The central amount at some records and its exact derivatives in ``m`` directions,
     for many parameter sets at once (see the module's mathematics).
@@ -216,8 +217,9 @@ def central_amount_slopes(structure: Structure, events: Events,
     params : mapping of str to ndarray
         ``(S, R)`` per record: CL and Q in L/day, volumes in L (NONMEM's rule for which
         record's values govern an interval, as in :func:`~pkmodel.engine.solve`).
-    slopes : mapping of str to ndarray
-        ``(S, R, m)``: the derivatives of each parameter in the ``m`` directions.
+    slopes : ndarray
+        ``(S, R, P, m)``: the derivatives of the ``P`` parameters of
+        ``structure.parameter_names``, in that order, in the ``m`` directions.
     at : ndarray of int
         ``(B, K)`` records whose amounts are asked for (after their own events).
 
@@ -236,7 +238,8 @@ def central_amount_slopes(structure: Structure, events: Events,
     >>> from pkmodel.engine import expand_records
     >>> ev = expand_records([0.0, 2.0], [1, 0], [100.0, 0.0])
     >>> params = {"CL": np.ones((1, 2)), "V1": np.full((1, 2), 10.0)}
-    >>> slopes = {"CL": np.ones((1, 2, 1)), "V1": np.zeros((1, 2, 1))}
+    >>> slopes = np.zeros((1, 2, 2, 1))  # CL, V1 by one direction: CL itself
+    >>> slopes[..., 0, 0] = 1.0
     >>> a, d = central_amount_slopes(Structure(1), ev, params, slopes, at=np.array([[1]]))
     >>> round(float(a[0, 0]), 3), round(float(d[0, 0, 0]), 3)
     (81.873, -16.375)
@@ -249,8 +252,11 @@ def central_amount_slopes(structure: Structure, events: Events,
     n_sets = params[names[0]].shape[0]
     repeats = n_sets // events.shape[0]
     dt = np.repeat(plan.dt, repeats, axis=0)
-    steps = _Steps(n, {k: params[k][:, plan.govern] for k in names},
-                      np.stack([slopes[k][:, plan.govern] for k in names], axis=2), dt)
+    if plan.govern is None:  # NOCB: each record's own parameters
+        steps = _Steps(n, {k: params[k] for k in names}, slopes, dt)
+    else:
+        steps = _Steps(n, {k: params[k][:, plan.govern] for k in names},
+                       slopes[:, plan.govern], dt)
     steps.add_infusions(plan, repeats)
     bolus = np.repeat(plan.bolus, repeats, axis=0)
     m = steps.constant.shape[-1]
@@ -275,7 +281,8 @@ class _Plan:
     whatever the parameters: built once per Events object."""
 
     reason: str | None  # why the slopes do not apply, or None
-    govern: np.ndarray  # (R,) the record whose parameters govern the interval ending here
+    govern: np.ndarray | None  # (R,) the record whose parameters govern the interval
+    # ending at each (LOCF: the one before); None for each record's own (NOCB)
     dt: np.ndarray  # (B, R) the interval's length (day), 0 at the first record
     moving: np.ndarray  # (R,) some profile's interval is not empty
     bolus: np.ndarray  # (B, R) the bolus given at the record (mg), else 0
@@ -284,6 +291,26 @@ class _Plan:
     # its length there, the time from its end there to the record, and its rate
     infused: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     one_per_interval: bool  # no two infusions run in one interval of one profile
+
+
+    def take(self, rows: np.ndarray) -> _Plan:
+        """The plan of the profiles ``rows`` (a selection, repeats allowed)."""
+        dt, bolus = self.dt[rows], self.bolus[rows]
+        b = self.infused[0]  # sorted by profile
+        per_profile = np.bincount(b, minlength=self.dt.shape[0])
+        counts = per_profile[rows]
+        first = (np.cumsum(per_profile) - per_profile)[rows]
+        pick = (np.repeat(first - (np.cumsum(counts) - counts), counts)
+                + np.arange(int(counts.sum())))
+        infused = (np.repeat(np.arange(rows.size), counts),
+                   *(a[pick] for a in self.infused[1:]))
+        return dataclasses.replace(self, dt=dt, moving=(dt > 0).any(axis=0), bolus=bolus,
+                                   dosed=(bolus != 0).any(axis=0), infused=infused)
+
+
+def _matvec(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``m @ v`` for stacks of matrices ``(..., n, n)`` and vectors ``(..., n)``."""
+    return (m @ v[..., None])[..., 0]
 
 
 def _assign(target: np.ndarray, where: tuple[np.ndarray, ...], values: np.ndarray) -> None:
@@ -298,6 +325,17 @@ def _plan(structure: Structure, events: Events) -> _Plan:
     hit = _PLANS.get(id(events))
     if hit is not None and hit[0]() is events:
         return hit[1]
+    selected = selection_of(events)
+    parent = None if selected is None else _plan(structure, selected[0])
+    plan = (_new_plan(structure, events) if parent is None or parent.reason is not None
+            else parent.take(selected[1]))  # type: ignore[index]
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    _PLANS[id(events)] = (weakref.ref(events), plan)
+    return plan
+
+
+def _new_plan(structure: Structure, events: Events) -> _Plan:
     n_rec = events.shape[1]
     time = np.asarray(events.time, dtype=float)
     evid = np.asarray(events.evid)
@@ -307,14 +345,11 @@ def _plan(structure: Structure, events: Events) -> _Plan:
     plan = _Plan(
         reason=slopes_unsupported(structure, events),
         govern=(np.maximum(np.arange(n_rec) - 1, 0) if events.covariates == "locf"
-                else np.arange(n_rec)),
+                else None),
         dt=dt, moving=(dt > 0).any(axis=0),
         bolus=np.where(bolus, np.asarray(events.amt, dtype=float), 0.0),
         dosed=bolus.any(axis=0), infused=infused,
         one_per_interval=np.unique(infused[0] * n_rec + infused[1]).size == infused[0].size)
-    if len(_PLANS) >= 64:
-        _PLANS.clear()
-    _PLANS[id(events)] = (weakref.ref(events), plan)
     return plan
 
 
@@ -366,24 +401,24 @@ class _Steps:
         value = np.exp(lam * after) * length * relexp(lam * length)  # f_j(lam)
         # one infusion per interval (the usual): assigned; several: summed (slower)
         put = _assign if plan.one_per_interval else np.add.at
-        put(self.input, (sets, k_s), np.einsum("qij,qj->qi", vec, rate * value * unit))
+        put(self.input, (sets, k_s), _matvec(vec, rate * value * unit))
         li, ll = lam[:, :, None], lam[:, None, :]
         la, lb = length[:, :, None], after[:, :, None]
         pair = rate[:, :, None] * (exp_divided_difference(li, ll, lb) * la * relexp(ll * la)
                                    + np.exp(li * lb) * second_exp_divided_difference(li, ll,
                                                                                      la))
-        moved = self.alpha[sets, k_s] * np.einsum("qil,qpl->qpi", pair,
-                                                  self.beta[sets, k_s] * unit[:, None, :])
-        by_p = np.einsum("qij,qpj->qpi", vec, moved)  # (Q, P, n) in amounts
+        moved = self.alpha[sets, k_s] * (  # (Q, P, n); the products as matmul: 4x einsum's
+            (self.beta[sets, k_s] * unit[:, None, :]) @ np.swapaxes(pair, 1, 2))
+        by_p = moved @ np.swapaxes(vec, 1, 2)  # (Q, P, n) in amounts
         put(self.constant, (sets, k_s), np.swapaxes(by_p, 1, 2) @ self.slope[sets, k_s])
 
     def carry(self, k: int, x: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Across the interval ending at record ``k``: ``x+ = E x + input`` and ``dx+ = E dx +
         sum_p P (N_p o G) P^-1 x dp`` plus the infusions' part, in modal coordinates."""
         inv, vec, decay = self.inv[:, k], self.vec[:, k], self.decay[:, k]
-        w = np.einsum("sij,sj->si", inv, x)
-        moved = self.alpha[:, k] * np.einsum("sil,spl->spi", self.g[:, k],
-                                             self.beta[:, k] * w[:, None, :])
+        w = _matvec(inv, x)
+        moved = self.alpha[:, k] * ((self.beta[:, k] * w[:, None, :])
+                                    @ np.swapaxes(self.g[:, k], 1, 2))
         modal = decay[..., None] * (inv @ dx) + np.swapaxes(moved, 1, 2) @ self.slope[:, k]
-        return (np.einsum("sij,sj->si", vec, decay * w) + self.input[:, k],
+        return (_matvec(vec, decay * w) + self.input[:, k],
                 vec @ modal + self.constant[:, k])

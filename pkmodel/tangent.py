@@ -35,10 +35,10 @@ doses into the central compartment, no steady state, reset or dose modifier
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np

@@ -15,7 +15,9 @@ All IDs are optimised together, vectorised: each iteration is one engine call fo
 ID, every start and every finite-difference point. The optimiser is Newton's method with
 central finite differences (the full Hessian up to 6 parameters; beyond, and wherever the
 full Hessian is not positive definite, the FOCE Hessian, positive definite by
-construction), the full step tried first and a vectorised backtracking line search after,
+construction; beyond 6 parameters the derivatives are exact where :mod:`pkmodel.tangent`
+applies: one solution per start, no step), the full step tried first and a vectorised
+backtracking line search after,
 from several starts (zero, and the best points of a quasi-random screen reaching 5 prior
 SDs); the best optimum is kept, and a
 different optimum found from another start is reported in the message, never dropped

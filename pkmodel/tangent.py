@@ -396,8 +396,13 @@ class _Steps:
         sets = (b[:, None] * repeats + np.arange(repeats)).ravel()
         k_s = np.repeat(k, repeats)
         length, after, rate = (np.repeat(a, repeats)[:, None] for a in (length, after, rate))
-        lam, vec = self.lam[sets, k_s], self.vec[sets, k_s]  # (Q, n), (Q, n, n)
-        unit = self.inv[sets, k_s, :, 0]  # b
+        flat = sets * self.lam.shape[1] + k_s
+
+        def take(a: np.ndarray) -> np.ndarray:  # a[sets, k_s], 3x faster by np.take
+            return np.take(a.reshape((-1,) + a.shape[2:]), flat, axis=0)
+
+        lam, vec = take(self.lam), take(self.vec)  # (Q, n), (Q, n, n)
+        unit = take(self.inv)[:, :, 0]  # b
         value = np.exp(lam * after) * length * relexp(lam * length)  # f_j(lam)
         # one infusion per interval (the usual): assigned; several: summed (slower)
         put = _assign if plan.one_per_interval else np.add.at
@@ -407,10 +412,10 @@ class _Steps:
         pair = rate[:, :, None] * (exp_divided_difference(li, ll, lb) * la * relexp(ll * la)
                                    + np.exp(li * lb) * second_exp_divided_difference(li, ll,
                                                                                      la))
-        moved = self.alpha[sets, k_s] * (  # (Q, P, n); the products as matmul: 4x einsum's
-            (self.beta[sets, k_s] * unit[:, None, :]) @ np.swapaxes(pair, 1, 2))
+        moved = take(self.alpha) * (  # (Q, P, n); the products as matmul: 4x einsum's
+            (take(self.beta) * unit[:, None, :]) @ np.swapaxes(pair, 1, 2))
         by_p = moved @ np.swapaxes(vec, 1, 2)  # (Q, P, n) in amounts
-        put(self.constant, (sets, k_s), np.swapaxes(by_p, 1, 2) @ self.slope[sets, k_s])
+        put(self.constant, (sets, k_s), np.swapaxes(by_p, 1, 2) @ take(self.slope))
 
     def carry(self, k: int, x: np.ndarray, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Across the interval ending at record ``k``: ``x+ = E x + input`` and ``dx+ = E dx +

@@ -957,23 +957,29 @@ def test_forward_and_central_derivatives_agree():
         np.testing.assert_allclose(got[~which], other[~which], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["interaction", "foce", "log-additive", "censored"])
+@pytest.mark.parametrize("case", ["interaction", "foce", "log-additive", "censored",
+                                  "growing-locf"])
 def test_exact_derivatives_equal_central_differences(case):
     """The exact gradient and FOCE Hessian of the twelve children's OFV (Fasanmade 2011,
     3 ETAs + 4 occasion KAPPAs: slopes through the record-by-record solve, pkmodel.tangent)
     against central differences (step 1e-4) at random ETAs and KAPPAs: the same OFV, the
     gradient within 1e-6 and the Hessian within 1e-5 of their largest entries (what
     differences allow). With interaction (FOCE-I), without (the SD fixed at the typical
-    prediction), a log-additive error, and M3 records (LLOQ 2.5 mg/L: some troughs
-    below)."""
+    prediction), a log-additive error, M3 records (LLOQ 2.5 mg/L: some troughs below),
+    and weight and albumin changing at every record, carried forward (LOCF)."""
     model = load("fasanmade2011")
     data = twelve_children()
+    covariates = "nocb"
+    if case == "growing-locf":
+        data = data.assign(WT=data["WT"] * (1 + data["TIME"] / 400),
+                           ALB=data["ALB"] - data["TIME"] / 1000)
+        covariates = "locf"
     if case == "log-additive":
         model = dataclasses.replace(model, residual=ResidualError(additive=0.3,
                                                                   log_scale=True))
     if case == "censored":
         data = data.assign(LLOQ=2.5)
-    problem, _ = est._build_problem(model, data, "nocb")
+    problem, _ = est._build_problem(model, data, covariates)
     if case == "foce":
         typical = est._Objective(problem).predictions(
             np.zeros((len(problem.ids), 1, problem.n_params)), np.arange(len(problem.ids)))

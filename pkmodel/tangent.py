@@ -53,7 +53,7 @@ from pkmodel.engine import (
     selection_of,
 )
 
-__all__ = ["central_amount_slopes", "slopes_unsupported"]
+__all__ = ["central_amount_slopes", "second_exp_divided_difference", "slopes_unsupported"]
 
 #: Below this ``|lam| L`` the second divided difference of the exponential is summed as a
 #: series (its terms fall by ``|lam| L / k`` at term ``k``), above it taken as a difference
@@ -250,6 +250,10 @@ def central_amount_slopes(structure: Structure, events: Events,
         raise ValueError(f"exact slopes of the solve do not apply: {reason}")
     n, names = structure.n_compartments, structure.parameter_names
     n_sets = params[names[0]].shape[0]
+    if n_sets % events.shape[0] or slopes.shape[:3] != (n_sets, events.shape[1], len(names)):
+        raise ValueError(f"{n_sets} parameter sets cannot share {events.shape[0]} event "
+                         f"profiles, or `slopes` {slopes.shape} is not (sets, records, "
+                         f"{len(names)}, directions)")
     repeats = n_sets // events.shape[0]
     dt = np.repeat(plan.dt, repeats, axis=0)
     if plan.govern is None:  # NOCB: each record's own parameters
@@ -291,7 +295,6 @@ class _Plan:
     # its length there, the time from its end there to the record, and its rate
     infused: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     one_per_interval: bool  # no two infusions run in one interval of one profile
-
 
     def take(self, rows: np.ndarray) -> _Plan:
         """The plan of the profiles ``rows`` (a selection, repeats allowed)."""
@@ -342,7 +345,7 @@ def _new_plan(structure: Structure, events: Events) -> _Plan:
     bolus = (evid == 1) & (np.asarray(events.rate) == 0) & (np.asarray(events.dur) == 0)
     dt = np.diff(time, axis=1, prepend=time[:, :1])
     infused = _running(events, time)
-    plan = _Plan(
+    return _Plan(
         reason=slopes_unsupported(structure, events),
         govern=(np.maximum(np.arange(n_rec) - 1, 0) if events.covariates == "locf"
                 else None),
@@ -350,7 +353,6 @@ def _new_plan(structure: Structure, events: Events) -> _Plan:
         bolus=np.where(bolus, np.asarray(events.amt, dtype=float), 0.0),
         dosed=bolus.any(axis=0), infused=infused,
         one_per_interval=np.unique(infused[0] * n_rec + infused[1]).size == infused[0].size)
-    return plan
 
 
 def _running(events: Events, time: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -428,8 +428,8 @@ def test_concentrations_after_equal_sample_rows_added_to_the_table():
 
 def test_events_of_extreme_addl_match_the_per_id_expansion():
     """Two tables the random ones miss, equal to the per-ID expand_records in every field:
-    ADDL of 100 million cut short by a reset on day 10 (only the doses before it are
-    made: the expansion stays small), and under LOCF an implied dose that sorts before
+    the largest ADDL validate accepts (100,000) cut short by a reset on day 10 (only the
+    doses before it are made: the expansion stays small), and under LOCF an implied dose that sorts before
     its ID's first row (II below the precision of TIME) takes its own ID's first row,
     not the previous ID's last."""
     from pkmodel.engine import Events, Structure
@@ -437,7 +437,7 @@ def test_events_of_extreme_addl_match_the_per_id_expansion():
 
     reset = pd.DataFrame({"ID": 1, "TIME": [0.0, 10.0, 12.0], "EVID": [1, 3, 1],
                           "AMT": [100.0, 0.0, 100.0], "II": [1.0, 0.0, 0.0],
-                          "ADDL": [100_000_000, 0, 0]})
+                          "ADDL": [100_000, 0, 0]})
     tiny = pd.DataFrame({"ID": [1, 1, 2, 2], "TIME": [0.0, 5.0, 1e6, 1e6 + 14],
                          "AMT": [100.0, 0.0, 500.0, 0.0], "II": [0.0, 0.0, 1e-11, 0.0],
                          "ADDL": [0, 0, 1, 0]})

@@ -591,7 +591,7 @@ def _foce_hessian(obj: _Objective, ids: np.ndarray, f0: np.ndarray, g0: np.ndarr
 def _exact_derivatives(obj: _Objective, eta: np.ndarray, ids: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
     """:func:`_derivatives` without a full Hessian, from the predictions' exact
-    derivatives (:meth:`_Objective.slopes`): one engine pass per ID instead of ``2n + 1``
+    derivatives (:meth:`_Objective.slopes`): one solution per start instead of ``2n + 1``
     parameter sets, and no step size. Per observation, ``d/dF`` and ``d/dg`` of
     ``ln g^2 + (y - F)^2 / g^2`` are ``-2 r / g^2`` and ``2 / g - 2 r^2 / g^3`` (``r = y -
     F``), of a censored ``-2 ln Phi(z)`` ``-2 m dz``; the prior adds ``2 inv(OMEGA) eta``."""

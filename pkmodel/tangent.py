@@ -320,12 +320,14 @@ def _assign(target: np.ndarray, where: tuple[np.ndarray, ...], values: np.ndarra
     target[where] = values
 
 
-#: Plans by id of their Events, confirmed by a weak reference (never by a reused id).
-_PLANS: dict[int, tuple[weakref.ref, _Plan]] = {}
+#: Plans by id of their Events and the structure (whose reason to refuse they hold),
+#: confirmed by a weak reference (never by a reused id).
+_PLANS: dict[tuple[int, Structure], tuple[weakref.ref, _Plan]] = {}
 
 
 def _plan(structure: Structure, events: Events) -> _Plan:
-    hit = _PLANS.get(id(events))
+    key = (id(events), structure)
+    hit = _PLANS.get(key)
     if hit is not None and hit[0]() is events:
         return hit[1]
     selected = selection_of(events)
@@ -334,7 +336,7 @@ def _plan(structure: Structure, events: Events) -> _Plan:
             else parent.take(selected[1]))  # type: ignore[index]
     if len(_PLANS) >= 64:
         _PLANS.clear()
-    _PLANS[id(events)] = (weakref.ref(events), plan)
+    _PLANS[key] = (weakref.ref(events), plan)
     return plan
 
 

@@ -210,6 +210,13 @@ def test_what_does_not_apply_is_named():
                                 np.array([100.0, 0.0]), cmt=np.array([2, 0]))
     assert "outside the central" in slopes_unsupported(Structure(2), peripheral)
     params = {"CL": np.ones((1, 2)), "V1": np.ones((1, 2))}
+    # what one structure refuses is not held against another for the same records
+    with pytest.raises(ValueError, match="do not apply: a depot"):
+        central_amount_slopes(Structure(1, depot=True), plain, {**params, "KA": params["CL"]},
+                              np.zeros((1, 2, 3, 1)), at=np.array([[1]]))
+    amount, _ = central_amount_slopes(Structure(1), plain, params, np.zeros((1, 2, 2, 1)),
+                                      at=np.array([[1]]))
+    assert amount[0, 0] == pytest.approx(100.0 * np.exp(-7.0), rel=1e-14)
     with pytest.raises(ValueError, match="do not apply: resets"):
         central_amount_slopes(Structure(1), reset, params, np.zeros((1, 2, 2, 1)),
                               at=np.array([[1]]))

@@ -88,3 +88,43 @@ class MapOneChild:
                  f"{seconds['time_map_one_child_again'] * 1e3:.1f} ms; the first call "
                  f"(equations compiled) "
                  f"{seconds['time_map_one_child_first_call'] * 1e3:.1f} ms")]
+
+
+class MapDerivativesOneVisit:
+    """One derivative call of a Bayesian trial visit: 200 children of the Kang cohort on
+    label dosing to week 54 with a trough before every dose (Fasanmade 2011, 3 ETAs and 8
+    occasion KAPPAs), 3 starts each, at ETAs and KAPPAs drawn at 0.2 SD. Exact derivatives
+    through the record-by-record solution (pkmodel.tangent) against central differences
+    of the same objective (2n + 1 parameter sets per start), in the same run."""
+
+    def setup(self) -> None:
+        import pandas as pd
+
+        from pkmodel.trial import kang_cohort
+
+        tables = []
+        for i, child in kang_cohort(200, seed=3).reset_index(drop=True).iterrows():
+            table = infliximab_regimen(float(child["WT"]), until_week=54, covariates={
+                "ALB": float(child["ALB"]), "ATI": 0, "IMM": 1})
+            samples = table.index[table["EVID"] == 0]
+            table.loc[samples, "MDV"] = 0
+            table.loc[samples, "DV"] = 3.0
+            tables.append(table.assign(ID=i + 1))
+        problem, _ = est._build_problem(load("fasanmade2011"), pd.concat(tables), "nocb")
+        self.exact = est._Objective(problem)
+        self.differences = est._Objective(problem)
+        self.differences.exact = False
+        self.ids = np.repeat(np.arange(len(problem.ids)), 3)
+        self.eta = np.random.default_rng(0).normal(0.0, 0.2, (self.ids.size,
+                                                              problem.n_params))
+
+    def time_exact_derivatives(self) -> None:
+        est._derivatives(self.exact, self.eta, self.ids, newton=False)
+
+    def time_central_differences(self) -> None:
+        est._derivatives(self.differences, self.eta, self.ids, newton=False)
+
+    def report(self, seconds: dict[str, float]) -> list[str]:
+        exact, central = seconds["time_exact_derivatives"], seconds["time_central_differences"]
+        return [(f"one visit's derivatives, 600 starts: exact {exact * 1e3:.1f} ms, central "
+                 f"differences {central * 1e3:.1f} ms ({central / exact:.1f}x)")]

@@ -72,6 +72,7 @@ __all__ = [
     "dose_response",
     "exp_divided_difference",
     "expand_records",
+    "infusion_rate_and_length",
     "is_dose_modifier",
     "is_reset",
     "relexp",
@@ -399,6 +400,23 @@ def relexp(x: np.ndarray) -> np.ndarray:
 def _phi(lam: np.ndarray, t: np.ndarray) -> np.ndarray:
     """``integral_0^t exp(lam u) du``."""
     return t * relexp(lam * t)
+
+
+def infusion_rate_and_length(amt: np.ndarray, rate: np.ndarray, dur: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """The rate (mg/day) and length (day) of doses given by RATE or by DUR, elementwise; 0
+    and 0 for a bolus (neither given).
+
+    Examples
+    --------
+    >>> r, d = infusion_rate_and_length(np.array([100.0, 100.0, 100.0]),
+    ...                                 np.array([50.0, 0.0, 0.0]), np.array([0.0, 4.0, 0.0]))
+    >>> r.tolist(), d.tolist()
+    ([50.0, 25.0, 0.0], [2.0, 4.0, 0.0])
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(rate > 0, rate, np.where(dur > 0, amt / np.where(dur > 0, dur, 1.0), 0.0))
+        return r, np.where(r > 0, amt / np.where(r > 0, r, 1.0), 0.0)
 
 
 def exp_divided_difference(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -1236,9 +1254,7 @@ def _superpose_profiles(structure: Structure, events: Events, modes: Modes, rows
     time = events.time[rows]
     sample = np.take_along_axis(time, at, axis=1)  # (b, K)
     dt = np.where(active, sample[:, None, :] - time[:, columns][:, :, None], 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(rate > 0, rate, np.where(dur > 0, amt / np.where(dur > 0, dur, 1.0), 0.0))
-        length = np.where(r > 0, amt / np.where(r > 0, r, 1.0), 0.0)
+    r, length = infusion_rate_and_length(amt, rate, dur)
     index = np.clip(cmt - 1 - int(structure.depot), 0, None)  # (b, D)
     # image[b, m, d, :] = pinv[b, m, :, index[b, d]]
     image = np.take_along_axis(modes.pinv, index[:, None, None, :], axis=3)

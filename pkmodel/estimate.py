@@ -372,15 +372,24 @@ class _Objective:
             return self.predictions(eta.reshape(1, a_count * m_count, n_par),
                                     ids[:1]).reshape(a_count, m_count, -1)
         rows, position, events = self._select(ids)
+        covariates, eta_rows, kappa_rows = self._row_effects(eta, rows, position)
+        params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
+        return profile_concentrations(model, events, params, at=p.obs_record[ids])
+
+    def _row_effects(self, eta: np.ndarray, rows: np.ndarray, position: np.ndarray
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+        """For ``eta (A, M, p)`` of the IDs selected (:meth:`_select`), each of their rows'
+        covariates, ETAs ``(M, N, n_eta)`` and KAPPAs ``(M, N, n_kappa)`` (the row's
+        occasion's; None without IOV)."""
+        p, model = self.p, self.p.model
+        a_count, m_count, _ = eta.shape
         n_eta = len(model.eta_names)
-        eta_rows = np.swapaxes(eta[position, :, :n_eta], 0, 1)  # (M, n, n_eta)
+        eta_rows = np.swapaxes(eta[position, :, :n_eta], 0, 1)
         kappa_rows = None
         if model.iov:
             kappas = eta[:, :, n_eta:].reshape(a_count, m_count, p.n_occasions, len(model.iov))
             kappa_rows = np.swapaxes(kappas[position, :, p.row_occasion[rows], :], 0, 1)
-        covariates = {k: v[rows] for k, v in p.covariates.items()}
-        params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
-        return profile_concentrations(model, events, params, at=p.obs_record[ids])
+        return {k: v[rows] for k, v in p.covariates.items()}, eta_rows, kappa_rows
 
     def slopes(self, eta: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Concentrations (mg/L) at the observations ``(A, K)`` for ``eta (A, p)`` of IDs
@@ -388,13 +397,9 @@ class _Objective:
         p, model = self.p, self.p.model
         rows, position, events = self._select(ids)
         n_eta, n_kappa = len(model.eta_names), len(model.iov)
-        covariates = {k: v[rows] for k, v in p.covariates.items()}
-        eta_rows = eta[position, :n_eta]
-        kappa_rows = None
+        covariates, eta_rows, kappa_rows = self._row_effects(eta[:, None, :], rows, position)
+        eta_rows, kappa_rows = eta_rows[0], None if kappa_rows is None else kappa_rows[0]
         occasion = p.row_occasion[rows]
-        if model.iov:
-            kappa_rows = eta[position, n_eta:].reshape(len(rows), p.n_occasions, n_kappa)[
-                np.arange(len(rows)), occasion]
         params = evaluate_parameters(model, covariates, eta_rows, kappa_rows)
         local = evaluate_parameter_slopes(model, covariates, eta_rows, kappa_rows)
         names = model.structure.parameter_names

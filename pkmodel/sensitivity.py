@@ -34,6 +34,7 @@ import pandas as pd
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
+from pkmodel.engine import infusion_rate_and_length
 from pkmodel.model import PopulationModel, evaluate_parameters
 from pkmodel.predict import to_events
 
@@ -433,9 +434,7 @@ def _concentration_in_p(structure: Any, events: Any, p: np.ndarray, rows: np.nda
     db, dr = dose_b[pair_dose], dose_r[pair_dose]
     dt = time[b, obs_r[pair_obs]] - time[db, dr]
     a, r, d = amt[db, dr], rate[db, dr], dur[db, dr]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(r > 0, r, np.where(d > 0, a / np.where(d > 0, d, 1.0), 0.0))
-        length = np.where(r > 0, a / np.where(r > 0, r, 1.0), 0.0)
+    r, length = infusion_rate_and_length(a, r, d)
     oral = depot & (cmt[db, dr] == 1)
     infused = (r > 0) & ~oral
     functions = _response_functions(n, depot)

@@ -48,6 +48,7 @@ from pkmodel.engine import (
     Structure,
     decompose,
     exp_divided_difference,
+    infusion_rate_and_length,
     is_dose_modifier,
     relexp,
     selection_of,
@@ -194,10 +195,9 @@ def _infusions(events: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     start, end, speed = (np.zeros((b_count, width)) for _ in range(3))
     rows, cols = np.nonzero(infused)
     rank = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(rate > 0, rate, amt / np.where(dur > 0, dur, 1.0))[rows, cols]
+    r, length = infusion_rate_and_length(*(a[rows, cols] for a in (amt, rate, dur)))
     start[rows, rank] = time[rows, cols]
-    end[rows, rank] = time[rows, cols] + amt[rows, cols] / r
+    end[rows, rank] = time[rows, cols] + length
     speed[rows, rank] = r
     return start, end, speed
 
